@@ -1,0 +1,43 @@
+# Shard: `make run` starts a local swarm and generates; `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/shard/v1/*.proto)
+STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+# On a machine without a GPU take the CPU build of torch (an unpinned torch pulls CUDA).
+TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
+
+.PHONY: setup proto run test test-all bench clean check-stubs
+
+setup: $(STAMP) proto
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Stubs are generated, never edited, never committed.
+proto: $(STAMP) $(STUBS)
+
+shard/v1/%_pb2.py: protos/shard/v1/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+check-stubs: proto
+	@$(PY) -c "import shard.v1.frame_pb2, shard.v1.stage_pb2, shard.v1.coordinator_pb2, shard.v1.registry_pb2"
+
+run: setup
+	$(VENV)/bin/shard up --stages 3 --prompt "Once upon a time" --max-tokens 64
+
+test: setup
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.stage_memory
+
+clean:
+	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache

@@ -1,0 +1,1 @@
+"""The coordinator service: a thin gRPC servicer over shard.node and its process entry point."""

@@ -1,0 +1,39 @@
+"""`shard coordinator`: follow the plan, serve Generate, until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from services.coordinator.servicer import CoordinatorServicer
+from shard.node.coordinator import CoordinatorNode
+from shard.node.membership import Membership
+from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
+from shard.wire.server import RunningNode, serve_until_signalled, start_server
+from shard.wire.tls import NodeTLS
+
+log = logging.getLogger(__name__)
+
+
+async def start(args) -> RunningNode:
+    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
+    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls)
+    server, port = await start_server(
+        args.listen, tls,
+        lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),
+        [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name])
+    running = RunningNode(f"{args.advertise_host}:{port}", node)
+    running.on_stop(node.ring.close)
+    running.on_stop(lambda: server.stop(grace=2.0))
+    capabilities = registry_pb2.NodeCapabilities(
+        node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
+        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region)
+    membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan)
+    await membership.start()
+    running.on_stop(membership.stop)
+    await membership.report(registry_pb2.NODE_STATE_READY, 0)
+    log.info("coordinator %s listening on %s", args.node_id, running.address)
+    return running
+
+
+async def serve(args) -> None:
+    await serve_until_signalled(await start(args), args.address_file)

@@ -1,0 +1,35 @@
+"""Coordinator RPCs: parse, call CoordinatorNode, reply."""
+
+from __future__ import annotations
+
+from shard.node.coordinator import CoordinatorNode, GenerateError
+from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2
+from shard.wire.tls import require_peer
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, node: CoordinatorNode):
+        self.node = node
+
+    async def Generate(self, request, context):
+        await require_peer(context, "client", "coordinator")
+        try:
+            async for response in self.node.generate(request):
+                yield response
+        except GenerateError as error:
+            await context.abort(error.code, error.message)
+
+    async def Return(self, request_iterator, context):
+        # Only the tail of the current plan may hand results back.
+        await require_peer(context, "stage", node_ids=[self.node.ring.tail_id] if self.node.ring.tail_id else None)
+        async for frame in request_iterator:
+            self.node.ring.deliver(frame)
+            yield frame_pb2.TraverseAck(session_id=frame.header.session_id,
+                                        chunk_id=frame.header.chunk_id, counter=frame.header.counter)
+
+    async def Status(self, request, context):
+        await require_peer(context, "client", "coordinator", "stage", "registry")
+        plan = self.node.ring.plan
+        return coordinator_pb2.CoordinatorStatus(
+            node_id=self.node.node_id, plan_version=plan.version if plan else 0,
+            ready=self.node.ring.ready.is_set(), active_sessions=self.node.active_sessions)

@@ -1,0 +1,48 @@
+"""Registry RPCs: parse, call RegistryState, reply."""
+
+from __future__ import annotations
+
+import grpc
+
+from shard.node.registry import RegistryError, RegistryState
+from shard.v1 import registry_pb2, registry_pb2_grpc
+from shard.wire.tls import require_peer
+
+_ROLE_NAMES = {registry_pb2.ROLE_STAGE: "stage", registry_pb2.ROLE_COORDINATOR: "coordinator"}
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, state: RegistryState):
+        self.state = state
+
+    async def Join(self, request, context):
+        capabilities = request.capabilities
+        role = _ROLE_NAMES.get(capabilities.role)
+        if role is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be stage or coordinator")
+        # A node may only join as the role and id its certificate names.
+        await require_peer(context, role, node_ids=[capabilities.node_id])
+        try:
+            self.state.join(capabilities)
+        except RegistryError as error:
+            await context.abort(error.code, error.message)
+        return registry_pb2.JoinReply(lease_seconds=self.state.lease_seconds)
+
+    async def Heartbeat(self, request, context):
+        await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
+        known = self.state.heartbeat(request.node_id, request.state, request.plan_version)
+        return registry_pb2.HeartbeatReply(known=known)
+
+    async def Leave(self, request, context):
+        await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
+        self.state.leave(request.node_id)
+        return registry_pb2.LeaveReply()
+
+    async def WatchPlan(self, request, context):
+        await require_peer(context, "stage", "coordinator", "client")
+        queue = self.state.watch()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.state.unwatch(queue)

@@ -1,0 +1,1 @@
+"""The stage service: a thin gRPC servicer over shard.node and its process entry point."""

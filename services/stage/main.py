@@ -1,0 +1,57 @@
+"""`shard stage`: join the registry, load the assigned block, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.stage.servicer import StageServicer
+from shard.node.membership import Membership
+from shard.node.resources import default_memory_budget, device_identity
+from shard.node.stage import StageNode
+from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.server import RunningNode, serve_until_signalled, start_server
+from shard.wire.tls import NodeTLS
+
+log = logging.getLogger(__name__)
+
+
+async def start(args) -> RunningNode:
+    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
+    node = StageNode(node_id=args.node_id, model_dir=args.model, tls=tls, device=args.device,
+                     dtype=args.dtype, max_sessions=args.max_sessions, progress=not args.quiet)
+    server, port = await start_server(
+        args.listen, tls,
+        lambda s: stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node), s),
+        [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name])
+    running = RunningNode(f"{args.advertise_host}:{port}", node)
+    running.on_stop(node.close)
+    running.on_stop(lambda: server.stop(grace=2.0))
+    device_name, device_id = device_identity(args.device)
+    capabilities = registry_pb2.NodeCapabilities(
+        node_id=args.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
+        device_name=device_name, device_id=device_id,
+        memory_budget_bytes=args.memory_budget or default_memory_budget(args.device),
+        region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint)
+
+    async def on_plan(plan: registry_pb2.Plan) -> None:
+        if plan.problem:
+            log.warning("registry cannot plan yet: %s", plan.problem)
+        if await node.apply_plan(plan):
+            await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
+
+    membership = Membership(args.registry, tls, capabilities, on_plan)
+    worker = asyncio.create_task(node.run())
+
+    async def stop_worker() -> None:
+        worker.cancel()
+
+    running.on_stop(stop_worker)
+    await membership.start()
+    running.on_stop(membership.stop)
+    log.info("stage %s listening on %s", args.node_id, running.address)
+    return running
+
+
+async def serve(args) -> None:
+    await serve_until_signalled(await start(args), args.address_file)

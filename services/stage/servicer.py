@@ -1,0 +1,50 @@
+"""Stage RPCs: parse, call StageNode, reply."""
+
+from __future__ import annotations
+
+import grpc
+
+from shard.node.stage import FrameRejected, StageNode
+from shard.v1 import frame_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.tls import require_peer
+
+
+class StageServicer(stage_pb2_grpc.StageServicer):
+    def __init__(self, node: StageNode):
+        self.node = node
+
+    async def Traverse(self, request_iterator, context):
+        peer = await require_peer(context, "coordinator", "stage")
+        try:
+            self.node.check_upstream(peer.node_id if peer else None)
+            async for frame in request_iterator:
+                self.node.accept(frame)
+                header = frame.header
+                yield frame_pb2.TraverseAck(
+                    session_id=header.session_id, chunk_id=header.chunk_id, counter=header.counter)
+        except FrameRejected as rejected:
+            await context.abort(rejected.code, rejected.message)
+
+    async def CancelEpoch(self, request, context):
+        await require_peer(context, "coordinator")
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        dropped = self.node.cancel_epoch(request.session_id, request.epoch)
+        return stage_pb2.CancelEpochReply(frames_dropped=dropped)
+
+    async def EndSession(self, request, context):
+        await require_peer(context, "coordinator")
+        try:
+            freed = self.node.end_session(request.session_id)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"{self.node.node_id} holds no session {request.session_id!r}")
+        return stage_pb2.EndSessionReply(kv_bytes_freed=freed)
+
+    async def Ping(self, request, context):
+        await require_peer(context, "coordinator", "stage", "registry")
+        return stage_pb2.PingReply(payload=request.payload, node_id=self.node.node_id)
+
+    async def Info(self, request, context):
+        await require_peer(context, "coordinator", "stage", "registry", "client")
+        return self.node.info()

@@ -1,0 +1,1 @@
+"""Shard: pipeline-parallel LLM inference over a ring of stages."""

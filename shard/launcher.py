@@ -1,0 +1,144 @@
+"""A whole swarm on loopback, one OS process per node, with fresh certificates:
+what `shard up` runs and what the process-level tests start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shard.wire.certs import create_deployment, local_nodes
+from shard.wire.tls import NodeTLS
+
+
+class SwarmError(RuntimeError):
+    pass
+
+
+class LocalSwarm:
+    def __init__(self, model_dir: str | Path, stages: int, *, workdir: str | Path | None = None,
+                 insecure: bool = False, dtype: str = "auto", logs_to_files: bool = False,
+                 start_timeout: float = 120.0):
+        self.model_dir, self.stages = str(model_dir), stages
+        self._owned_tmp = None if workdir else tempfile.TemporaryDirectory(prefix="shard-")
+        self.workdir = Path(workdir or self._owned_tmp.name)
+        self.insecure, self.dtype = insecure, dtype
+        self._logs_to_files, self._start_timeout = logs_to_files, start_timeout
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.registry_address = self.coordinator_address = ""
+
+    @property
+    def certs(self) -> Path:
+        return self.workdir / "certs"
+
+    def client_tls(self) -> NodeTLS | None:
+        return None if self.insecure else NodeTLS.load(self.certs, "client")
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if not self.insecure:
+            create_deployment(self.certs, local_nodes(self.stages))
+        self.registry_address = self._spawn("registry", "registry", "--stages", str(self.stages))
+        for index in range(self.stages):
+            self.start_stage(f"stage-{index}", wait=False)
+        self.coordinator_address = self._spawn("coordinator", "coordinator", "--registry", self.registry_address)
+        for index in range(self.stages):
+            self._wait_address(f"stage-{index}")
+
+    def start_stage(self, node_id: str, *, wait: bool = True) -> None:
+        self._spawn(node_id, "stage", "--registry", self.registry_address, "--dtype", self.dtype,
+                    "--quiet" if self._logs_to_files else "--device=cpu", wait=wait)
+
+    def _spawn(self, node_id: str, command: str, *extra: str, wait: bool = True) -> str:
+        address_file = self.workdir / f"{node_id}.address"
+        address_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "shard", command, "--model", self.model_dir, "--node-id", node_id,
+                "--listen", "127.0.0.1:0", "--address-file", str(address_file), *extra]
+        argv += ["--insecure"] if self.insecure else ["--certs", str(self.certs)]
+        log = open(self.workdir / f"{node_id}.log", "wb") if self._logs_to_files else None
+        self.processes[node_id] = subprocess.Popen(argv, stdout=log or sys.stderr, stderr=log or sys.stderr)
+        return self._wait_address(node_id) if wait else ""
+
+    def _wait_address(self, node_id: str) -> str:
+        address_file = self.workdir / f"{node_id}.address"
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if address_file.exists():
+                return address_file.read_text().strip()
+            code = self.processes[node_id].poll()
+            if code is not None:
+                raise SwarmError(f"{node_id} exited with code {code} before serving{self._log_hint(node_id)}")
+            time.sleep(0.05)
+        raise SwarmError(f"{node_id} did not start within {self._start_timeout:.0f} s{self._log_hint(node_id)}")
+
+    def _log_hint(self, node_id: str) -> str:
+        log = self.workdir / f"{node_id}.log"
+        return f"; its log:\n{log.read_text()[-3000:]}" if log.exists() else ""
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        self.processes[node_id].send_signal(sig)
+        self.processes[node_id].wait()
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM every node (coordinator first), then SIGKILL what is left after 15 s."""
+        order = ["coordinator", *(n for n in self.processes if n.startswith("stage")), "registry"]
+        for node_id in order:
+            process = self.processes.get(node_id)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        codes = {}
+        for node_id, process in self.processes.items():
+            try:
+                codes[node_id] = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[node_id] = process.wait()
+        if self._owned_tmp is not None:
+            self._owned_tmp.cleanup()
+        return codes
+
+
+def default_model_dir() -> Path:
+    """The shared tiny model when present; else a tiny random one built here, offline."""
+    from shard.testing.tiny_models import shared_model_dir
+
+    shared = shared_model_dir()
+    if shared is not None:
+        return shared
+    from shard.testing.tiny_models import build_demo_model
+
+    target = Path(tempfile.gettempdir()) / "shard-demo-model"
+    print(f"shard up: ../shared/models/tinystories-656k not found; building a tiny random model "
+          f"with a character tokenizer in {target} (its text is gibberish)", file=sys.stderr)
+    return build_demo_model(target)
+
+
+def up(args) -> int:
+    from shard.cli import build_request, print_generation
+    from shard.client import generate
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    with LocalSwarm(model_dir, args.stages, insecure=args.insecure, dtype=args.dtype) as swarm:
+        on_text = None if args.json else (lambda text: print(text, end="", flush=True))
+        if not args.json:
+            print(args.prompt, end="", flush=True)
+        generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), build_request(args),
+                                          on_text=on_text, wait_ready_seconds=300))
+        print_generation(generation, args.json)
+    return 0

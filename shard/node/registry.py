@@ -1,0 +1,169 @@
+"""The registry's state: who has joined, their leases, and the versioned plan.
+
+Pure bookkeeping with an asyncio fan-out to plan watchers; the servicer only parses
+requests and maps RegistryError to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from shard.placement import ModelSizes, PlacementError, assign_blocks
+from shard.v1 import registry_pb2
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class NodeRecord:
+    capabilities: registry_pb2.NodeCapabilities
+    lease_deadline: float
+    state: int = registry_pb2.NODE_STATE_LOADING
+    plan_version: int = 0
+
+
+@dataclass
+class RegistryState:
+    sizes: ModelSizes
+    model_fingerprint: str
+    min_stages: int
+    lease_seconds: float = 5.0
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    plan: registry_pb2.Plan = field(default_factory=registry_pb2.Plan)
+    # The plan version at which the current blocks were assigned: stages that report
+    # READY at or after it have loaded their block.
+    assigned_version: int = 0
+    _watchers: set[asyncio.Queue] = field(default_factory=set)
+
+    # ---- membership ---------------------------------------------------------------
+
+    def join(self, capabilities: registry_pb2.NodeCapabilities) -> None:
+        if capabilities.model_fingerprint != self.model_fingerprint:
+            raise RegistryError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{capabilities.node_id} serves another model (config fingerprint "
+                                f"{capabilities.model_fingerprint[:12]}, expected {self.model_fingerprint[:12]})")
+        if not capabilities.address:
+            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, "address is required")
+        if capabilities.role == registry_pb2.ROLE_STAGE and capabilities.memory_budget_bytes == 0:
+            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, "a stage needs a memory budget")
+        if capabilities.role == registry_pb2.ROLE_COORDINATOR:
+            current = self.plan.coordinator_id
+            if current and current != capabilities.node_id and current in self.nodes:
+                raise RegistryError(grpc.StatusCode.ALREADY_EXISTS,
+                                    f"coordinator {current} already drives this ring")
+        self.nodes[capabilities.node_id] = NodeRecord(capabilities, time.monotonic() + self.lease_seconds)
+        log.info("%s joined as %s at %s", capabilities.node_id,
+                 registry_pb2.Role.Name(capabilities.role), capabilities.address)
+        self._replan_if_needed()
+
+    def heartbeat(self, node_id: str, state: int, plan_version: int) -> bool:
+        record = self.nodes.get(node_id)
+        if record is None:
+            return False
+        record.lease_deadline = time.monotonic() + self.lease_seconds
+        record.state, record.plan_version = state, plan_version
+        if not self.plan.ready and self._all_assigned_ready():
+            self._publish(ready=True)
+        return True
+
+    def leave(self, node_id: str) -> None:
+        if self.nodes.pop(node_id, None) is not None:
+            log.info("%s left", node_id)
+            self._replan_if_needed(lost=node_id)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for node_id in [n for n, r in self.nodes.items() if r.lease_deadline < now]:
+            log.warning("%s missed its lease", node_id)
+            del self.nodes[node_id]
+            self._replan_if_needed(lost=node_id)
+
+    # ---- planning -----------------------------------------------------------------
+
+    def _stages(self) -> list[registry_pb2.NodeCapabilities]:
+        # Sorted by node id so that a restarted registry makes the same plan again.
+        return sorted((r.capabilities for r in self.nodes.values()
+                       if r.capabilities.role == registry_pb2.ROLE_STAGE), key=lambda c: c.node_id)
+
+    def _coordinator(self) -> registry_pb2.NodeCapabilities | None:
+        return next((r.capabilities for r in self.nodes.values()
+                     if r.capabilities.role == registry_pb2.ROLE_COORDINATOR), None)
+
+    def _replan_if_needed(self, lost: str | None = None) -> None:
+        assigned = {s.node_id for s in self.plan.stages}
+        if not assigned or (lost in assigned):
+            self._assign()
+        else:
+            self._publish()  # e.g. the coordinator's address changed
+
+    def _assign(self) -> None:
+        stages = self._stages()
+        del self.plan.stages[:]
+        self.plan.problem = ""
+        if len(stages) < self.min_stages:
+            self.plan.problem = f"waiting for stages: {len(stages)} of {self.min_stages} joined"
+        else:
+            chosen = stages[: self.min_stages]
+            try:
+                blocks = assign_blocks(self.sizes, [s.memory_budget_bytes for s in chosen])
+            except PlacementError as error:
+                self.plan.problem = str(error)
+            else:
+                for node, (start, end) in zip(chosen, blocks):
+                    self.plan.stages.add(node_id=node.node_id, address=node.address,
+                                         layer_start=start, layer_end=end)
+        self._publish(reassigned=True)
+
+    def _all_assigned_ready(self) -> bool:
+        if not self.plan.stages or not self.plan.coordinator_address:
+            return False
+        for stage in self.plan.stages:
+            record = self.nodes.get(stage.node_id)
+            if (record is None or record.state != registry_pb2.NODE_STATE_READY
+                    or record.plan_version < self.assigned_version):
+                return False
+        return True
+
+    def _publish(self, *, reassigned: bool = False, ready: bool = False) -> None:
+        self.plan.version += 1
+        if reassigned:
+            self.assigned_version = self.plan.version
+        coordinator = self._coordinator()
+        self.plan.coordinator_id = coordinator.node_id if coordinator else ""
+        self.plan.coordinator_address = coordinator.address if coordinator else ""
+        self.plan.model_fingerprint = self.model_fingerprint
+        self.plan.num_layers = self.sizes.num_layers
+        self.plan.ready = ready or (not reassigned and self._all_assigned_ready())
+        if self.plan.problem:
+            log.info("plan v%d: %s", self.plan.version, self.plan.problem)
+        else:
+            log.info("plan v%d%s: %s", self.plan.version, " (ready)" if self.plan.ready else "",
+                     ", ".join(f"{s.node_id}[{s.layer_start},{s.layer_end})" for s in self.plan.stages))
+        snapshot = registry_pb2.Plan()
+        snapshot.CopyFrom(self.plan)
+        for queue in self._watchers:
+            queue.put_nowait(snapshot)
+
+    # ---- watchers -----------------------------------------------------------------
+
+    def watch(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.plan.version:
+            snapshot = registry_pb2.Plan()
+            snapshot.CopyFrom(self.plan)
+            queue.put_nowait(snapshot)
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue) -> None:
+        self._watchers.discard(queue)

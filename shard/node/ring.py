@@ -1,0 +1,142 @@
+"""The coordinator's view of the ring: send a chunk into stage 0, await what the tail
+returns for it. Results are matched to chunks by (session, chunk id); frames of an
+epoch the session has moved past are dropped on arrival."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.codec import CodecError, decode_tensor, encode_tensor
+from shard.wire.edge import Edge
+from shard.wire.tls import NodeTLS, open_channel
+
+log = logging.getLogger(__name__)
+
+
+class RingError(Exception):
+    """The ring could not serve a chunk; `code` is the gRPC status to report."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Ring:
+    def __init__(self, node_id: str, tls: NodeTLS | None, *, chunk_timeout: float = 120.0):
+        self.node_id, self._tls, self._chunk_timeout = node_id, tls, chunk_timeout
+        self.plan: registry_pb2.Plan | None = None
+        self._head: Edge | None = None
+        self._stage_stubs: dict[str, stage_pb2_grpc.StageStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self.ready = asyncio.Event()
+
+    @property
+    def tail_id(self) -> str | None:
+        return self.plan.stages[-1].node_id if self.plan and self.plan.stages else None
+
+    async def apply_plan(self, plan: registry_pb2.Plan) -> None:
+        old_head = (self.plan.stages[0].node_id, self.plan.stages[0].address) if self.plan and self.plan.stages else None
+        self.plan = plan
+        if not plan.stages:
+            self.ready.clear()
+            return
+        head = plan.stages[0]
+        if old_head != (head.node_id, head.address):
+            if self._head is not None:
+                await self._head.close()
+            self._head = Edge(sender=self.node_id, receiver=head.node_id, address=head.address, tls=self._tls)
+        for stage in plan.stages:
+            if stage.node_id not in self._stage_stubs:
+                channel = open_channel(stage.address, self._tls)
+                self._channels.append(channel)
+                self._stage_stubs[stage.node_id] = stage_pb2_grpc.StageStub(channel)
+        if plan.ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    async def run_chunk(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
+                        tokens: list[int], num_outputs: int) -> list[int]:
+        """Send one chunk around the ring and return the tail's argmax ids."""
+        future = await self.submit(session_id=session_id, chunk_id=chunk_id, epoch=epoch,
+                                   start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
+        return await self.result(session_id, chunk_id, future)
+
+    async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
+                     tokens: list[int], num_outputs: int) -> asyncio.Future:
+        if self._head is None:
+            raise RingError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
+        key = (session_id, chunk_id)
+        future = self._pending[key] = asyncio.get_running_loop().create_future()
+        header = frame_pb2.FrameHeader(
+            session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
+            num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        payload = encode_tensor(torch.tensor(tokens, dtype=torch.int64))
+        try:
+            await self._head.send(frame_pb2.Frame(header=header, payload=payload))
+        except ConnectionError as error:
+            self._pending.pop(key, None)
+            raise RingError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+        return future
+
+    async def result(self, session_id: str, chunk_id: int, future: asyncio.Future) -> list[int]:
+        try:
+            frame = await asyncio.wait_for(future, self._chunk_timeout)
+        except asyncio.TimeoutError:
+            raise RingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no result for chunk {chunk_id} within {self._chunk_timeout:.0f} s") from None
+        finally:
+            self._pending.pop((session_id, chunk_id), None)
+        if frame.header.kind == frame_pb2.FRAME_KIND_ERROR:
+            detail = frame_pb2.ErrorDetail.FromString(frame.payload)
+            raise RingError(_status(detail.code), detail.message)
+        try:
+            return decode_tensor(frame.payload).tolist()
+        except CodecError as error:
+            raise RingError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
+
+    def deliver(self, frame: frame_pb2.Frame) -> None:
+        """A frame from the tail: resolve the chunk waiting for it, if any still is."""
+        future = self._pending.get((frame.header.session_id, frame.header.chunk_id))
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+    def forget(self, session_id: str) -> None:
+        for key in [k for k in self._pending if k[0] == session_id]:
+            future = self._pending.pop(key)
+            future.cancel()
+
+    async def end_session(self, session_id: str) -> None:
+        """Free the session's KV cache at every stage (the END frame follows its chunks)."""
+        self.forget(session_id)
+        if self._head is None:
+            return
+        header = frame_pb2.FrameHeader(session_id=session_id, kind=frame_pb2.FRAME_KIND_END)
+        try:
+            await self._head.send(frame_pb2.Frame(header=header))
+        except ConnectionError as error:
+            log.warning("could not end session %s: %s (stages free it when idle)", session_id, error)
+
+    async def cancel_epoch(self, session_id: str, epoch: int) -> int:
+        """Tell every stage, out of band, to skip this session's frames older than `epoch`."""
+        request = stage_pb2.CancelEpochRequest(session_id=session_id, epoch=epoch)
+        replies = await asyncio.gather(
+            *(self._stage_stubs[s.node_id].CancelEpoch(request, timeout=5.0) for s in self.plan.stages),
+            return_exceptions=True)
+        return sum(r.frames_dropped for r in replies if isinstance(r, stage_pb2.CancelEpochReply))
+
+    async def close(self) -> None:
+        if self._head is not None:
+            await self._head.close()
+        for channel in self._channels:
+            await channel.close()
+
+
+def _status(code: int) -> grpc.StatusCode:
+    return next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)

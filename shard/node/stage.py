@@ -1,0 +1,304 @@
+"""A stage's runtime: follow the plan, hold one block, run chunks in arrival order and
+push each result to the next node on the ring.
+
+Lifecycle: join → receive plan → load block → serve. Frames are validated as they arrive
+(a malformed frame is the sender's bug and is rejected on its edge); problems that belong
+to one session (a KV gap, too many sessions) travel on to the coordinator as an ERROR
+frame, so only that session fails and the edge keeps flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from shard.model.block import Block, CacheGapError
+from shard.model.checkpoint import Checkpoint
+from shard.node.sessions import SessionStore, TooManySessions
+from shard.v1 import frame_pb2, registry_pb2, stage_pb2
+from shard.wire.codec import CodecError, decode_tensor, encode_tensor
+from shard.wire.edge import Edge, EdgeBroken
+from shard.wire.tls import NodeTLS
+
+log = logging.getLogger(__name__)
+
+K = frame_pb2  # frame kinds, shorter at the call sites
+
+# Most specific first: CacheGapError may well be a ValueError too.
+_SESSION_ERROR_CODES = (
+    (CacheGapError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+class FrameRejected(Exception):
+    """A frame that is malformed for this stage: the edge is answered with `code`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Assignment:
+    start: int
+    end: int
+    first: bool
+    last: bool
+    upstream_id: str
+    downstream_id: str
+    downstream_address: str
+
+
+def assignment_from_plan(plan: registry_pb2.Plan, node_id: str) -> Assignment | None:
+    stages = list(plan.stages)
+    index = next((i for i, s in enumerate(stages) if s.node_id == node_id), None)
+    if index is None:
+        return None
+    last = index == len(stages) - 1
+    nxt = None if last else stages[index + 1]
+    return Assignment(
+        start=stages[index].layer_start,
+        end=stages[index].layer_end,
+        first=index == 0,
+        last=last,
+        upstream_id=plan.coordinator_id if index == 0 else stages[index - 1].node_id,
+        downstream_id=plan.coordinator_id if last else nxt.node_id,
+        downstream_address=plan.coordinator_address if last else nxt.address,
+    )
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class StageNode:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        model_dir: str,
+        tls: NodeTLS | None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_sessions: int = 64,
+        idle_seconds: float = 600.0,
+        progress: bool = True,
+    ):
+        self.node_id = node_id
+        self.checkpoint = Checkpoint.open(model_dir)
+        self._model_dir, self._tls, self._device, self._dtype = model_dir, tls, device, dtype
+        self._max_sessions, self._idle_seconds, self._progress = max_sessions, idle_seconds, progress
+        self.block: Block | None = None
+        self.assignment: Assignment | None = None
+        self.sessions: SessionStore | None = None
+        self.plan_version = 0
+        self._downstream: Edge | None = None
+        self._pending: deque[tuple[frame_pb2.FrameHeader, object]] = deque()
+        self._wakeup = asyncio.Event()
+        self._min_epoch: dict[str, int] = {}
+        # One compute thread: chunks of a session must run in order, and torch already
+        # uses every core within an op.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-compute")
+        self.frames_processed = 0
+        self.frames_dropped_stale = 0
+
+    # ---- plan ---------------------------------------------------------------------
+
+    async def apply_plan(self, plan: registry_pb2.Plan) -> bool:
+        """Follow a new plan; returns True when this node serves a block in it."""
+        assignment = assignment_from_plan(plan, self.node_id)
+        self.plan_version = plan.version
+        if assignment is None:
+            return False
+        old = self.assignment
+        block_changed = old is None or (old.start, old.end, old.first, old.last) != (
+            assignment.start, assignment.end, assignment.first, assignment.last)
+        if block_changed:
+            self.block = None
+            self.block = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._load_block, assignment)
+            self.sessions = SessionStore(
+                self.block.new_cache, max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+        if old is None or (old.downstream_id, old.downstream_address) != (
+                assignment.downstream_id, assignment.downstream_address):
+            if self._downstream is not None:
+                await self._downstream.close()
+            self._downstream = Edge(
+                sender=self.node_id, receiver=assignment.downstream_id,
+                address=assignment.downstream_address, tls=self._tls, to_coordinator=assignment.last)
+        self.assignment = assignment
+        return True
+
+    def _load_block(self, a: Assignment) -> Block:
+        log.info("%s loading layers [%d, %d)%s%s", self.node_id, a.start, a.end,
+                 " + embedding" if a.first else "", " + head" if a.last else "")
+        return Block.load(self._model_dir, a.start, a.end, first=a.first, last=a.last,
+                          device=self._device, dtype=self._dtype, progress=self._progress)
+
+    # ---- inbound ------------------------------------------------------------------
+
+    def check_upstream(self, node_id: str | None) -> None:
+        if node_id is not None and self.assignment and node_id != self.assignment.upstream_id:
+            raise FrameRejected(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{node_id} is not the upstream of {self.node_id} "
+                                f"(expected {self.assignment.upstream_id})")
+
+    def accept(self, frame: frame_pb2.Frame) -> None:
+        """Validate a frame and queue it; raises FrameRejected for a malformed one."""
+        header = frame.header
+        if self.block is None:
+            raise FrameRejected(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
+        if not header.session_id:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
+        if header.kind == K.FRAME_KIND_FORWARD:
+            body = self._validated_input(header, frame.payload)
+        elif header.kind == K.FRAME_KIND_END:
+            body = None
+        elif header.kind == K.FRAME_KIND_ERROR:
+            body = frame.payload
+        else:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
+        self._pending.append((header, body))
+        self._wakeup.set()
+
+    def _validated_input(self, header, payload: bytes) -> torch.Tensor:
+        block, n = self.block, header.num_tokens
+        if n == 0:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
+        if header.num_outputs > n:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"num_outputs {header.num_outputs} exceeds the chunk's {n} tokens")
+        try:
+            tensor = decode_tensor(payload)
+        except CodecError as error:
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if block.is_first:
+            expected_shape, expected_dtype = [n], torch.int64
+        else:
+            expected_shape, expected_dtype = [n, block.hidden_size], block.dtype
+        if list(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
+            raise FrameRejected(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.node_id} expects {expected_dtype} {expected_shape} for a {n}-token chunk, "
+                f"got {tensor.dtype} {list(tensor.shape)}")
+        if block.is_first and n and (int(tensor.min()) < 0 or int(tensor.max()) >= block.vocab_size):
+            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token ids must lie in [0, {block.vocab_size})")
+        return tensor
+
+    # ---- out of band --------------------------------------------------------------
+
+    def cancel_epoch(self, session_id: str, epoch: int) -> int:
+        self._min_epoch[session_id] = max(epoch, self._min_epoch.get(session_id, 0))
+        return sum(1 for h, _ in self._pending
+                   if h.session_id == session_id and h.kind == K.FRAME_KIND_FORWARD and h.epoch < epoch)
+
+    def end_session(self, session_id: str) -> int:
+        """Free a session's KV cache; KeyError if this stage does not hold it."""
+        session = self.sessions.pop(session_id) if self.sessions else None
+        self._min_epoch.pop(session_id, None)
+        if session is None:
+            raise KeyError(session_id)
+        return cache_bytes(session.cache)
+
+    def info(self) -> stage_pb2.StageInfo:
+        info = stage_pb2.StageInfo(
+            node_id=self.node_id, num_layers=self.checkpoint.num_layers,
+            plan_version=self.plan_version, frames_processed=self.frames_processed,
+            frames_dropped_stale=self.frames_dropped_stale)
+        if self.block is not None:
+            info.layer_start, info.layer_end = self.block.start, self.block.end
+            info.weight_bytes = self.block.weight_bytes
+        for session_id, session in (self.sessions.items() if self.sessions else []):
+            info.sessions.add(session_id=session_id, kv_length=self.block.cache_length(session.cache),
+                              kv_bytes=cache_bytes(session.cache))
+        return info
+
+    # ---- the worker ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process queued frames forever, in arrival order; expire idle sessions."""
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=5.0)
+                except asyncio.TimeoutError:
+                    if self.sessions:
+                        for session_id in self.sessions.expire_idle():
+                            log.info("%s freed idle session %s", self.node_id, session_id)
+                    continue
+            header, body = self._pending.popleft()
+            try:
+                await self._process(header, body)
+            except EdgeBroken as error:
+                log.warning("%s dropped a frame of %s: %s", self.node_id, header.session_id, error)
+
+    async def _process(self, header, body) -> None:
+        if header.kind == K.FRAME_KIND_END:
+            if self.sessions:
+                self.sessions.pop(header.session_id)
+            self._min_epoch.pop(header.session_id, None)
+            if not self.assignment.last:
+                await self._downstream.send(frame_pb2.Frame(header=header))
+            return
+        if header.kind == K.FRAME_KIND_ERROR:
+            await self._downstream.send(frame_pb2.Frame(header=header, payload=body))
+            return
+        if header.epoch < self._min_epoch.get(header.session_id, 0):
+            self.frames_dropped_stale += 1
+            return
+        try:
+            output = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._compute_chunk, header, body)
+        except (CacheGapError, TooManySessions, ValueError) as error:
+            await self._send_error(header, error)
+            return
+        except Exception as error:  # a bug must cost one session, not the node
+            log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
+            await self._send_error(header, error)
+            return
+        self.frames_processed += 1
+        out = frame_pb2.FrameHeader()
+        out.CopyFrom(header)
+        if self.assignment.last:
+            out.kind = K.FRAME_KIND_RESULT
+        await self._downstream.send(frame_pb2.Frame(header=out, payload=encode_tensor(output)))
+
+    def _compute_chunk(self, header, tensor: torch.Tensor) -> torch.Tensor:
+        session = self.sessions.get_or_create(header.session_id)
+        block = self.block
+        tensor = tensor.to(block.device)
+        if block.is_first:
+            return block.forward(session.cache, header.start_pos, input_ids=tensor,
+                                 num_outputs=header.num_outputs)
+        return block.forward(session.cache, header.start_pos, hidden=tensor,
+                             num_outputs=header.num_outputs)
+
+    async def _send_error(self, header, error: Exception) -> None:
+        code = next((c for kind, c in _SESSION_ERROR_CODES if isinstance(error, kind)),
+                    grpc.StatusCode.INTERNAL)
+        detail = frame_pb2.ErrorDetail(code=code.value[0], message=f"{self.node_id}: {error}",
+                                       node_id=self.node_id)
+        out = frame_pb2.FrameHeader()
+        out.CopyFrom(header)
+        out.kind = K.FRAME_KIND_ERROR
+        await self._downstream.send(frame_pb2.Frame(header=out, payload=detail.SerializeToString()))
+
+    async def close(self) -> None:
+        if self._downstream is not None:
+            await self._downstream.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)

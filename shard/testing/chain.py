@@ -1,0 +1,32 @@
+"""Blocks of one model chained in one process: the ring's computation without the wire."""
+
+from __future__ import annotations
+
+import torch
+
+from shard.model.block import Block
+
+
+class LocalChain:
+    def __init__(self, model_dir, bounds: list[tuple[int, int]], **load_kwargs):
+        load_kwargs.setdefault("progress", False)
+        self.blocks = [Block.load(model_dir, start, end, **load_kwargs) for start, end in bounds]
+        self.caches = [block.new_cache() for block in self.blocks]
+
+    def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1) -> list[int]:
+        """One traversal: the tail's argmax ids for the chunk `ids` written at start_pos."""
+        x = torch.tensor(ids, dtype=torch.int64)
+        for block, cache in zip(self.blocks, self.caches):
+            inputs = {"input_ids": x} if block.is_first else {"hidden": x}
+            x = block.forward(cache, start_pos, **inputs, num_outputs=num_outputs)
+        return x.tolist()
+
+    def cache_lengths(self) -> list[int]:
+        return [block.cache_length(cache) for block, cache in zip(self.blocks, self.caches)]
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Plain decoding: prefill the prompt as one chunk, then one token per traversal."""
+        out = self(0, list(prompt_ids))
+        while len(out) < max_new_tokens:
+            out += self(len(prompt_ids) + len(out) - 1, out[-1:])
+        return out

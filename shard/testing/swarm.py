@@ -1,0 +1,61 @@
+"""A whole swarm inside one event loop: the real servicers, real gRPC over loopback and
+real mTLS, without process start-up costs. For tests that need many swarms."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.coordinator import main as coordinator_main
+from services.registry import main as registry_main
+from services.stage import main as stage_main
+from shard.cli import parser
+from shard.wire.certs import create_deployment, local_nodes
+from shard.wire.server import RunningNode
+from shard.wire.tls import NodeTLS
+
+
+@dataclass
+class Swarm:
+    registry: RunningNode
+    stages: list[RunningNode]
+    coordinator: RunningNode
+    certs: Path | None
+
+    def tls(self, node_id: str = "client") -> NodeTLS | None:
+        return NodeTLS.load(self.certs, node_id) if self.certs else None
+
+
+def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str):
+    argv = [command, "--model", str(model_dir), "--node-id", node_id, "--listen", "127.0.0.1:0", *extra]
+    argv += ["--certs", str(certs)] if certs else ["--insecure"]
+    return parser().parse_args(argv)
+
+
+@asynccontextmanager
+async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bool = False,
+                          memory_budgets: list[str] | None = None, ready_timeout: float = 60.0):
+    certs = None if insecure else workdir / "certs"
+    if certs:
+        create_deployment(certs, local_nodes(stages))
+    started: list[RunningNode] = []
+    try:
+        registry = await registry_main.start(_args("registry", model_dir, "registry", certs, "--stages", str(stages)))
+        started.append(registry)
+        stage_nodes = []
+        for index in range(stages):
+            extra = ["--registry", registry.address, "--quiet", "--device", "cpu"]
+            if memory_budgets:
+                extra += ["--memory-budget", memory_budgets[index]]
+            stage_nodes.append(await stage_main.start(_args("stage", model_dir, f"stage-{index}", certs, *extra)))
+            started.append(stage_nodes[-1])
+        coordinator = await coordinator_main.start(
+            _args("coordinator", model_dir, "coordinator", certs, "--registry", registry.address))
+        started.append(coordinator)
+        await asyncio.wait_for(coordinator.node.ring.ready.wait(), ready_timeout)
+        yield Swarm(registry, stage_nodes, coordinator, certs)
+    finally:
+        for node in reversed(started):
+            await node.stop()

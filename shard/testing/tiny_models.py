@@ -1,0 +1,77 @@
+"""Tiny random-weight decoder-only models, saved like real checkpoints.
+
+Used by the tests and by `make run` when the shared real model is absent. Importable
+without pytest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss")
+
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=512,
+    # Much larger than the 0.02 default: with it, greedy decoding of a random model
+    # collapses to one repeated token; with this, continuations are varied.
+    initializer_range=0.5,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+_EXTRA = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    # A small window so that 32+ token tests really slide.
+    "mistral": dict(sliding_window=8),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        # YaRN, as the real model uses, with a context short enough to be consistent.
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=150000.0,
+            factor=8.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+            original_max_position_embeddings=64,
+        ),
+    ),
+}
+
+
+def build_tiny_model(arch: str, out_dir, *, seed: int = 0, sharded: bool = False) -> Path:
+    """Save a tiny random `arch` model (config, safetensors, generation config) to out_dir."""
+    if arch not in _EXTRA:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    out = Path(out_dir)
+    config = AutoConfig.for_model(arch, **_COMMON, **_EXTRA[arch])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # No eos: generate() must never stop early, whatever the random model says.
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=None)
+    # A small shard size forces several files and a model.safetensors.index.json.
+    model.save_pretrained(out, max_shard_size="100KB" if sharded else "10GB")
+    return out
+
+
+def shared_model_dir() -> Path | None:
+    """The real TinyStories model at <repo>/../shared/models/tinystories-656k, if present."""
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "tinystories-656k"
+    return path if (path / "config.json").is_file() else None

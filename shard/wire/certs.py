@@ -1,0 +1,274 @@
+"""Deployment certificates: a private CA and one certificate per node.
+
+A node's identity is the URI SAN ``shard://<role>/<node_id>`` of its certificate, so
+a peer's role and id come from the verified TLS handshake, never from a request field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROLES = ("registry", "coordinator", "stage", "client")
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_IDENTITY_URI = re.compile(r"shard://([a-z]+)/([A-Za-z0-9._-]{1,64})")
+# Tolerate small clock differences between machines of one deployment.
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+def check_node_id(node_id: str) -> None:
+    """Raise ValueError unless ``node_id`` is 1-64 of [A-Za-z0-9._-] (it names files)."""
+    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
+        raise ValueError(f"invalid node id {node_id!r}: need 1-64 of [A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    node_id: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {ROLES}")
+        check_node_id(self.node_id)
+
+    @property
+    def uri(self) -> str:
+        return f"shard://{self.role}/{self.node_id}"
+
+    def __str__(self) -> str:
+        return f"{self.role}/{self.node_id}"
+
+
+def identity_from_pem(cert_pem: bytes) -> Identity | None:
+    """The Shard identity in a certificate; None if it carries none (or several)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    found = []
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        m = _IDENTITY_URI.fullmatch(uri)
+        if m and m[1] in ROLES:
+            found.append(Identity(m[1], m[2]))
+    # Two identities in one certificate would be ambiguous: trust neither.
+    return found[0] if len(found) == 1 else None
+
+
+def create_ca(
+    directory: str | os.PathLike,
+    *,
+    common_name: str = "Shard deployment CA",
+    days: int = 3650,
+    overwrite: bool = False,
+) -> None:
+    """Write a new CA (``ca.pem``, ``ca.key``) into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in (d / CA_CERT, d / CA_KEY) if p.exists()]
+    if existing and not overwrite:
+        # Replacing a CA silently would orphan every certificate issued by it.
+        raise FileExistsError(f"CA already exists: {existing[0]} (use overwrite=True)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_atomic(d / CA_KEY, _key_pem(key), 0o600)
+    _write_atomic(d / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def issue(
+    directory: str | os.PathLike,
+    *,
+    role: str,
+    node_id: str,
+    hosts: Iterable[str] | None = None,
+    days: int = 825,
+) -> tuple[Path, Path]:
+    """Sign a node certificate with the CA in ``directory``; returns (cert, key) paths."""
+    d = Path(directory)
+    identity = Identity(role, node_id)
+    ca_cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    # A leaf outliving its CA would fail verification anyway; say so in the cert.
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, node_id),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(_san(identity, DEFAULT_HOSTS if hosts is None else hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        # Every node both serves and dials (stages push to the next stage).
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = d / f"{node_id}.pem", d / f"{node_id}.key"
+    _write_atomic(key_path, _key_pem(key), 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path
+
+
+def create_deployment(
+    directory: str | os.PathLike,
+    nodes: Iterable[tuple[str, str]],
+    hosts: Iterable[str] | None = None,
+) -> None:
+    """A CA (kept if one exists) and a certificate for each (role, node_id)."""
+    d = Path(directory)
+    nodes = [Identity(role, node_id) for role, node_id in nodes]  # validate before writing
+    ids = [n.node_id for n in nodes]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate node ids in {ids}")
+    hosts = None if hosts is None else list(hosts)
+    if not (d / CA_CERT).exists() and not (d / CA_KEY).exists():
+        create_ca(d)
+    for n in nodes:
+        issue(d, role=n.role, node_id=n.node_id, hosts=hosts)
+
+
+def local_nodes(stages: int) -> list[tuple[str, str]]:
+    """The nodes of a single-machine deployment with ``stages`` stages."""
+    return [
+        ("registry", "registry"),
+        ("coordinator", "coordinator"),
+        *(("stage", f"stage-{i}") for i in range(stages)),
+        ("client", "client"),
+    ]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``shard certs``: make the CA and node certificates of a deployment."""
+    parser = argparse.ArgumentParser(prog="shard certs", description=cli.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="create the deployment CA")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p = sub.add_parser("issue", help="issue a node certificate")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--id", required=True, dest="node_id")
+    p.add_argument("--host", action="append", dest="hosts", metavar="HOST",
+                   help="DNS name or IP the node is reached at (repeatable; "
+                   "default: localhost and 127.0.0.1)")
+    p = sub.add_parser("local", help="CA + registry, coordinator, N stages and a client")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--host", action="append", dest="hosts", metavar="HOST")
+    args = parser.parse_args(argv)
+    if args.command == "local" and args.stages < 1:
+        parser.error("--stages must be at least 1")
+
+    try:
+        if args.command == "init":
+            create_ca(args.dir, overwrite=args.force)
+            written = [args.dir / CA_CERT, args.dir / CA_KEY]
+        elif args.command == "issue":
+            written = list(issue(args.dir, role=args.role, node_id=args.node_id, hosts=args.hosts))
+        else:
+            had_ca = (args.dir / CA_CERT).exists()
+            nodes = local_nodes(args.stages)
+            create_deployment(args.dir, nodes, hosts=args.hosts)
+            written = [] if had_ca else [args.dir / CA_CERT, args.dir / CA_KEY]
+            for _, node_id in nodes:
+                written += [args.dir / f"{node_id}.pem", args.dir / f"{node_id}.key"]
+    except (OSError, ValueError) as e:
+        print(f"shard certs: error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _san(identity: Identity, hosts: Iterable[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file 0600, so a key is never readable by others, even briefly.
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

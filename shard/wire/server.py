@@ -1,0 +1,77 @@
+"""Start a node's gRPC server with the standard health and reflection services, so any
+gRPC client (in any language) can probe and discover it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shard.wire.tls import SERVER_OPTIONS, NodeTLS, add_port
+
+
+async def start_server(
+    listen: str,
+    tls: NodeTLS | None,
+    add_servicers: Callable[[grpc.aio.Server], None],
+    service_names: list[str],
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add_servicers(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = add_port(server, listen, tls)
+    await server.start()
+    return server, port
+
+
+def write_address_file(path: str | None, address: str) -> None:
+    """Tell a launcher where we listen; atomic, so a reader never sees half a line."""
+    if not path:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(address + "\n")
+    os.replace(tmp, path)
+
+
+async def wait_for_shutdown_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+class RunningNode:
+    """A started node: where it listens and how to stop it, in reverse order of starting."""
+
+    def __init__(self, address: str, node=None):
+        self.address, self.node = address, node
+        self._closers: list[Callable[[], Awaitable[object]]] = []
+
+    def on_stop(self, closer: Callable[[], Awaitable[object]]) -> None:
+        self._closers.append(closer)
+
+    async def stop(self) -> None:
+        for closer in reversed(self._closers):
+            await closer()
+
+
+async def serve_until_signalled(running: RunningNode, address_file: str | None) -> None:
+    write_address_file(address_file, running.address)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await running.stop()

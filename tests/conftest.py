@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random models built once per session, the real TinyStories model,
+and a spy on safetensors reads. Reusable non-fixture helpers live in shard/testing/."""
+
+from pathlib import Path
+
+import pytest
+
+from shard.model import checkpoint
+from shard.testing.tiny_models import ARCHS, build_tiny_model, shared_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """arch -> model dir for every tiny arch, plus "llama-sharded" (several files + index)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    dirs = {arch: build_tiny_model(arch, root / arch) for arch in ARCHS}
+    dirs["llama-sharded"] = build_tiny_model("llama", root / "llama-sharded", sharded=True)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir() -> Path:
+    path = shared_model_dir()
+    if path is None:
+        pytest.skip("the shared real model ../shared/models/tinystories-656k is absent")
+    return path
+
+
+class SafetensorsSpy:
+    """Wraps safetensors.safe_open as the checkpoint module uses it; records files and tensors read."""
+
+    def __init__(self, real):
+        self.real = real
+        self.opened: list[Path] = []
+        self.reads: list[tuple[Path, str]] = []  # (file, tensor) for every tensor read
+
+    def __call__(self, file, *args, **kwargs):
+        self.opened.append(Path(file))
+        return _SpiedFile(self, Path(file), self.real(file, *args, **kwargs))
+
+    @property
+    def tensors_read(self) -> list[str]:
+        return [name for _, name in self.reads]
+
+
+class _SpiedFile:
+    def __init__(self, spy, path, handle):
+        self.spy, self.path, self.handle = spy, path, handle
+
+    def __enter__(self):
+        self.file = self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def get_slice(self, name):
+        return self.file.get_slice(name)
+
+    def get_tensor(self, name):
+        self.spy.reads.append((self.path, name))
+        return self.file.get_tensor(name)
+
+
+@pytest.fixture
+def safetensors_spy(monkeypatch) -> SafetensorsSpy:
+    spy = SafetensorsSpy(checkpoint.safe_open)
+    monkeypatch.setattr(checkpoint, "safe_open", spy)
+    return spy
