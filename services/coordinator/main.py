@@ -22,8 +22,9 @@ async def start(args) -> RunningNode:
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),
         [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name])
     running = RunningNode(f"{args.advertise_host}:{port}", node)
+    # The tail's return stream never ends by itself: a short grace for in-flight results.
+    running.on_stop(lambda: server.stop(grace=0.5))
     running.on_stop(node.ring.close)
-    running.on_stop(lambda: server.stop(grace=2.0))
     capabilities = registry_pb2.NodeCapabilities(
         node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region)

@@ -25,8 +25,10 @@ async def start(args) -> RunningNode:
         lambda s: stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node), s),
         [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name])
     running = RunningNode(f"{args.advertise_host}:{port}", node)
-    running.on_stop(node.close)
+    # Stopped in reverse: leave the registry, stop computing, close the edge downstream
+    # (so the next stage's server sees its inbound stream end), then stop serving.
     running.on_stop(lambda: server.stop(grace=2.0))
+    running.on_stop(node.close)
     device_name, device_id = device_identity(args.device)
     capabilities = registry_pb2.NodeCapabilities(
         node_id=args.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,

@@ -131,8 +131,9 @@ class CoordinatorNode:
         """Stream TokenDeltas as tokens are committed, then one GenerationSummary."""
         prepared = self.prepare(request)
         if not self.ring.ready.is_set():
+            problem = self.ring.plan.problem if self.ring.plan else "no plan from the registry yet"
             raise GenerateError(grpc.StatusCode.UNAVAILABLE,
-                                "the ring is not ready: stages are still joining or loading")
+                                f"the ring is not ready: {problem or 'stages are still loading'}")
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
         committed: asyncio.Queue[list[int]] = asyncio.Queue()

@@ -36,7 +36,10 @@ class SessionStore:
         return list(self._sessions.items())
 
     def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.last_used = time.monotonic()
+        return session
 
     def get_or_create(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)

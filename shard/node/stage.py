@@ -279,7 +279,11 @@ class StageNode:
         await self._downstream.send(frame_pb2.Frame(header=out, payload=encode_tensor(output)))
 
     def _compute_chunk(self, header, tensor: torch.Tensor) -> torch.Tensor:
-        session = self.sessions.get_or_create(header.session_id)
+        session = self.sessions.get(header.session_id)
+        if session is None and header.start_pos > 0:
+            raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
+                                f"to continue at position {header.start_pos}")
+        session = session or self.sessions.get_or_create(header.session_id)
         block = self.block
         tensor = tensor.to(block.device)
         if block.is_first:

@@ -57,5 +57,6 @@ async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bo
         await asyncio.wait_for(coordinator.node.ring.ready.wait(), ready_timeout)
         yield Swarm(registry, stage_nodes, coordinator, certs)
     finally:
-        for node in reversed(started):
+        # In ring order, so every node's inbound stream has ended before it stops serving.
+        for node in [*started[-1:], *started[1:-1], *started[:1]]:
             await node.stop()
