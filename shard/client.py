@@ -43,7 +43,7 @@ async def generate(
             reraise=True,
         ):
             with attempt:
-                async for response in stub.Generate(request, wait_for_ready=True):
+                async for response in stub.Generate(request, wait_for_ready=wait_ready_seconds > 0):
                     if response.HasField("delta"):
                         result.streamed_ids.extend(response.delta.ids)
                         if on_text and response.delta.text:

@@ -75,3 +75,22 @@ def shared_model_dir() -> Path | None:
     """The real TinyStories model at <repo>/../shared/models/tinystories-656k, if present."""
     path = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "tinystories-656k"
     return path if (path / "config.json").is_file() else None
+
+
+def build_demo_model(out_dir) -> Path:
+    """A tiny random llama with a byte-level tokenizer, so `shard up` has text to show
+    (gibberish) on a machine without the shared real model. Reused if already built."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    if (out / "tokenizer.json").is_file() and (out / "config.json").is_file():
+        return out
+    build_tiny_model("llama", out)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(out)
+    return out

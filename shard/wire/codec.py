@@ -55,9 +55,11 @@ def decode_tensor(payload: bytes) -> torch.Tensor:
     shape = list(message.shape)
     if len(shape) > MAX_RANK:
         raise CodecError(f"rank {len(shape)} exceeds {MAX_RANK}")
+    # Bound every dimension, zeros included: [0, 2**21, 2**21] holds nothing but its
+    # strides still overflow.
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise CodecError(f"shape {shape} exceeds {MAX_ELEMENTS} elements")
     elements = math.prod(shape)
-    if elements > MAX_ELEMENTS:
-        raise CodecError(f"{elements} elements exceed {MAX_ELEMENTS}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(message.data) != elements * itemsize:
         raise CodecError(

@@ -1,0 +1,131 @@
+"""Invariant 6: bad input gets a precise gRPC status and the services keep serving."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from shard.client import generate
+from shard.testing.reference import reference_greedy
+from shard.testing.swarm import inprocess_swarm
+from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.certs import create_deployment
+from shard.wire.codec import encode_tensor
+from shard.wire.tls import NodeTLS, open_channel
+
+CONTEXT = 512  # tinystories' max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def swarm(tinystories_dir, tmp_path_factory):
+    loop = asyncio.new_event_loop()
+    context = inprocess_swarm(tinystories_dir, 2, tmp_path_factory.mktemp("swarm"))
+    running = loop.run_until_complete(context.__aenter__())
+    running.run = loop.run_until_complete
+    yield running
+    loop.run_until_complete(context.__aexit__(None, None, None))
+    loop.close()
+
+
+def status_of(swarm, coroutine) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        swarm.run(coroutine)
+    return caught.value.code()
+
+
+def ask(swarm, request, tls=None):
+    return generate(swarm.coordinator.address, tls or swarm.tls(), request)
+
+
+@pytest.mark.parametrize("request_fields, needle", [
+    ({"prompt": ""}, "empty"),
+    ({}, "prompt"),
+    ({"prompt_ids": coordinator_pb2.TokenIds(ids=[1] * CONTEXT)}, "context"),
+    ({"prompt_ids": coordinator_pb2.TokenIds(ids=[1, 99999])}, "prompt_ids"),
+    ({"prompt": "Once", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Once", "max_tokens": CONTEXT}, "exceed the context"),
+])
+def test_bad_generate_requests_are_invalid_argument(swarm, request_fields, needle):
+    request = coordinator_pb2.GenerateRequest(**{"max_tokens": 8, **request_fields})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        swarm.run(ask(swarm, request))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in caught.value.details()
+
+
+async def _traverse(address, tls, frames):
+    async with open_channel(address, tls) as channel:
+        call = stage_pb2_grpc.StageStub(channel).Traverse(iter(frames))
+        return [ack async for ack in call]
+
+
+def _frame(session="s", start_pos=0, tensor=None, num_tokens=None, payload=None):
+    tensor = torch.tensor([1, 2, 3]) if tensor is None else tensor
+    header = frame_pb2.FrameHeader(session_id=session, start_pos=start_pos, kind=frame_pb2.FRAME_KIND_FORWARD,
+                                   num_tokens=num_tokens or tensor.shape[0], num_outputs=1)
+    return frame_pb2.Frame(header=header, payload=encode_tensor(tensor) if payload is None else payload)
+
+
+@pytest.mark.parametrize("frame", [
+    _frame(tensor=torch.randn(3, 128)),                 # hidden states into the first stage
+    _frame(tensor=torch.tensor([1, 2, 3]), num_tokens=4),  # header and payload disagree
+    _frame(tensor=torch.tensor([1, 2, 5000])),           # ids outside the vocabulary
+    _frame(payload=b"\x08\x05\x12\x01"),                 # not a tensor at all
+    _frame(tensor=torch.tensor([], dtype=torch.int64), num_tokens=0),
+], ids=["hidden-into-first", "count-mismatch", "out-of-vocab", "garbage", "empty"])
+def test_malformed_frames_are_invalid_argument(swarm, frame):
+    head = swarm.stages[0]
+    code = status_of(swarm, _traverse(head.address, swarm.tls("coordinator"), [frame]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_hidden_of_the_wrong_width_is_invalid_argument(swarm):
+    second = swarm.stages[1]
+    frame = _frame(tensor=torch.randn(3, 64))
+    code = status_of(swarm, _traverse(second.address, swarm.tls("stage-0"), [frame]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_only_the_upstream_may_push_frames(swarm):
+    second = swarm.stages[1]
+    frame = _frame(tensor=torch.randn(3, 128))
+    code = status_of(swarm, _traverse(second.address, swarm.tls("coordinator"), [frame]))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_unknown_session_is_not_found_and_never_created(swarm):
+    async def end_unknown():
+        async with open_channel(swarm.stages[0].address, swarm.tls("coordinator")) as channel:
+            await stage_pb2_grpc.StageStub(channel).EndSession(stage_pb2.EndSessionRequest(session_id="nope"))
+
+    assert status_of(swarm, end_unknown()) == grpc.StatusCode.NOT_FOUND
+    # A chunk that claims to continue a session the stage never saw is refused, not served.
+    swarm.run(_traverse(swarm.stages[0].address, swarm.tls("coordinator"), [_frame(session="ghost", start_pos=5)]))
+    swarm.run(asyncio.sleep(0.3))
+    assert all("ghost" not in {s.session_id for s in st.node.info().sessions} for st in swarm.stages)
+
+
+def test_clients_without_a_valid_certificate_are_refused(swarm, tmp_path):
+    request = coordinator_pb2.GenerateRequest(prompt="Once", max_tokens=4)
+    client = swarm.tls("client")
+
+    async def without_certificate():
+        credentials = grpc.ssl_channel_credentials(root_certificates=client.ca_pem)
+        async with grpc.aio.secure_channel(swarm.coordinator.address, credentials) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            return [r async for r in stub.Generate(request, timeout=10)]
+
+    assert status_of(swarm, without_certificate()) == grpc.StatusCode.UNAVAILABLE
+    create_deployment(tmp_path / "other", [("client", "client")])
+    stranger = NodeTLS.load(tmp_path / "other", "client")
+    assert status_of(swarm, ask(swarm, request, stranger)) == grpc.StatusCode.UNAVAILABLE
+    # A real certificate of the wrong role.
+    assert status_of(swarm, ask(swarm, request, swarm.tls("stage-1"))) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_still_serving_exactly_after_all_that(swarm, tinystories_dir):
+    prompt_ids = [1, 415, 1022, 264, 727]
+    request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=prompt_ids), max_tokens=24)
+    generation = swarm.run(ask(swarm, request))
+    assert list(generation.summary.output_ids) == reference_greedy(tinystories_dir, prompt_ids, 24)
