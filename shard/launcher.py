@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shard.wire.certs import create_deployment, local_nodes
+from shard.wire.certs import create_local_deployment
 from shard.wire.tls import NodeTLS
 
 
@@ -52,7 +52,7 @@ class LocalSwarm:
 
     def start(self) -> None:
         if not self.insecure:
-            create_deployment(self.certs, local_nodes(self.stages))
+            create_local_deployment(self.certs, self.stages)
         self.registry_address = self._spawn("registry", "registry", "--stages", str(self.stages))
         for index in range(self.stages):
             self.start_stage(f"stage-{index}", wait=False)

@@ -9,14 +9,14 @@ from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.wire.tls import NodeTLS
+from shard.config import node_secrets, node_tls
 
 log = logging.getLogger(__name__)
 
 
 async def start(args) -> RunningNode:
-    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
-    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls)
+    tls = node_tls(args)
+    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args))
     server, port = await start_server(
         args.listen, tls,
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),

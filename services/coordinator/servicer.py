@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import grpc
+
 from shard.node.coordinator import CoordinatorNode, GenerateError
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2
+from shard.wire.inbound import InboundError
 from shard.wire.tls import require_peer
 
 
@@ -21,9 +24,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Return(self, request_iterator, context):
         # Only the tail of the current plan may hand results back.
-        await require_peer(context, "stage", node_ids=[self.node.ring.tail_id] if self.node.ring.tail_id else None)
+        tail = self.node.ring.tail_id
+        peer = await require_peer(context, "stage", node_ids=[tail] if tail else None)
         async for frame in request_iterator:
-            self.node.ring.deliver(frame)
+            try:
+                self.node.ring.deliver(frame, peer.node_id if peer else None)
+            except InboundError as error:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}")
             yield frame_pb2.TraverseAck(session_id=frame.header.session_id,
                                         chunk_id=frame.header.chunk_id, counter=frame.header.counter)
 

@@ -11,7 +11,7 @@ from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
 from shard.v1 import registry_pb2, registry_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.wire.tls import NodeTLS
+from shard.config import node_tls
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def model_sizes(checkpoint: Checkpoint) -> ModelSizes:
 
 
 async def start(args) -> RunningNode:
-    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
+    tls = node_tls(args)
     checkpoint = Checkpoint.open(args.model)
     state = RegistryState(sizes=model_sizes(checkpoint), model_fingerprint=checkpoint.fingerprint,
                           min_stages=args.stages, lease_seconds=args.lease_seconds)

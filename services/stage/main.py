@@ -11,14 +11,14 @@ from shard.node.resources import default_memory_budget, device_identity
 from shard.node.stage import StageNode
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.wire.tls import NodeTLS
+from shard.config import node_secrets, node_tls
 
 log = logging.getLogger(__name__)
 
 
 async def start(args) -> RunningNode:
-    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
-    node = StageNode(node_id=args.node_id, model_dir=args.model, tls=tls, device=args.device,
+    tls = node_tls(args)
+    node = StageNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args), device=args.device,
                      dtype=args.dtype, max_sessions=args.max_sessions, progress=not args.quiet)
     server, port = await start_server(
         args.listen, tls,

@@ -16,9 +16,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def Traverse(self, request_iterator, context):
         peer = await require_peer(context, "coordinator", "stage")
         try:
-            self.node.check_upstream(peer.node_id if peer else None)
+            peer_id = peer.node_id if peer else None
+            self.node.check_upstream(peer_id)
             async for frame in request_iterator:
-                self.node.accept(frame)
+                self.node.accept(frame, peer_id)
                 header = frame.header
                 yield frame_pb2.TraverseAck(
                     session_id=header.session_id, chunk_id=header.chunk_id, counter=header.counter)

@@ -76,7 +76,8 @@ class Prepared:
 
 
 class CoordinatorNode:
-    def __init__(self, *, node_id: str, model_dir: str, tls: NodeTLS | None, chunk_timeout: float = 120.0):
+    def __init__(self, *, node_id: str, model_dir: str, tls: NodeTLS | None, secrets: list[bytes] | None,
+                 chunk_timeout: float = 120.0):
         self.node_id = node_id
         path = Path(model_dir)
         self.config = AutoConfig.from_pretrained(path)
@@ -84,7 +85,7 @@ class CoordinatorNode:
         self.tokenizer = _load_tokenizer(path)
         self.eos_ids = _eos_ids(path, self.config)
         self.context_length = getattr(self.config, "max_position_embeddings", None) or 1 << 20
-        self.ring = Ring(node_id, tls, chunk_timeout=chunk_timeout)
+        self.ring = Ring(node_id, tls, secrets, chunk_timeout=chunk_timeout)
         self.active_sessions = 0
 
     def prepare(self, request: coordinator_pb2.GenerateRequest) -> Prepared:

@@ -13,6 +13,7 @@ import torch
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.codec import CodecError, decode_tensor, encode_tensor
 from shard.wire.edge import Edge
+from shard.wire.inbound import Inbound
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ class RingError(Exception):
 
 
 class Ring:
-    def __init__(self, node_id: str, tls: NodeTLS | None, *, chunk_timeout: float = 120.0):
+    def __init__(self, node_id: str, tls: NodeTLS | None, secrets: list[bytes] | None, *,
+                 chunk_timeout: float = 120.0):
         self.node_id, self._tls, self._chunk_timeout = node_id, tls, chunk_timeout
+        self._secret = secrets[0] if secrets else None
+        self.inbound = Inbound(node_id, secrets)
         self.plan: registry_pb2.Plan | None = None
         self._head: Edge | None = None
         self._stage_stubs: dict[str, stage_pb2_grpc.StageStub] = {}
@@ -50,7 +54,8 @@ class Ring:
         if old_head != (head.node_id, head.address):
             if self._head is not None:
                 await self._head.close()
-            self._head = Edge(sender=self.node_id, receiver=head.node_id, address=head.address, tls=self._tls)
+            self._head = Edge(sender=self.node_id, receiver=head.node_id, address=head.address,
+                              tls=self._tls, secret=self._secret)
         for stage in plan.stages:
             if stage.node_id not in self._stage_stubs:
                 channel = open_channel(stage.address, self._tls)
@@ -101,11 +106,13 @@ class Ring:
         except CodecError as error:
             raise RingError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
 
-    def deliver(self, frame: frame_pb2.Frame) -> None:
-        """A frame from the tail: resolve the chunk waiting for it, if any still is."""
+    def deliver(self, frame: frame_pb2.Frame, peer_id: str | None) -> None:
+        """A frame from the tail: open it and resolve the chunk waiting for it, if any
+        still is. Raises InboundError for a frame that fails to open."""
+        payload = self.inbound.open(frame, peer_id)
         future = self._pending.get((frame.header.session_id, frame.header.chunk_id))
         if future is not None and not future.done():
-            future.set_result(frame)
+            future.set_result(frame_pb2.Frame(header=frame.header, payload=payload))
 
     def forget(self, session_id: str) -> None:
         for key in [k for k in self._pending if k[0] == session_id]:

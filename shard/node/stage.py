@@ -23,6 +23,7 @@ from shard.node.sessions import SessionStore, TooManySessions
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, decode_tensor, encode_tensor
 from shard.wire.edge import Edge, EdgeBroken
+from shard.wire.inbound import Inbound, InboundError
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class StageNode:
         node_id: str,
         model_dir: str,
         tls: NodeTLS | None,
+        secrets: list[bytes] | None,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         max_sessions: int = 64,
@@ -99,6 +101,8 @@ class StageNode:
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
         self._model_dir, self._tls, self._device, self._dtype = model_dir, tls, device, dtype
+        self._secret = secrets[0] if secrets else None
+        self.inbound = Inbound(node_id, secrets)
         self._max_sessions, self._idle_seconds, self._progress = max_sessions, idle_seconds, progress
         self.block: Block | None = None
         self.assignment: Assignment | None = None
@@ -137,7 +141,8 @@ class StageNode:
                 await self._downstream.close()
             self._downstream = Edge(
                 sender=self.node_id, receiver=assignment.downstream_id,
-                address=assignment.downstream_address, tls=self._tls, to_coordinator=assignment.last)
+                address=assignment.downstream_address, tls=self._tls, secret=self._secret,
+                to_coordinator=assignment.last)
         self.assignment = assignment
         return True
 
@@ -155,19 +160,24 @@ class StageNode:
                                 f"{node_id} is not the upstream of {self.node_id} "
                                 f"(expected {self.assignment.upstream_id})")
 
-    def accept(self, frame: frame_pb2.Frame) -> None:
-        """Validate a frame and queue it; raises FrameRejected for a malformed one."""
+    def accept(self, frame: frame_pb2.Frame, peer_id: str | None) -> None:
+        """Open, validate and queue a frame from `peer_id`; raises FrameRejected for a
+        forged or malformed one."""
         header = frame.header
         if self.block is None:
             raise FrameRejected(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
+        try:
+            payload = self.inbound.open(frame, peer_id)
+        except InboundError as error:
+            raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}") from None
         if not header.session_id:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
         if header.kind == K.FRAME_KIND_FORWARD:
-            body = self._validated_input(header, frame.payload)
+            body = self._validated_input(header, payload)
         elif header.kind == K.FRAME_KIND_END:
             body = None
         elif header.kind == K.FRAME_KIND_ERROR:
-            body = frame.payload
+            body = payload
         else:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")

@@ -10,7 +10,9 @@ from shard.model.block import Block
 class LocalChain:
     def __init__(self, model_dir, bounds: list[tuple[int, int]], **load_kwargs):
         load_kwargs.setdefault("progress", False)
-        self.blocks = [Block.load(model_dir, start, end, **load_kwargs) for start, end in bounds]
+        last = len(bounds) - 1
+        self.blocks = [Block.load(model_dir, start, end, first=i == 0, last=i == last, **load_kwargs)
+                       for i, (start, end) in enumerate(bounds)]
         self.caches = [block.new_cache() for block in self.blocks]
 
     def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1) -> list[int]:

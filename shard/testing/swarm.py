@@ -12,7 +12,7 @@ from services.coordinator import main as coordinator_main
 from services.registry import main as registry_main
 from services.stage import main as stage_main
 from shard.cli import parser
-from shard.wire.certs import create_deployment, local_nodes
+from shard.wire.certs import create_local_deployment
 from shard.wire.server import RunningNode
 from shard.wire.tls import NodeTLS
 
@@ -39,7 +39,7 @@ async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bo
                           memory_budgets: list[str] | None = None, ready_timeout: float = 60.0):
     certs = None if insecure else workdir / "certs"
     if certs:
-        create_deployment(certs, local_nodes(stages))
+        create_local_deployment(certs, stages)
     started: list[RunningNode] = []
     try:
         registry = await registry_main.start(_args("registry", model_dir, "registry", certs, "--stages", str(stages)))

@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES = ("registry", "coordinator", "stage", "client")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+SECRET_FILE = "deployment.secret"  # the AEAD layer's secret, beside the certificates
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 
@@ -189,6 +190,22 @@ def create_deployment(
         issue(d, role=n.role, node_id=n.node_id, hosts=hosts)
 
 
+def create_local_deployment(directory, stages: int, hosts=None) -> list[Path]:
+    """Certificates for a one-machine swarm plus its deployment secret, if absent; returns
+    what was written."""
+    from shard.wire.seal import write_secret
+
+    d = Path(directory)
+    written = [] if (d / CA_CERT).exists() else [d / CA_CERT, d / CA_KEY]
+    nodes = local_nodes(stages)
+    create_deployment(d, nodes, hosts=hosts)
+    written += [d / f"{node_id}{suffix}" for _, node_id in nodes for suffix in (".pem", ".key")]
+    if not (d / SECRET_FILE).exists():
+        write_secret(d / SECRET_FILE)
+        written.append(d / SECRET_FILE)
+    return written
+
+
 def local_nodes(stages: int) -> list[tuple[str, str]]:
     """The nodes of a single-machine deployment with ``stages`` stages."""
     return [
@@ -213,7 +230,11 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--host", action="append", dest="hosts", metavar="HOST",
                    help="DNS name or IP the node is reached at (repeatable; "
                    "default: localhost and 127.0.0.1)")
-    p = sub.add_parser("local", help="CA + registry, coordinator, N stages and a client")
+    p = sub.add_parser("secret", help="a new deployment secret for the AEAD layer (to roll one, write a "
+                       "new file and give nodes both, newest first)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--force", action="store_true", help="replace an existing secret file")
+    p = sub.add_parser("local", help="CA + registry, coordinator, N stages, a client and a secret")
     p.add_argument("dir", type=Path)
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--host", action="append", dest="hosts", metavar="HOST")
@@ -227,13 +248,13 @@ def cli(argv: list[str] | None = None) -> int:
             written = [args.dir / CA_CERT, args.dir / CA_KEY]
         elif args.command == "issue":
             written = list(issue(args.dir, role=args.role, node_id=args.node_id, hosts=args.hosts))
+        elif args.command == "secret":
+            from shard.wire.seal import write_secret
+
+            write_secret(args.file, overwrite=args.force)
+            written = [args.file]
         else:
-            had_ca = (args.dir / CA_CERT).exists()
-            nodes = local_nodes(args.stages)
-            create_deployment(args.dir, nodes, hosts=args.hosts)
-            written = [] if had_ca else [args.dir / CA_CERT, args.dir / CA_KEY]
-            for _, node_id in nodes:
-                written += [args.dir / f"{node_id}.pem", args.dir / f"{node_id}.key"]
+            written = create_local_deployment(args.dir, args.stages, hosts=args.hosts)
     except (OSError, ValueError) as e:
         print(f"shard certs: error: {e}", file=sys.stderr)
         return 1

@@ -1,22 +1,32 @@
 """A long-lived outbound stream from one node to the next on the ring.
 
-The edge owns what is per-edge on the wire: the sender and receiver ids and the strictly
-increasing frame counter. If the stream breaks it is re-opened with backoff (tenacity);
-frames lost with a broken stream are the sender's concern (the coordinator re-drives
-its sessions)."""
+The edge owns what is per-edge on the wire: the sender and receiver ids, the frame
+counter (the AEAD nonce) and the sealing. Each stream it opens is a fresh sealed stream
+(new stream id, counter from 1). Frames are kept until the receiver acknowledges them;
+if the stream breaks (network, restart, a frame the receiver refused) the edge re-opens
+it with backoff (tenacity) and sends the unacknowledged frames again. Re-sending is safe
+because chunks carry absolute positions: a chunk computed twice gives the same result."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from shard.v1 import coordinator_pb2_grpc, frame_pb2, stage_pb2_grpc
+from shard.wire.seal import EdgeSealer
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)
+
+_BROKEN = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
+# Statuses that mean "this frame will never be taken", as opposed to a broken connection
+# or a stream the receiver retired (UNAUTHENTICATED), after which a resend succeeds.
+_REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                      grpc.StatusCode.FAILED_PRECONDITION})
 
 
 class EdgeBroken(ConnectionError):
@@ -31,61 +41,107 @@ class Edge:
         receiver: str,
         address: str,
         tls: NodeTLS | None,
+        secret: bytes | None,
         to_coordinator: bool = False,
         retry_seconds: float = 10.0,
     ):
         self.sender, self.receiver, self.address = sender, receiver, address
-        self._tls = tls
+        self._tls, self._secret = tls, secret
         self._to_coordinator = to_coordinator
         self._retry_seconds = retry_seconds
         self._lock = asyncio.Lock()
         self._channel: grpc.aio.Channel | None = None
         self._call = None
         self._reader: asyncio.Task | None = None
+        self._sealer: EdgeSealer | None = None
         self._counter = 0
+        self._unacked: deque[frame_pb2.Frame] = deque()
         self.frames_sent = 0
+        self.reconnects = 0
 
     async def send(self, frame: frame_pb2.Frame) -> None:
+        """Queue `frame` (plaintext payload) on the edge; it is sealed per stream."""
         async with self._lock:
-            try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type((grpc.aio.AioRpcError, asyncio.InvalidStateError)),
-                    wait=wait_exponential(multiplier=0.05, max=1.0),
-                    stop=stop_after_delay(self._retry_seconds),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await self._write(frame)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
-                raise EdgeBroken(f"edge {self.sender} -> {self.receiver} at {self.address}: {error}") from error
+            self._unacked.append(frame)
+            if self._call is not None and not self._call.done():
+                try:
+                    await self._write(frame)
+                    return
+                except _BROKEN:
+                    pass
+            await self._reopen_with_retries()  # sends every unacknowledged frame, this one too
 
     async def _write(self, frame: frame_pb2.Frame) -> None:
-        if self._call is None or self._call.done():
-            await self._open()
         self._counter += 1
-        header = frame.header
+        header = frame_pb2.FrameHeader()
+        header.CopyFrom(frame.header)
         header.sender, header.receiver, header.counter = self.sender, self.receiver, self._counter
-        await self._call.write(frame)
+        payload = self._sealer.seal(header, frame.payload) if self._sealer else frame.payload
+        await self._call.write(frame_pb2.Frame(header=header, payload=payload))
         self.frames_sent += 1
 
-    async def _open(self) -> None:
+    async def _reopen(self) -> None:
+        if self._call is not None:
+            self.reconnects += 1
+            log.info("re-opening edge %s -> %s with %d unacknowledged frames",
+                     self.sender, self.receiver, len(self._unacked))
         await self._close_call()
         if self._channel is None:
             self._channel = open_channel(self.address, self._tls)
         if self._to_coordinator:
-            self._call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return(wait_for_ready=True)
+            call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return(wait_for_ready=True)
         else:
-            self._call = stage_pb2_grpc.StageStub(self._channel).Traverse(wait_for_ready=True)
-        self._reader = asyncio.create_task(self._drain_acks(self._call))
+            call = stage_pb2_grpc.StageStub(self._channel).Traverse(wait_for_ready=True)
+        self._call, self._counter = call, 0
+        self._sealer = EdgeSealer(self._secret, self.sender, self.receiver) if self._secret else None
+        self._reader = asyncio.create_task(self._read_acks(call))
+        for frame in list(self._unacked):
+            await self._write(frame)
 
-    async def _drain_acks(self, call) -> None:
+    async def _read_acks(self, call) -> None:
         try:
             async for _ in call:
-                pass
+                # Acks come in order, one per frame taken in.
+                if self._unacked and self._call is call:
+                    self._unacked.popleft()
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
-                            error.code().name, error.details())
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return
+            log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
+                        error.code().name, error.details())
+            if error.code() in _REFUSED and self._unacked and self._call is call:
+                # The receiver refused the first frame it had not acknowledged: sending it
+                # again would be refused again. The chunk's owner learns by its timeout.
+                dropped = self._unacked.popleft()
+                log.warning("dropped a refused frame of session %s", dropped.header.session_id)
+            if self._unacked and self._call is call:
+                asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Re-open a broken stream that still has frames in flight, without waiting for
+        the next send."""
+        async with self._lock:
+            if self._unacked and (self._call is None or self._call.done()):
+                try:
+                    await self._reopen_with_retries()
+                except EdgeBroken as error:
+                    log.warning("%s", error)
+
+    async def _reopen_with_retries(self) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_BROKEN),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                stop=stop_after_delay(self._retry_seconds),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._reopen()
+        except _BROKEN as error:
+            lost = len(self._unacked)
+            self._unacked.clear()
+            raise EdgeBroken(f"edge {self.sender} -> {self.receiver} at {self.address} lost "
+                             f"{lost} frames: {error}") from error
 
     async def _close_call(self) -> None:
         if self._call is not None:

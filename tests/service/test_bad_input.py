@@ -10,8 +10,9 @@ from shard.client import generate
 from shard.testing.reference import reference_greedy
 from shard.testing.swarm import inprocess_swarm
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2, stage_pb2, stage_pb2_grpc
-from shard.wire.certs import create_deployment
+from shard.wire.certs import SECRET_FILE, create_deployment
 from shard.wire.codec import encode_tensor
+from shard.wire.seal import EdgeSealer, load_secret
 from shard.wire.tls import NodeTLS, open_channel
 
 CONTEXT = 512  # tinystories' max_position_embeddings
@@ -54,9 +55,23 @@ def test_bad_generate_requests_are_invalid_argument(swarm, request_fields, needl
     assert needle in caught.value.details()
 
 
-async def _traverse(address, tls, frames):
-    async with open_channel(address, tls) as channel:
-        call = stage_pb2_grpc.StageStub(channel).Traverse(iter(frames))
+def sealed(swarm, frames, sender, receiver):
+    """Frames as `sender`'s edge would put them on the wire: addressed, counted, sealed."""
+    sealer = EdgeSealer(load_secret(swarm.certs / SECRET_FILE), sender, receiver)
+    out = []
+    for counter, frame in enumerate(frames, start=1):
+        header = frame_pb2.FrameHeader()
+        header.CopyFrom(frame.header)
+        header.sender, header.receiver, header.counter = sender, receiver, counter
+        out.append(frame_pb2.Frame(header=header, payload=sealer.seal(header, frame.payload)))
+    return out
+
+
+async def _traverse(swarm, sender, receiver_index, frames):
+    receiver = swarm.stages[receiver_index]
+    async with open_channel(receiver.address, swarm.tls(sender)) as channel:
+        call = stage_pb2_grpc.StageStub(channel).Traverse(
+            iter(sealed(swarm, frames, sender, receiver.node.node_id)))
         return [ack async for ack in call]
 
 
@@ -75,22 +90,19 @@ def _frame(session="s", start_pos=0, tensor=None, num_tokens=None, payload=None)
     _frame(tensor=torch.tensor([], dtype=torch.int64), num_tokens=0),
 ], ids=["hidden-into-first", "count-mismatch", "out-of-vocab", "garbage", "empty"])
 def test_malformed_frames_are_invalid_argument(swarm, frame):
-    head = swarm.stages[0]
-    code = status_of(swarm, _traverse(head.address, swarm.tls("coordinator"), [frame]))
+    code = status_of(swarm, _traverse(swarm, "coordinator", 0, [frame]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_hidden_of_the_wrong_width_is_invalid_argument(swarm):
-    second = swarm.stages[1]
     frame = _frame(tensor=torch.randn(3, 64))
-    code = status_of(swarm, _traverse(second.address, swarm.tls("stage-0"), [frame]))
+    code = status_of(swarm, _traverse(swarm, "stage-0", 1, [frame]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_only_the_upstream_may_push_frames(swarm):
-    second = swarm.stages[1]
     frame = _frame(tensor=torch.randn(3, 128))
-    code = status_of(swarm, _traverse(second.address, swarm.tls("coordinator"), [frame]))
+    code = status_of(swarm, _traverse(swarm, "coordinator", 1, [frame]))
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -101,7 +113,7 @@ def test_unknown_session_is_not_found_and_never_created(swarm):
 
     assert status_of(swarm, end_unknown()) == grpc.StatusCode.NOT_FOUND
     # A chunk that claims to continue a session the stage never saw is refused, not served.
-    swarm.run(_traverse(swarm.stages[0].address, swarm.tls("coordinator"), [_frame(session="ghost", start_pos=5)]))
+    swarm.run(_traverse(swarm, "coordinator", 0, [_frame(session="ghost", start_pos=5)]))
     swarm.run(asyncio.sleep(0.3))
     assert all("ghost" not in {s.session_id for s in st.node.info().sessions} for st in swarm.stages)
 

@@ -104,8 +104,9 @@ def test_cli_local_writes_a_whole_deployment(tmp_path, capsys):
     d = tmp_path / "certs"
     assert cli(["local", str(d), "--stages", "2"]) == 0
     nodes = ["registry", "coordinator", "stage-0", "stage-1", "client"]
-    expected = {"ca.pem", "ca.key"} | {f"{n}.{ext}" for n in nodes for ext in ("pem", "key")}
+    expected = {"ca.pem", "ca.key", "deployment.secret"} | {f"{n}.{ext}" for n in nodes for ext in ("pem", "key")}
     assert {p.name for p in d.iterdir()} == expected  # no temp files left behind
+    assert (d / "deployment.secret").stat().st_mode & 0o777 == 0o600
     assert identity_from_pem((d / "stage-1.pem").read_bytes()) == Identity("stage", "stage-1")
     assert identity_from_pem((d / "client.pem").read_bytes()) == Identity("client", "client")
     out = capsys.readouterr().out
