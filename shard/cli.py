@@ -43,7 +43,7 @@ def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> N
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC, no mTLS (testing only)")
     if role != "registry":
         parser.add_argument("--secret", action="append", metavar="FILE",
-                            help="deployment secret for sealing payloads (repeat, newest first, to rotate; "
+                            help="deployment secret file; repeat to roll a new one: the first seals, any opens ("
                                  "default: <certs>/deployment.secret)")
     parser.add_argument("--listen", default="0.0.0.0:0", help="address to bind (port 0: any free port)")
     parser.add_argument("--advertise-host", default="127.0.0.1", help="host other nodes dial to reach this one")

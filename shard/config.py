@@ -15,7 +15,8 @@ def node_tls(args) -> NodeTLS | None:
 
 
 def node_secrets(args) -> list[bytes] | None:
-    """Deployment secrets for the AEAD layer, newest first (several while rotating).
+    """Deployment secrets for the AEAD layer: the node seals with the first and opens
+    frames sealed with any (several while a new secret is rolled out).
     From --secret files, else <certs>/deployment.secret. Without one the payloads travel
     unsealed, which only --insecure allows."""
     paths = list(args.secret or [])

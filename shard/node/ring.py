@@ -34,7 +34,7 @@ class Ring:
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
         self.plan: registry_pb2.Plan | None = None
-        self._head: Edge | None = None
+        self.head_edge: Edge | None = None
         self._stage_stubs: dict[str, stage_pb2_grpc.StageStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -52,9 +52,9 @@ class Ring:
             return
         head = plan.stages[0]
         if old_head != (head.node_id, head.address):
-            if self._head is not None:
-                await self._head.close()
-            self._head = Edge(sender=self.node_id, receiver=head.node_id, address=head.address,
+            if self.head_edge is not None:
+                await self.head_edge.close()
+            self.head_edge = Edge(sender=self.node_id, receiver=head.node_id, address=head.address,
                               tls=self._tls, secret=self._secret)
         for stage in plan.stages:
             if stage.node_id not in self._stage_stubs:
@@ -75,7 +75,7 @@ class Ring:
 
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
                      tokens: list[int], num_outputs: int) -> asyncio.Future:
-        if self._head is None:
+        if self.head_edge is None:
             raise RingError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
         key = (session_id, chunk_id)
         future = self._pending[key] = asyncio.get_running_loop().create_future()
@@ -84,7 +84,7 @@ class Ring:
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
         payload = encode_tensor(torch.tensor(tokens, dtype=torch.int64))
         try:
-            await self._head.send(frame_pb2.Frame(header=header, payload=payload))
+            await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
             self._pending.pop(key, None)
             raise RingError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
@@ -122,11 +122,11 @@ class Ring:
     async def end_session(self, session_id: str) -> None:
         """Free the session's KV cache at every stage (the END frame follows its chunks)."""
         self.forget(session_id)
-        if self._head is None:
+        if self.head_edge is None:
             return
         header = frame_pb2.FrameHeader(session_id=session_id, kind=frame_pb2.FRAME_KIND_END)
         try:
-            await self._head.send(frame_pb2.Frame(header=header))
+            await self.head_edge.send(frame_pb2.Frame(header=header))
         except ConnectionError as error:
             log.warning("could not end session %s: %s (stages free it when idle)", session_id, error)
 
@@ -139,8 +139,8 @@ class Ring:
         return sum(r.frames_dropped for r in replies if isinstance(r, stage_pb2.CancelEpochReply))
 
     async def close(self) -> None:
-        if self._head is not None:
-            await self._head.close()
+        if self.head_edge is not None:
+            await self.head_edge.close()
         for channel in self._channels:
             await channel.close()
 

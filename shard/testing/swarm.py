@@ -28,17 +28,21 @@ class Swarm:
         return NodeTLS.load(self.certs, node_id) if self.certs else None
 
 
-def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str):
+def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str, secrets=()):
     argv = [command, "--model", str(model_dir), "--node-id", node_id, "--listen", "127.0.0.1:0", *extra]
     argv += ["--certs", str(certs)] if certs else ["--insecure"]
+    argv += [f"--secret={path}" for path in secrets]
     return parser().parse_args(argv)
 
 
 @asynccontextmanager
 async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bool = False,
+                          certs: Path | None = None, secrets: dict[str, list[Path]] | None = None,
                           memory_budgets: list[str] | None = None, ready_timeout: float = 60.0):
-    certs = None if insecure else workdir / "certs"
-    if certs:
+    """`secrets` maps node ids to their --secret files (default: the one beside the certs)."""
+    secrets = secrets or {}
+    if certs is None and not insecure:
+        certs = workdir / "certs"
         create_local_deployment(certs, stages)
     started: list[RunningNode] = []
     try:
@@ -49,10 +53,13 @@ async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bo
             extra = ["--registry", registry.address, "--quiet", "--device", "cpu"]
             if memory_budgets:
                 extra += ["--memory-budget", memory_budgets[index]]
-            stage_nodes.append(await stage_main.start(_args("stage", model_dir, f"stage-{index}", certs, *extra)))
+            node_id = f"stage-{index}"
+            stage_nodes.append(await stage_main.start(
+                _args("stage", model_dir, node_id, certs, *extra, secrets=secrets.get(node_id, ()))))
             started.append(stage_nodes[-1])
         coordinator = await coordinator_main.start(
-            _args("coordinator", model_dir, "coordinator", certs, "--registry", registry.address))
+            _args("coordinator", model_dir, "coordinator", certs, "--registry", registry.address,
+                  secrets=secrets.get("coordinator", ())))
         started.append(coordinator)
         await asyncio.wait_for(coordinator.node.ring.ready.wait(), ready_timeout)
         yield Swarm(registry, stage_nodes, coordinator, certs)

@@ -27,6 +27,7 @@ _BROKEN = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 # or a stream the receiver retired (UNAUTHENTICATED), after which a resend succeeds.
 _REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                       grpc.StatusCode.FAILED_PRECONDITION})
+_MAX_REJECTIONS = 3
 
 
 class EdgeBroken(ConnectionError):
@@ -56,6 +57,7 @@ class Edge:
         self._sealer: EdgeSealer | None = None
         self._counter = 0
         self._unacked: deque[frame_pb2.Frame] = deque()
+        self._rejections_in_a_row = 0
         self.frames_sent = 0
         self.reconnects = 0
 
@@ -104,12 +106,19 @@ class Edge:
                 # Acks come in order, one per frame taken in.
                 if self._unacked and self._call is call:
                     self._unacked.popleft()
+                    self._rejections_in_a_row = 0
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED:
                 return
             log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
                         error.code().name, error.details())
-            if error.code() in _REFUSED and self._unacked and self._call is call:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._rejections_in_a_row += 1
+            # A stream the receiver retired is fixed by a fresh stream; a frame refused
+            # on fresh streams again and again (e.g. sealed with a secret the receiver
+            # no longer holds) is refused for good.
+            refused = error.code() in _REFUSED or self._rejections_in_a_row >= _MAX_REJECTIONS
+            if refused and self._unacked and self._call is call:
                 # The receiver refused the first frame it had not acknowledged: sending it
                 # again would be refused again. The chunk's owner learns by its timeout.
                 dropped = self._unacked.popleft()
