@@ -9,6 +9,7 @@ import logging
 import sys
 
 import torch
+from google.protobuf.json_format import MessageToDict
 
 from shard.v1 import coordinator_pb2
 
@@ -77,12 +78,16 @@ def parser() -> argparse.ArgumentParser:
 
     coordinator = commands.add_parser("coordinator", help="run the coordinator (public Generate API)")
     _node_args(coordinator, "coordinator", "coordinator")
+    _speculation_args(coordinator, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
+                      "target's tokenizer (repeat for several; the first is the default)")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", required=True, help="coordinator address host:port")
     generate.add_argument("--certs", help="folder with ca.pem and the client's certificate")
     generate.add_argument("--node-id", default="client")
     generate.add_argument("--insecure", action="store_true")
+    _speculation_args(generate, drafts_help="which of the coordinator's drafts to use: 'ngram', 'none' "
+                      "or the folder it was started with")
     _request_args(generate)
 
     up = commands.add_parser("up", help="start a whole local swarm, generate, shut it down")
@@ -90,8 +95,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, default=2)
     up.add_argument("--insecure", action="store_true", help="plaintext gRPC between the local processes")
     up.add_argument("--dtype", choices=_DTYPES, default="auto")
+    _speculation_args(up, drafts_help="draft for the coordinator: 'ngram' or a model folder")
     _request_args(up)
     return parser
+
+
+def _speculation_args(parser: argparse.ArgumentParser, drafts_help: str) -> None:
+    parser.add_argument("--draft", action="append", default=[], help=drafts_help)
+    parser.add_argument("--spec-k", type=int, help="draft tokens per verify chunk (0: plain decode)")
+    parser.add_argument("--in-flight", type=int, help="verify chunks kept in flight (1: synchronous)")
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +116,12 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_request(args) -> coordinator_pb2.GenerateRequest:
-    request = coordinator_pb2.GenerateRequest(max_tokens=max(args.max_tokens, 0), stop_at_eos=not args.ignore_eos)
+    request = coordinator_pb2.GenerateRequest(max_tokens=max(args.max_tokens, 0), stop_at_eos=not args.ignore_eos,
+                                              draft=args.draft[0] if args.draft else "")
+    if args.spec_k is not None:
+        request.spec_k = args.spec_k
+    if args.in_flight is not None:
+        request.in_flight = args.in_flight
     if args.prompt_ids:
         request.prompt_ids.ids.extend(int(i) for i in args.prompt_ids.split(","))
     elif args.chat:
@@ -117,15 +134,17 @@ def build_request(args) -> coordinator_pb2.GenerateRequest:
 def print_generation(generation, as_json: bool) -> None:
     summary = generation.summary
     if as_json:
-        print(json.dumps({
-            "prompt_ids": list(summary.prompt_ids), "output_ids": list(summary.output_ids),
-            "text": summary.text, "finish_reason": coordinator_pb2.FinishReason.Name(summary.finish_reason),
-            "tokens": summary.tokens, "seconds": round(summary.seconds, 4),
-            "tokens_per_second": round(summary.tokens_per_second, 2), "traversals": summary.traversals,
-        }))
+        fields = MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        fields["finish_reason"] = coordinator_pb2.FinishReason.Name(summary.finish_reason)
+        print(json.dumps(fields))
     else:
         print(file=sys.stderr)
-        print(f"[{summary.tokens} tokens in {summary.seconds:.2f} s, {summary.tokens_per_second:.1f} tok/s, "
+        print(f"[{summary.tokens} tokens in {summary.seconds:.2f} s: {summary.tokens_per_second:.1f} tok/s, "
+              f"K={summary.spec_k} W={summary.in_flight}, acceptance {summary.acceptance_rate:.2f}, "
+              f"{summary.tokens_per_traversal:.2f} tokens per traversal, chunks sent/wasted/cancelled "
+              f"{summary.chunks_sent}/{summary.chunks_wasted}/{summary.chunks_cancelled}; time draft "
+              f"{summary.draft_seconds:.2f} s, ring {summary.ring_seconds:.2f} s, coordinator "
+              f"{summary.coordinator_seconds:.2f} s; "
               f"{coordinator_pb2.FinishReason.Name(summary.finish_reason)}]", file=sys.stderr)
 
 

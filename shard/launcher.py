@@ -23,12 +23,13 @@ class SwarmError(RuntimeError):
 class LocalSwarm:
     def __init__(self, model_dir: str | Path, stages: int, *, workdir: str | Path | None = None,
                  insecure: bool = False, dtype: str = "auto", logs_to_files: bool = False,
-                 start_timeout: float = 120.0):
+                 coordinator_args: list[str] = (), start_timeout: float = 120.0):
         self.model_dir, self.stages = str(model_dir), stages
         self._owned_tmp = None if workdir else tempfile.TemporaryDirectory(prefix="shard-")
         self.workdir = Path(workdir or self._owned_tmp.name)
         self.insecure, self.dtype = insecure, dtype
         self._logs_to_files, self._start_timeout = logs_to_files, start_timeout
+        self._coordinator_args = list(coordinator_args)
         self.processes: dict[str, subprocess.Popen] = {}
         self.registry_address = self.coordinator_address = ""
 
@@ -56,7 +57,8 @@ class LocalSwarm:
         self.registry_address = self._spawn("registry", "registry", "--stages", str(self.stages))
         for index in range(self.stages):
             self.start_stage(f"stage-{index}", wait=False)
-        self.coordinator_address = self._spawn("coordinator", "coordinator", "--registry", self.registry_address)
+        self.coordinator_address = self._spawn("coordinator", "coordinator", "--registry", self.registry_address,
+                                               *self._coordinator_args)
         for index in range(self.stages):
             self._wait_address(f"stage-{index}")
 
@@ -134,7 +136,11 @@ def up(args) -> int:
     from shard.client import generate
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    with LocalSwarm(model_dir, args.stages, insecure=args.insecure, dtype=args.dtype) as swarm:
+    speculation = [f"--draft={draft}" for draft in args.draft]
+    speculation += [] if args.spec_k is None else [f"--spec-k={args.spec_k}"]
+    speculation += [] if args.in_flight is None else [f"--in-flight={args.in_flight}"]
+    with LocalSwarm(model_dir, args.stages, insecure=args.insecure, dtype=args.dtype,
+                    coordinator_args=speculation) as swarm:
         on_text = None if args.json else (lambda text: print(text, end="", flush=True))
         if not args.json:
             print(args.prompt, end="", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from services.coordinator.servicer import CoordinatorServicer
+from shard.decode.draft import DraftMismatch, load_draft
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
@@ -16,7 +17,13 @@ log = logging.getLogger(__name__)
 
 async def start(args) -> RunningNode:
     tls = node_tls(args)
-    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args))
+    try:
+        drafts = [load_draft(spec, args.model) for spec in args.draft]
+    except DraftMismatch as error:
+        raise SystemExit(f"shard coordinator: {error}") from None
+    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args),
+                           drafts=drafts, spec_k=4 if args.spec_k is None else args.spec_k,
+                           in_flight=4 if args.in_flight is None else args.in_flight)
     server, port = await start_server(
         args.listen, tls,
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),

@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -16,7 +17,8 @@ from typing import AsyncIterator
 import grpc
 from transformers import AutoConfig, AutoTokenizer
 
-from shard.decode.plain import Finish, plain_decode
+from shard.decode.draft import Draft, NgramDraft
+from shard.decode.speculative import Finish, decode
 from shard.model.checkpoint import config_fingerprint
 from shard.node.ring import Ring, RingError
 from shard.v1 import coordinator_pb2
@@ -68,17 +70,49 @@ class TextStream:
         return delta
 
 
+MAX_SPEC_K = 64
+MAX_IN_FLIGHT = 64
+
+
 @dataclass
 class Prepared:
     prompt_ids: list[int]
     max_tokens: int
     stop_at_eos: bool
+    draft: Draft | None
+    spec_k: int
+    in_flight: int
+
+
+class SessionRing:
+    """The driver's view of the ring for one session: chunk ids, futures, cancellation."""
+
+    def __init__(self, ring: Ring, session_id: str):
+        self._ring, self._session_id = ring, session_id
+        self._chunk_ids = itertools.count()
+
+    async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int):
+        chunk_id = next(self._chunk_ids)
+        sent = await self._ring.submit(session_id=self._session_id, chunk_id=chunk_id, epoch=epoch,
+                                       start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
+        return asyncio.ensure_future(self._ring.result(self._session_id, chunk_id, sent))
+
+    async def cancel(self, epoch: int) -> int:
+        return await self._ring.cancel_epoch(self._session_id, epoch)
 
 
 class CoordinatorNode:
     def __init__(self, *, node_id: str, model_dir: str, tls: NodeTLS | None, secrets: list[bytes] | None,
-                 chunk_timeout: float = 120.0):
+                 drafts: list[Draft] = (), spec_k: int = 4, in_flight: int = 4, chunk_timeout: float = 120.0):
         self.node_id = node_id
+        # The first draft given is the default; n-gram lookup is always there, "none" is plain decode.
+        self.drafts: dict[str, Draft | None] = {d.name: d for d in drafts}
+        self.default_draft = next(iter(self.drafts), "none")
+        self.drafts.setdefault("ngram", NgramDraft())
+        self.drafts["none"] = None
+        self.default_spec_k, self.default_in_flight = spec_k, in_flight
+        # One thread runs every draft step, off the event loop that moves frames.
+        self._draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         path = Path(model_dir)
         self.config = AutoConfig.from_pretrained(path)
         self.fingerprint = config_fingerprint(path)
@@ -125,7 +159,17 @@ class CoordinatorNode:
                 f"{len(prompt_ids)} prompt tokens + max_tokens {request.max_tokens} exceed the context "
                 f"of {self.context_length}")
         stop_at_eos = request.stop_at_eos if request.HasField("stop_at_eos") else True
-        return Prepared(prompt_ids, request.max_tokens, stop_at_eos)
+        draft_name = request.draft or self.default_draft
+        if draft_name not in self.drafts:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown draft {draft_name!r}; this coordinator has {sorted(self.drafts)}")
+        draft = self.drafts[draft_name]
+        spec_k = request.spec_k if request.HasField("spec_k") else (self.default_spec_k if draft else 0)
+        in_flight = request.in_flight if request.HasField("in_flight") else (self.default_in_flight if draft else 1)
+        if spec_k > MAX_SPEC_K or not 1 <= in_flight <= MAX_IN_FLIGHT:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"spec_k must lie in [0, {MAX_SPEC_K}] and in_flight in [1, {MAX_IN_FLIGHT}]")
+        return Prepared(prompt_ids, request.max_tokens, stop_at_eos, draft, spec_k, in_flight)
 
     async def generate(self, request: coordinator_pb2.GenerateRequest
                        ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
@@ -138,19 +182,20 @@ class CoordinatorNode:
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
         committed: asyncio.Queue[list[int]] = asyncio.Queue()
-        chunk_ids = itertools.count()
-
-        async def step(start_pos: int, tokens: list[int], num_outputs: int) -> list[int]:
-            return await self.ring.run_chunk(session_id=session_id, chunk_id=next(chunk_ids), epoch=0,
-                                             start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
+        draft_session = prepared.draft.session() if prepared.draft else None
 
         async def emit(ids: list[int]) -> None:
             committed.put_nowait(ids)
 
-        started = time.perf_counter()
-        decoding = asyncio.create_task(plain_decode(
-            step, prepared.prompt_ids, max_tokens=prepared.max_tokens,
-            eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit))
+        async def propose(sequence: list[int], n: int) -> list[int]:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._draft_thread, draft_session.propose, sequence, n)
+
+        decoding = asyncio.create_task(decode(
+            SessionRing(self.ring, session_id), prepared.prompt_ids, max_tokens=prepared.max_tokens,
+            eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
+            draft=draft_session, propose=propose if draft_session else None,
+            spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length))
         self.active_sessions += 1
         try:
             async for ids in _until_done(committed, decoding):
@@ -160,20 +205,28 @@ class CoordinatorNode:
                 stats = decoding.result()
             except RingError as error:
                 raise GenerateError(error.code, error.message) from error
-            seconds = time.perf_counter() - started
-            yield coordinator_pb2.GenerateResponse(summary=coordinator_pb2.GenerationSummary(
-                session_id=session_id, prompt_ids=prepared.prompt_ids, output_ids=stats.output_ids,
-                text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
-                finish_reason=_FINISH[stats.finish], tokens=len(stats.output_ids), seconds=seconds,
-                tokens_per_second=len(stats.output_ids) / seconds if seconds else 0.0,
-                traversals=stats.traversals, chunks_sent=stats.traversals,
-                tokens_per_traversal=len(stats.output_ids) / max(stats.traversals, 1),
-                ring_seconds=seconds))
-            log.info("session %s: %d tokens in %.2f s", session_id, len(stats.output_ids), seconds)
+            yield coordinator_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
+            log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
+                     session_id, len(stats.output_ids), stats.seconds,
+                     len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
         finally:
             decoding.cancel()
             self.active_sessions -= 1
             await self.ring.end_session(session_id)
+
+    def _summary(self, session_id: str, prepared: Prepared, stats) -> coordinator_pb2.GenerationSummary:
+        tokens, seconds = len(stats.output_ids), stats.seconds
+        return coordinator_pb2.GenerationSummary(
+            session_id=session_id, prompt_ids=prepared.prompt_ids, output_ids=stats.output_ids,
+            text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
+            finish_reason=_FINISH[stats.finish], tokens=tokens, seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds else 0.0,
+            acceptance_rate=stats.acceptance_rate, tokens_per_traversal=stats.tokens_per_traversal,
+            traversals=stats.traversals, chunks_sent=stats.chunks_sent, chunks_wasted=stats.chunks_wasted,
+            chunks_cancelled=stats.chunks_cancelled, draft_seconds=stats.draft_seconds,
+            ring_seconds=stats.ring_seconds,
+            coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
+            spec_k=prepared.spec_k, in_flight=prepared.in_flight)
 
 
 async def _until_done(queue: asyncio.Queue, task: asyncio.Task):

@@ -1,0 +1,158 @@
+"""Invariant 1 for speculation: whatever the draft, K and the in-flight depth, the output is
+exactly transformers' greedy generate(). The ring here is the real blocks chained in one
+process; tests/integration runs the same driver over the services."""
+
+import asyncio
+import random
+
+import pytest
+
+from shard.decode.draft import ModelDraft, NgramDraft
+from shard.decode.speculative import Finish, decode
+from shard.testing.chain import LocalChain
+from shard.testing.drafts import perturbed_copy, unrelated_copy
+from shard.testing.reference import reference_greedy
+from shard.testing.tiny_models import ARCHS
+
+PROMPT = [1, 17, 42, 99, 3, 250, 7, 311]
+NEW = 32
+SPLITS = {1: [(0, 6)], 2: [(0, 2), (2, 6)], 3: [(0, 1), (1, 4), (4, 6)]}
+
+
+class ChainRing:
+    """The driver's Ring over LocalChain; checks every chunk against the caches."""
+
+    def __init__(self, chain: LocalChain):
+        self.chain = chain
+
+    async def submit(self, *, start_pos, tokens, num_outputs, epoch):
+        result = asyncio.get_running_loop().create_future()
+        result.set_result(self.chain(start_pos, tokens, num_outputs))
+        # Absolute positions: every stage cropped to start_pos, then wrote the chunk.
+        assert self.chain.cache_lengths() == [start_pos + len(tokens)] * len(self.chain.blocks)
+        return result
+
+    async def cancel(self, epoch):
+        return 0
+
+
+def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
+    emitted = []
+
+    async def emit(ids):
+        emitted.extend(ids)
+
+    stats = asyncio.run(decode(ChainRing(chain), prompt, emit=emit, draft=draft, **settings))
+    assert emitted == stats.output_ids
+    return emitted, stats
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny_model_dirs, tmp_path_factory):
+    """arch -> {kind: draft session factory}: agreeing always, often, never, n-gram."""
+    root = tmp_path_factory.mktemp("drafts")
+    made = {}
+    for arch in ARCHS:
+        target = tiny_model_dirs[arch]
+        made[arch] = {
+            "target": ModelDraft(target),
+            "perturbed": ModelDraft(perturbed_copy(target, root / f"{arch}-perturbed", noise=0.03)),
+            "unrelated": ModelDraft(unrelated_copy(target, root / f"{arch}-unrelated")),
+            "ngram": NgramDraft(),
+        }
+    return made
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_draft_k_and_depth_is_lossless(tiny_model_dirs, drafts, arch, stages):
+    model_dir = tiny_model_dirs[arch]
+    chain = LocalChain(model_dir, SPLITS[stages])
+    expected = reference_greedy(model_dir, PROMPT, NEW)
+    acceptance = {}
+    for kind, draft in drafts[arch].items():
+        for k in (1, 4, 8):
+            for in_flight in (1, 4):
+                out, stats = run(chain, PROMPT, draft.session(), max_tokens=NEW, eos_ids=frozenset(),
+                                 spec_k=k, in_flight=in_flight)
+                assert out == expected, (kind, k, in_flight)
+                acceptance[kind, k, in_flight] = stats.acceptance_rate
+    # The drafts span agreement: always, sometimes, (almost) never.
+    assert acceptance["target", 4, 1] == 1.0
+    assert 0.0 < acceptance["perturbed", 4, 1] < 1.0
+    assert acceptance["unrelated", 4, 1] < 0.3
+
+
+def test_tinystories_with_a_real_draft(tinystories_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(tinystories_dir)("Once upon a time")["input_ids"]
+    expected = reference_greedy(tinystories_dir, prompt, 64)
+    for split in ([(0, 2)], [(0, 1), (1, 2)]):
+        chain = LocalChain(tinystories_dir, split)
+        for draft in (ModelDraft(tinystories_dir), ModelDraft(perturbed_copy(tinystories_dir, tmp_path / "p", noise=0.2)),
+                      NgramDraft()):
+            for k, in_flight in ((1, 1), (4, 4), (8, 1), (8, 4)):
+                out, _ = run(chain, prompt, draft.session(), max_tokens=64, eos_ids=frozenset(),
+                             spec_k=k, in_flight=in_flight)
+                assert out == expected, (draft.name, k, in_flight)
+
+
+class Saboteur:
+    """A perfect draft that corrupts one token at a random place in every proposal, so
+    every chunk is rejected somewhere."""
+
+    def __init__(self, full: list[int], seed: int):
+        self.full, self.random = full, random.Random(seed)
+        self.proposals = 0
+
+    def propose(self, sequence, n):
+        right = self.full[len(sequence):len(sequence) + n]
+        if not right:
+            return []
+        self.proposals += 1
+        wrong = self.random.randrange(len(right))
+        return [t if i != wrong else (t + 1) % 512 for i, t in enumerate(right)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rollback_under_pressure(tiny_model_dirs, seed):
+    model_dir = tiny_model_dirs["gpt_oss"]  # sliding windows: rollback reaches past them
+    expected = reference_greedy(model_dir, PROMPT, NEW)
+    chain = LocalChain(model_dir, SPLITS[3])
+    draft = Saboteur(PROMPT + expected, seed)
+    out, stats = run(chain, PROMPT, draft, max_tokens=NEW, eos_ids=frozenset(), spec_k=6, in_flight=4)
+    assert out == expected
+    assert stats.accepted < stats.drafted and stats.chunks_wasted > 0
+    # The stages' KV ends at the last chunk the driver sent: never past the committed
+    # sequence by more than that chunk's own rejected drafts.
+    committed = len(PROMPT) + len(out)
+    assert all(committed - 1 <= length <= committed - 1 + 6 for length in chain.cache_lengths())
+
+
+@pytest.mark.parametrize("k, in_flight", [(1, 1), (4, 1), (8, 4)])
+def test_eos_and_max_tokens_are_exact(tiny_model_dirs, drafts, k, in_flight):
+    model_dir = tiny_model_dirs["qwen3"]
+    chain = LocalChain(model_dir, SPLITS[2])
+    expected = reference_greedy(model_dir, PROMPT, NEW)
+    # An eos that first appears mid-way: nothing after it may be emitted, even when a chunk
+    # that verified past it is already in flight.
+    eos = expected[17]
+    stop = expected.index(eos)
+    out, stats = run(chain, PROMPT, drafts["qwen3"]["target"].session(), max_tokens=NEW,
+                     eos_ids=frozenset([eos]), spec_k=k, in_flight=in_flight)
+    assert out == expected[:stop + 1] and stats.finish == Finish.EOS
+    for limit in (1, 2, 7, 13):
+        out, stats = run(chain, PROMPT, drafts["qwen3"]["target"].session(), max_tokens=limit,
+                         eos_ids=frozenset(), spec_k=k, in_flight=in_flight)
+        assert out == expected[:limit] and stats.finish == Finish.LENGTH
+
+
+def test_draft_must_share_the_tokenizer(tiny_model_dirs, tinystories_dir):
+    from shard.decode.draft import DraftMismatch, load_draft
+
+    with pytest.raises(DraftMismatch, match="does not share the tokenizer"):
+        load_draft(str(tiny_model_dirs["llama"]), tinystories_dir)
+    with pytest.raises(DraftMismatch, match="neither 'ngram' nor a model folder"):
+        load_draft("/nonexistent", tinystories_dir)
+    assert load_draft("ngram", tinystories_dir).name == "ngram"
