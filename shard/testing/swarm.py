@@ -38,7 +38,8 @@ def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str
 @asynccontextmanager
 async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bool = False,
                           certs: Path | None = None, secrets: dict[str, list[Path]] | None = None,
-                          memory_budgets: list[str] | None = None, ready_timeout: float = 60.0):
+                          memory_budgets: list[str] | None = None, coordinator_args: list[str] = (),
+                          ready_timeout: float = 60.0):
     """`secrets` maps node ids to their --secret files (default: the one beside the certs)."""
     secrets = secrets or {}
     if certs is None and not insecure:
@@ -59,7 +60,7 @@ async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bo
             started.append(stage_nodes[-1])
         coordinator = await coordinator_main.start(
             _args("coordinator", model_dir, "coordinator", certs, "--registry", registry.address,
-                  secrets=secrets.get("coordinator", ())))
+                  *coordinator_args, secrets=secrets.get("coordinator", ())))
         started.append(coordinator)
         await asyncio.wait_for(coordinator.node.ring.ready.wait(), ready_timeout)
         yield Swarm(registry, stage_nodes, coordinator, certs)

@@ -17,11 +17,12 @@ def shard(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_up_runs_a_whole_swarm_and_shuts_it_down(tinystories_dir):
-    done = shard("up", "--model", str(tinystories_dir), "--stages", "3",
-                 "--prompt", "Once upon a time", "--max-tokens", "40", "--json")
+    done = shard("up", "--model", str(tinystories_dir), "--stages", "3", "--draft", "ngram",
+                 "--spec-k", "4", "--in-flight", "3", "--prompt", "Once upon a time", "--max-tokens", "40", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["output_ids"] == reference_greedy(tinystories_dir, result["prompt_ids"], 40)
+    assert (result["spec_k"], result["in_flight"]) == (4, 3) and result["chunks_sent"] >= result["traversals"]
     assert result["text"].startswith(", a little girl named Lily")
     assert "loading layers" in done.stderr  # each stage says what it loads
 

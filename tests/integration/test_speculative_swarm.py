@@ -1,0 +1,81 @@
+"""Speculation through the real services: drafts on the coordinator, verify chunks over
+mTLS + AEAD edges, stale epochs cancelled out of band; the output stays exact."""
+
+import asyncio
+
+import pytest
+
+from shard.client import generate
+from shard.testing.drafts import perturbed_copy, truncated_copy
+from shard.testing.reference import reference_greedy
+from shard.testing.swarm import inprocess_swarm
+from shard.v1 import coordinator_pb2
+
+PROMPT = [1, 415, 1022, 264, 727]
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def draft_dirs(tinystories_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("drafts")
+    return {
+        "target": str(tinystories_dir),
+        "truncated": str(truncated_copy(tinystories_dir, root / "truncated", layers=1)),
+        "perturbed": str(perturbed_copy(tinystories_dir, root / "perturbed", noise=0.2)),
+        "ngram": "ngram",
+    }
+
+
+async def run_all(model_dir, stages, workdir, drafts: dict[str, str], settings):
+    coordinator_args = [f"--draft={path}" for path in drafts.values()]
+    async with inprocess_swarm(model_dir, stages, workdir, coordinator_args=coordinator_args) as swarm:
+        results = {}
+        for name, path in drafts.items():
+            for k, in_flight in settings:
+                request = coordinator_pb2.GenerateRequest(
+                    prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=NEW, draft=path,
+                    spec_k=k, in_flight=in_flight)
+                results[name, k, in_flight] = await generate(swarm.coordinator.address, swarm.tls(), request)
+        await asyncio.sleep(0.3)
+        held = sum(len(s.node.info().sessions) for s in swarm.stages)
+        dropped = sum(s.node.frames_dropped_stale for s in swarm.stages)
+    return results, held, dropped
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_speculation_over_the_ring_is_lossless(tinystories_dir, draft_dirs, stages, tmp_path):
+    settings = [(1, 1), (4, 1), (4, 4), (8, 4)]
+    results, held, dropped = asyncio.run(run_all(tinystories_dir, stages, tmp_path, draft_dirs, settings))
+    expected = reference_greedy(tinystories_dir, PROMPT, NEW)
+    for key, generation in results.items():
+        summary = generation.summary
+        assert list(summary.output_ids) == expected, key
+        assert generation.streamed_ids == expected, key
+        assert summary.spec_k == key[1] and summary.in_flight == key[2]
+        assert summary.traversals <= summary.chunks_sent
+    assert results["target", 8, 4].summary.acceptance_rate == 1.0
+    assert results["target", 8, 4].summary.tokens_per_traversal > 5
+    assert results["target", 8, 4].summary.chunks_wasted == 0
+    assert 0 < results["truncated", 4, 4].summary.acceptance_rate < 1
+    assert results["perturbed", 4, 4].summary.chunks_wasted > 0
+    assert held == 0  # every session's KV was freed at every stage
+
+
+def test_unknown_draft_and_bad_settings_are_invalid_argument(tinystories_dir, tmp_path):
+    import grpc
+
+    async def attempt(**fields):
+        async with inprocess_swarm(tinystories_dir, 1, tmp_path) as swarm:
+            outcomes = []
+            for request_fields in fields.values():
+                request = coordinator_pb2.GenerateRequest(prompt="Once", max_tokens=4, **request_fields)
+                try:
+                    await generate(swarm.coordinator.address, swarm.tls(), request)
+                    outcomes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    outcomes.append(error.code())
+            return outcomes
+
+    outcomes = asyncio.run(attempt(unknown={"draft": "/etc"}, k={"draft": "ngram", "spec_k": 1000},
+                                   w={"draft": "ngram", "in_flight": 0}, ok={"draft": "ngram"}))
+    assert outcomes == [grpc.StatusCode.INVALID_ARGUMENT] * 3 + [grpc.StatusCode.OK]
