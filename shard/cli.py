@@ -48,6 +48,9 @@ def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> N
                                  "default: <certs>/deployment.secret)")
     parser.add_argument("--listen", default="0.0.0.0:0", help="address to bind (port 0: any free port)")
     parser.add_argument("--advertise-host", default="127.0.0.1", help="host other nodes dial to reach this one")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="full address other nodes dial, when it is not this node's own port "
+                             "(behind a proxy or a relay)")
     parser.add_argument("--address-file", help="write host:port here once serving")
     parser.add_argument("--region", default="", help="where this node runs")
     if role != "registry":
@@ -89,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
     _speculation_args(generate, drafts_help="which of the coordinator's drafts to use: 'ngram', 'none' "
                       "or the folder it was started with")
     _request_args(generate)
+
+    bench = commands.add_parser("bench", help="every decoding mode side by side over emulated WAN links")
+    from shard.bench.main import add_arguments
+
+    add_arguments(bench)
 
     up = commands.add_parser("up", help="start a whole local swarm, generate, shut it down")
     up.add_argument("--model", default=None, help="model folder (default: the shared tiny model)")
@@ -185,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             print("shard generate: give --certs DIR (or --insecure)", file=sys.stderr)
             return 2
         return asyncio.run(_generate(args))
+    if args.command == "bench":
+        from shard.bench.main import main as bench
+
+        return bench(args)
     from shard.launcher import up
 
     return up(args)

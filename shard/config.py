@@ -28,3 +28,8 @@ def node_secrets(args) -> list[bytes] | None:
         raise SystemExit(f"shard {args.command}: no deployment secret: give --secret FILE "
                          f"or put {SECRET_FILE} in the certs folder (shard certs local writes one)")
     return [load_secret(path) for path in paths]
+
+
+def advertised_address(args, port: int) -> str:
+    """Where other nodes dial this one: --advertise, else --advertise-host and the bound port."""
+    return args.advertise or f"{args.advertise_host}:{port}"

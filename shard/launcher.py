@@ -23,13 +23,17 @@ class SwarmError(RuntimeError):
 class LocalSwarm:
     def __init__(self, model_dir: str | Path, stages: int, *, workdir: str | Path | None = None,
                  insecure: bool = False, dtype: str = "auto", logs_to_files: bool = False,
-                 coordinator_args: list[str] = (), start_timeout: float = 120.0):
+                 coordinator_args: list[str] = (), addresses: dict[str, tuple[str, str]] | None = None,
+                 start_timeout: float = 120.0):
+        """`addresses` maps node ids to (listen, advertise) when they must not be
+        127.0.0.1:<any port> (e.g. behind relays)."""
         self.model_dir, self.stages = str(model_dir), stages
         self._owned_tmp = None if workdir else tempfile.TemporaryDirectory(prefix="shard-")
         self.workdir = Path(workdir or self._owned_tmp.name)
         self.insecure, self.dtype = insecure, dtype
         self._logs_to_files, self._start_timeout = logs_to_files, start_timeout
         self._coordinator_args = list(coordinator_args)
+        self._addresses = addresses or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.registry_address = self.coordinator_address = ""
 
@@ -69,8 +73,10 @@ class LocalSwarm:
     def _spawn(self, node_id: str, command: str, *extra: str, wait: bool = True) -> str:
         address_file = self.workdir / f"{node_id}.address"
         address_file.unlink(missing_ok=True)
+        listen, advertise = self._addresses.get(node_id, ("127.0.0.1:0", None))
         argv = [sys.executable, "-m", "shard", command, "--model", self.model_dir, "--node-id", node_id,
-                "--listen", "127.0.0.1:0", "--address-file", str(address_file), *extra]
+                "--listen", listen, "--address-file", str(address_file), *extra]
+        argv += [f"--advertise={advertise}"] if advertise else []
         argv += ["--insecure"] if self.insecure else ["--certs", str(self.certs)]
         log = open(self.workdir / f"{node_id}.log", "wb") if self._logs_to_files else None
         self.processes[node_id] = subprocess.Popen(argv, stdout=log or sys.stderr, stderr=log or sys.stderr)
@@ -91,6 +97,9 @@ class LocalSwarm:
     def _log_hint(self, node_id: str) -> str:
         log = self.workdir / f"{node_id}.log"
         return f"; its log:\n{log.read_text()[-3000:]}" if log.exists() else ""
+
+    def address_of(self, node_id: str) -> str:
+        return (self.workdir / f"{node_id}.address").read_text().strip()
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         self.processes[node_id].send_signal(sig)

@@ -10,7 +10,7 @@ from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.config import node_secrets, node_tls
+from shard.config import advertised_address, node_secrets, node_tls
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ async def start(args) -> RunningNode:
         args.listen, tls,
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),
         [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name])
-    running = RunningNode(f"{args.advertise_host}:{port}", node)
+    running = RunningNode(advertised_address(args, port), node)
     # The tail's return stream never ends by itself: a short grace for in-flight results.
     running.on_stop(lambda: server.stop(grace=0.5))
     running.on_stop(node.ring.close)

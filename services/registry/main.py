@@ -11,7 +11,7 @@ from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
 from shard.v1 import registry_pb2, registry_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.config import node_tls
+from shard.config import advertised_address, node_tls
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ async def start(args) -> RunningNode:
         args.listen, tls,
         lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), s),
         [registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name])
-    running = RunningNode(f"{args.advertise_host}:{port}", state)
+    running = RunningNode(advertised_address(args, port), state)
     running.on_stop(lambda: server.stop(grace=1.0))
 
     async def expire_forever() -> None:

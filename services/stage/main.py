@@ -11,7 +11,7 @@ from shard.node.resources import default_memory_budget, device_identity
 from shard.node.stage import StageNode
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.config import node_secrets, node_tls
+from shard.config import advertised_address, node_secrets, node_tls
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ async def start(args) -> RunningNode:
         args.listen, tls,
         lambda s: stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node), s),
         [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name])
-    running = RunningNode(f"{args.advertise_host}:{port}", node)
+    running = RunningNode(advertised_address(args, port), node)
     # Stopped in reverse: leave the registry, stop computing, close the edge downstream
     # (so the next stage's server sees its inbound stream end), then stop serving.
     running.on_stop(lambda: server.stop(grace=2.0))

@@ -44,6 +44,7 @@ class DecodeStats:
     chunks_sent: int = 0
     chunks_wasted: int = 0     # in flight when an earlier chunk was rejected
     chunks_cancelled: int = 0  # frames the stages skipped after being told
+    proposed: int = 0          # tokens the draft produced
     drafted: int = 0           # speculative tokens checked against the target
     accepted: int = 0
     draft_seconds: float = 0.0
@@ -118,8 +119,10 @@ async def decode(
             wanted = last + 1 - len(stream)
             if wanted > 0:
                 began = time.perf_counter()
-                stream.extend((await run_draft(list(stream), wanted))[:wanted])
+                proposal = (await run_draft(list(stream), wanted))[:wanted]
                 stats.draft_seconds += time.perf_counter() - began
+                stats.proposed += len(proposal)
+                stream.extend(proposal)
             end = min(len(stream), last + 1)
             if end <= sent:
                 return  # the draft had nothing to add: wait for results

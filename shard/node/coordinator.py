@@ -226,7 +226,7 @@ class CoordinatorNode:
             chunks_cancelled=stats.chunks_cancelled, draft_seconds=stats.draft_seconds,
             ring_seconds=stats.ring_seconds,
             coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
-            spec_k=prepared.spec_k, in_flight=prepared.in_flight)
+            spec_k=prepared.spec_k, in_flight=prepared.in_flight, draft_tokens=stats.proposed)
 
 
 async def _until_done(queue: asyncio.Queue, task: asyncio.Task):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class StageNode:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-compute")
         self.frames_processed = 0
         self.frames_dropped_stale = 0
+        self.compute_seconds = 0.0
 
     # ---- plan ---------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ class StageNode:
         info = stage_pb2.StageInfo(
             node_id=self.node_id, num_layers=self.checkpoint.num_layers,
             plan_version=self.plan_version, frames_processed=self.frames_processed,
-            frames_dropped_stale=self.frames_dropped_stale)
+            frames_dropped_stale=self.frames_dropped_stale, compute_seconds=self.compute_seconds)
         if self.block is not None:
             info.layer_start, info.layer_end = self.block.start, self.block.end
             info.weight_bytes = self.block.weight_bytes
@@ -271,6 +273,7 @@ class StageNode:
         if header.epoch < self._min_epoch.get(header.session_id, 0):
             self.frames_dropped_stale += 1
             return
+        began = time.perf_counter()
         try:
             output = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._compute_chunk, header, body)
@@ -282,6 +285,7 @@ class StageNode:
             await self._send_error(header, error)
             return
         self.frames_processed += 1
+        self.compute_seconds += time.perf_counter() - began
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         if self.assignment.last:

@@ -94,3 +94,19 @@ def build_demo_model(out_dir) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(out)
     return out
+
+
+def build_compute_model(out_dir) -> Path:
+    """A random llama heavy enough that compute, not the wire, dominates each token on a
+    CPU (tens of ms), for the pipeline-overhead benchmark. Reused if already built."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
+                                  max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=None)
+    model.save_pretrained(out)
+    return out

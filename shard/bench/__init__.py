@@ -1,0 +1,1 @@
+"""`shard bench`: the decoding modes side by side over emulated WAN links."""

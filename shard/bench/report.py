@@ -1,0 +1,60 @@
+"""The benchmark's Markdown table and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown(payload: dict) -> str:
+    lines = [f"Command: `{payload['command']}`", "",
+             f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
+             f"torch {payload['machine']['torch']}. Model: `{payload['model']}`, "
+             f"{payload['max_tokens']} new tokens x {payload['prompts']} prompts per mode.", "",
+             f"Single-process `transformers` greedy `generate()`, no network (the ceiling): "
+             f"**{payload['single_process_tokens_per_second']:.1f} tok/s**.", ""]
+    for topology in payload["topologies"]:
+        rows = [r for r in payload["rows"] if r["topology"] == topology]
+        plain = next(r for r in rows if r["k"] == 0)["tokens_per_second"]
+        lines += [f"### {topology}", "",
+                  "| mode | tok/s | x plain | acceptance | tokens/traversal | chunks sent / wasted / cancelled "
+                  "| bound tok/s | efficiency | lossless |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+        for r in rows:
+            lines.append(
+                f"| {r['mode']} | {r['tokens_per_second']:.1f} | {r['tokens_per_second'] / plain:.1f}x "
+                f"| {r['acceptance']:.2f} | {r['tokens_per_traversal']:.2f} "
+                f"| {r['chunks_sent']} / {r['chunks_wasted']} / {r['chunks_cancelled']} "
+                f"| {r['bound_tokens_per_second']:.1f} | {r['efficiency']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
+        lines.append("")
+    for check in payload.get("compute_check", []):
+        lines += [f"Compute-dominated model on `lan` ({check['model']}): plain pipeline over "
+                  f"{check['stages']} stages {check['pipeline_tokens_per_second']:.2f} tok/s vs single process "
+                  f"{check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x**.", ""]
+    return "\n".join(lines)
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    topologies = payload["topologies"]
+    figure, axes = plt.subplots(1, len(topologies), figsize=(6 * len(topologies), 5), squeeze=False)
+    for axis, topology in zip(axes[0], topologies):
+        rows = [r for r in payload["rows"] if r["topology"] == topology]
+        names = [r["mode"] for r in rows]
+        axis.bar(range(len(rows)), [r["tokens_per_second"] for r in rows], label="measured")
+        axis.scatter(range(len(rows)), [r["bound_tokens_per_second"] for r in rows], color="black",
+                     marker="_", s=400, label="analytic bound")
+        axis.axhline(payload["single_process_tokens_per_second"], color="gray", linestyle="--",
+                     label="single process, no network")
+        axis.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
+        axis.set_yscale("log")
+        axis.set_ylabel("tokens / s")
+        axis.set_title(topology)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,190 @@
+"""`shard bench`: every decoding mode over the same swarm and prompts, side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from shard.bench.bound import Measured, bound_tokens_per_second
+from shard.bench.network import emulated_links
+from shard.bench.topology import Topology
+from shard.client import generate
+from shard.launcher import LocalSwarm
+from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.tls import open_channel
+
+STORY_PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little dog was sad because")
+
+
+@dataclass(frozen=True)
+class Mode:
+    decoding: str   # plain | sync | pipelined
+    draft: str      # label of the draft
+    k: int
+    w: int
+
+    @property
+    def label(self) -> str:
+        if self.decoding == "plain":
+            return "plain"
+        return f"{self.decoding} {self.draft} K={self.k}" + (f" W={self.w}" if self.w > 1 else "")
+
+
+def modes_for(draft_labels: list[str], settings: list[tuple[int, int]]) -> list[Mode]:
+    modes = [Mode("plain", "none", 0, 1)]
+    for label in draft_labels:
+        for k, w in settings:
+            modes.append(Mode("sync" if w == 1 else "pipelined", label, k, w))
+    return modes
+
+
+@dataclass
+class Row:
+    topology: str
+    mode: str
+    draft: str
+    k: int
+    w: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    acceptance: float
+    tokens_per_traversal: float
+    chunks_sent: int
+    chunks_wasted: int
+    chunks_cancelled: int
+    draft_seconds_per_token: float
+    stage_seconds_per_chunk: list[float]
+    traversal_seconds: float
+    bound_tokens_per_second: float = 0.0
+    efficiency: float = 0.0
+    lossless: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers' own greedy generate() in this process, the no-network ceiling:
+    (tokens per second, the outputs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # as the swarm runs: max_tokens every time
+
+    def run(ids: list[int]) -> list[int]:
+        tensor = torch.tensor([ids])
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_tokens,
+                             do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    run(prompts_ids[0])  # warm-up
+    began = time.perf_counter()
+    outputs = [run(ids) for ids in prompts_ids]
+    return sum(map(len, outputs)) / (time.perf_counter() - began), outputs
+
+
+async def _stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
+    infos = []
+    for address in addresses:
+        async with open_channel(address, tls) as channel:
+            infos.append(await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest()))
+    return infos
+
+
+def _request(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, str]):
+    return coordinator_pb2.GenerateRequest(
+        prompt_ids=coordinator_pb2.TokenIds(ids=ids), max_tokens=max_tokens, stop_at_eos=False,
+        draft=drafts.get(mode.draft, "none"), spec_k=mode.k, in_flight=mode.w)
+
+
+async def _run_mode(client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens):
+    await generate(client_address, tls, _request(prompts_ids[0], 8, mode, drafts))  # warm-up
+    before = await _stage_infos(stage_addresses, tls)
+    summaries = [(await generate(client_address, tls, _request(ids, max_tokens, mode, drafts))).summary
+                 for ids in prompts_ids]
+    after = await _stage_infos(stage_addresses, tls)
+    stage_seconds = [
+        (a.compute_seconds - b.compute_seconds) / max(a.frames_processed - b.frames_processed, 1)
+        for a, b in zip(after, before)]
+    return summaries, stage_seconds
+
+
+def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes: list[Mode],
+                   prompts_ids: list[list[int]], max_tokens: int, expected: list[list[int]]) -> list[Row]:
+    """All modes over one swarm whose every ring edge goes through an emulated link."""
+    coordinator_args = [f"--draft={spec}" for spec in drafts.values() if spec != "ngram"]
+    rows = []
+    with emulated_links(topology) as addresses, LocalSwarm(
+            model_dir, topology.stages, addresses=addresses, logs_to_files=True,
+            coordinator_args=coordinator_args) as swarm:
+        tls = swarm.client_tls()
+        # The benchmark client talks to the coordinator directly: its link is not a ring edge.
+        client_address = addresses.get("coordinator", (swarm.coordinator_address,))[0]
+        stage_addresses = [addresses.get(f"stage-{i}", (None,))[0] or swarm.address_of(f"stage-{i}")
+                           for i in range(topology.stages)]
+        asyncio.run(generate(client_address, tls, _request(prompts_ids[0], 4, modes[0], drafts),
+                             wait_ready_seconds=300))
+        for mode in modes:
+            summaries, stage_seconds = asyncio.run(_run_mode(
+                client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens))
+            rows.append(_row(topology, mode, summaries, stage_seconds, expected))
+    _add_bounds(rows, topology)
+    return rows
+
+
+def _row(topology, mode, summaries, stage_seconds, expected) -> Row:
+    tokens = sum(s.tokens for s in summaries)
+    seconds = sum(s.seconds for s in summaries)
+    traversals = sum(s.traversals for s in summaries)
+    drafted_weight = sum(s.traversals for s in summaries if s.spec_k)
+    acceptance = (sum(s.acceptance_rate * s.traversals for s in summaries) / drafted_weight
+                  if drafted_weight else 0.0)
+    draft_tokens = sum(s.draft_tokens for s in summaries)
+    return Row(
+        topology=topology.name, mode=mode.label, draft=mode.draft, k=mode.k, w=mode.w, tokens=tokens,
+        seconds=seconds, tokens_per_second=tokens / seconds, acceptance=acceptance,
+        tokens_per_traversal=tokens / traversals, chunks_sent=sum(s.chunks_sent for s in summaries),
+        chunks_wasted=sum(s.chunks_wasted for s in summaries),
+        chunks_cancelled=sum(s.chunks_cancelled for s in summaries),
+        draft_seconds_per_token=sum(s.draft_seconds for s in summaries) / draft_tokens if draft_tokens else 0.0,
+        stage_seconds_per_chunk=stage_seconds,
+        traversal_seconds=sum(s.ring_seconds for s in summaries) / traversals,
+        lossless=[list(s.output_ids) for s in summaries] == expected)
+
+
+def _add_bounds(rows: list[Row], topology: Topology) -> None:
+    """Bounds from the measured pieces. The plain row gives the bare traversal time; the
+    per-frame overhead is what that time holds beyond link delays and compute."""
+    plain = next(r for r in rows if r.k == 0 and r.w == 1)
+    hops = topology.stages + 1
+    overhead = max(plain.traversal_seconds - topology.ring_one_way_seconds
+                   - sum(plain.stage_seconds_per_chunk), 0.0) / hops
+    for row in rows:
+        # A (K+1)-token chunk's traversal: the 1-token one plus the extra compute.
+        extra_compute = sum(row.stage_seconds_per_chunk) - sum(plain.stage_seconds_per_chunk)
+        traversal = plain.traversal_seconds + max(extra_compute, 0.0)
+        measured = Measured(k=row.k, w=row.w, alpha=row.acceptance,
+                            draft_seconds_per_token=row.draft_seconds_per_token,
+                            stage_seconds=tuple(row.stage_seconds_per_chunk), traversal_seconds=traversal)
+        row.bound_tokens_per_second = bound_tokens_per_second(measured, overhead)
+        row.efficiency = row.tokens_per_second / row.bound_tokens_per_second
+        row.extra["overhead_seconds_per_hop"] = overhead
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)))
