@@ -55,6 +55,9 @@ def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> N
     parser.add_argument("--region", default="", help="where this node runs")
     if role != "registry":
         parser.add_argument("--registry", required=True, help="registry address host:port")
+        parser.add_argument("--threads", type=int,
+                            help="torch intra-op threads (default: torch's; 1 is fastest for tiny models, "
+                                 "whose ops are too small to split)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +71,11 @@ def parser() -> argparse.ArgumentParser:
     registry = commands.add_parser("registry", help="run the registry")
     _node_args(registry, "registry", "registry")
     registry.add_argument("--stages", type=int, default=1, help="stages to wait for before planning")
-    registry.add_argument("--lease-seconds", type=float, default=5.0)
+    registry.add_argument("--lease-seconds", type=float, default=5.0,
+                          help="a node that misses heartbeats this long is removed (they come 4 times per lease)")
+    registry.add_argument("--pin-trusted-ends", action="store_true",
+                          help="the first and last blocks (which see the user's tokens) only on stages "
+                               "joined with --trust trusted")
 
     stage = commands.add_parser("stage", help="run a stage: join the registry, serve a block of layers")
     _node_args(stage, "stage", "stage-0")
@@ -76,7 +83,9 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--dtype", type=dtype_name, default=None, help="auto (the checkpoint's), float32, bfloat16, float16")
     stage.add_argument("--memory-budget", type=byte_size, help="bytes this stage offers (default: 90%% of free)")
     stage.add_argument("--max-sessions", type=int, default=64)
-    stage.add_argument("--trust", default="", help="trust label, e.g. 'operator'")
+    stage.add_argument("--trust", default="", help="trust label; 'trusted' may hold the first and last blocks")
+    stage.add_argument("--speed", type=float,
+                       help="relative speed to report instead of the one measured at start-up")
     stage.add_argument("--quiet", action="store_true", help="no progress bar")
 
     coordinator = commands.add_parser("coordinator", help="run the coordinator (public Generate API)")
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.insecure and not args.certs:
             print(f"shard {args.command}: give --certs DIR (or --insecure for plaintext)", file=sys.stderr)
             return 2
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         module = __import__(f"services.{args.command}.main", fromlist=["serve"])
         asyncio.run(module.serve(args))
         return 0

@@ -23,7 +23,8 @@ class SwarmError(RuntimeError):
 class LocalSwarm:
     def __init__(self, model_dir: str | Path, stages: int, *, workdir: str | Path | None = None,
                  insecure: bool = False, dtype: str = "auto", logs_to_files: bool = False,
-                 coordinator_args: list[str] = (), addresses: dict[str, tuple[str, str]] | None = None,
+                 coordinator_args: list[str] = (), stage_args: list[str] = (), registry_args: list[str] = (),
+                 spares: int = 0, addresses: dict[str, tuple[str, str]] | None = None,
                  start_timeout: float = 120.0):
         """`addresses` maps node ids to (listen, advertise) when they must not be
         127.0.0.1:<any port> (e.g. behind relays)."""
@@ -32,7 +33,8 @@ class LocalSwarm:
         self.workdir = Path(workdir or self._owned_tmp.name)
         self.insecure, self.dtype = insecure, dtype
         self._logs_to_files, self._start_timeout = logs_to_files, start_timeout
-        self._coordinator_args = list(coordinator_args)
+        self._coordinator_args, self._stage_args = list(coordinator_args), list(stage_args)
+        self._registry_args, self.spares = list(registry_args), spares
         self._addresses = addresses or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.registry_address = self.coordinator_address = ""
@@ -57,18 +59,22 @@ class LocalSwarm:
 
     def start(self) -> None:
         if not self.insecure:
-            create_local_deployment(self.certs, self.stages)
-        self.registry_address = self._spawn("registry", "registry", "--stages", str(self.stages))
+            create_local_deployment(self.certs, self.stages + self.spares)
+        self.registry_address = self._spawn("registry", "registry", "--stages", str(self.stages),
+                                            *self._registry_args)
         for index in range(self.stages):
             self.start_stage(f"stage-{index}", wait=False)
         self.coordinator_address = self._spawn("coordinator", "coordinator", "--registry", self.registry_address,
                                                *self._coordinator_args)
         for index in range(self.stages):
             self._wait_address(f"stage-{index}")
+        # Spares join once the ring is planned, so that they stay spare.
+        for index in range(self.stages, self.stages + self.spares):
+            self.start_stage(f"stage-{index}")
 
     def start_stage(self, node_id: str, *, wait: bool = True) -> None:
         self._spawn(node_id, "stage", "--registry", self.registry_address, "--dtype", self.dtype,
-                    "--quiet" if self._logs_to_files else "--device=cpu", wait=wait)
+                    "--quiet" if self._logs_to_files else "--device=cpu", *self._stage_args, wait=wait)
 
     def _spawn(self, node_id: str, command: str, *extra: str, wait: bool = True) -> str:
         address_file = self.workdir / f"{node_id}.address"
@@ -81,6 +87,13 @@ class LocalSwarm:
         log = open(self.workdir / f"{node_id}.log", "wb") if self._logs_to_files else None
         self.processes[node_id] = subprocess.Popen(argv, stdout=log or sys.stderr, stderr=log or sys.stderr)
         return self._wait_address(node_id) if wait else ""
+
+    def restart_registry(self) -> None:
+        """SIGKILL the registry and start a new one on the same port (nodes keep its address)."""
+        host_port = self.registry_address
+        self.kill("registry")
+        self._addresses["registry"] = (host_port, None)
+        self._spawn("registry", "registry", "--stages", str(self.stages), *self._registry_args)
 
     def _wait_address(self, node_id: str) -> str:
         address_file = self.workdir / f"{node_id}.address"

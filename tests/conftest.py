@@ -4,6 +4,7 @@ and a spy on safetensors reads. Reusable non-fixture helpers live in shard/testi
 from pathlib import Path
 
 import pytest
+import torch
 
 from shard.model import checkpoint
 from shard.testing.tiny_models import ARCHS, build_tiny_model, shared_model_dir
@@ -70,3 +71,8 @@ def safetensors_spy(monkeypatch) -> SafetensorsSpy:
     spy = SafetensorsSpy(checkpoint.safe_open)
     monkeypatch.setattr(checkpoint, "safe_open", spy)
     return spy
+
+
+# Tiny models' ops are far too small to split across threads: one thread is several times
+# faster, and leaves the other core to the servers the tests start.
+torch.set_num_threads(1)

@@ -26,7 +26,8 @@ async def start(args) -> RunningNode:
     tls = node_tls(args)
     checkpoint = Checkpoint.open(args.model)
     state = RegistryState(sizes=model_sizes(checkpoint), model_fingerprint=checkpoint.fingerprint,
-                          min_stages=args.stages, lease_seconds=args.lease_seconds)
+                          min_stages=args.stages, lease_seconds=args.lease_seconds,
+                          pin_trusted_ends=args.pin_trusted_ends)
     server, port = await start_server(
         args.listen, tls,
         lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), s),

@@ -23,7 +23,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         # A node may only join as the role and id its certificate names.
         await require_peer(context, role, node_ids=[capabilities.node_id])
         try:
-            self.state.join(capabilities)
+            self.state.join(capabilities, request.serving)
         except RegistryError as error:
             await context.abort(error.code, error.message)
         return registry_pb2.JoinReply(lease_seconds=self.state.lease_seconds)

@@ -7,7 +7,7 @@ import logging
 
 from services.stage.servicer import StageServicer
 from shard.node.membership import Membership
-from shard.node.resources import default_memory_budget, device_identity
+from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
@@ -34,12 +34,17 @@ async def start(args) -> RunningNode:
         node_id=args.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
         device_name=device_name, device_id=device_id,
         memory_budget_bytes=args.memory_budget or default_memory_budget(args.device),
-        region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint)
+        region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint,
+        speed=args.speed or measure_speed(node.checkpoint.hidden_size, args.device))
 
     async def on_plan(plan: registry_pb2.Plan) -> None:
         if plan.problem:
             log.warning("registry cannot plan yet: %s", plan.problem)
         if await node.apply_plan(plan):
+            a = node.assignment
+            membership.serving = registry_pb2.ServingBlock(
+                plan_version=plan.version, ring_index=a.index, ring_size=a.ring_size,
+                layer_start=a.start, layer_end=a.end, serving=True)
             await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
 
     membership = Membership(args.registry, tls, capabilities, on_plan)

@@ -22,6 +22,14 @@ from typing import Awaitable, Callable, Protocol
 from shard.decode.draft import DraftSession
 
 
+MAX_REPLAYS = 5
+
+
+class RingChanged(Exception):
+    """The ring lost state (a stage died and was replaced): chunks in flight are gone and
+    the stages' KV caches for the session may be too."""
+
+
 class Finish(enum.Enum):
     LENGTH = "length"
     EOS = "eos"
@@ -35,6 +43,9 @@ class Ring(Protocol):
     async def cancel(self, epoch: int) -> int:
         """Tell the stages to skip this session's frames older than `epoch`; frames dropped."""
 
+    async def wait_ready(self) -> None:
+        """Return once the ring serves again after a RingChanged."""
+
 
 @dataclass
 class DecodeStats:
@@ -44,6 +55,7 @@ class DecodeStats:
     chunks_sent: int = 0
     chunks_wasted: int = 0     # in flight when an earlier chunk was rejected
     chunks_cancelled: int = 0  # frames the stages skipped after being told
+    replays: int = 0           # times the committed sequence was replayed into a new ring
     proposed: int = 0          # tokens the draft produced
     drafted: int = 0           # speculative tokens checked against the target
     accepted: int = 0
@@ -114,7 +126,7 @@ async def decode(
         while len(flight) < in_flight and sent <= last_useful:
             # The next chunk verifies positions first_output..last: the drafted tokens up to
             # `last` (the last one's argmax is the bonus, or checks the next chunk's guess).
-            first_output = max(sent, prompt_len - 1)
+            first_output = max(sent, committed - 1)
             last = min(first_output + spec_k, last_useful)
             wanted = last + 1 - len(stream)
             if wanted > 0:
@@ -142,13 +154,39 @@ async def decode(
             epoch += 1
             cancels.append(asyncio.ensure_future(ring.cancel(epoch)))
 
+    async def replay() -> None:
+        """After a fail-over: drop what was in flight, wait for the new ring, and send the
+        committed sequence again from position 0 to rebuild every stage's KV."""
+        nonlocal sent, epoch
+        if stats.replays >= MAX_REPLAYS:
+            raise RingChanged(f"the ring changed {stats.replays} times during one generation")
+        stats.replays += 1
+        for chunk in flight:
+            _discard(chunk.result)
+        flight.clear()
+        del stream[committed:]
+        sent, epoch = 0, epoch + 1
+        await ring.wait_ready()
+
+    async def refill() -> None:
+        while True:
+            try:
+                return await fill()
+            except RingChanged:
+                await replay()
+
     cancels: list[asyncio.Future] = []
     try:
-        await fill()
+        await refill()
         while flight:
             chunk = flight.popleft()
             began = time.perf_counter()
-            argmaxes = await chunk.result
+            try:
+                argmaxes = await chunk.result
+            except RingChanged:
+                await replay()
+                await refill()
+                continue
             stats.ring_seconds += time.perf_counter() - began
             stats.traversals += 1
             new: list[int] = []
@@ -178,7 +216,7 @@ async def decode(
                 stats.finish = finished
                 await drop_in_flight()
                 break
-            await fill()
+            await refill()
         if cancels:
             stats.chunks_cancelled = sum(await asyncio.gather(*cancels))
     finally:

@@ -18,7 +18,7 @@ import grpc
 from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, NgramDraft
-from shard.decode.speculative import Finish, decode
+from shard.decode.speculative import Finish, RingChanged, decode
 from shard.model.checkpoint import config_fingerprint
 from shard.node.ring import Ring, RingError
 from shard.v1 import coordinator_pb2
@@ -99,6 +99,9 @@ class SessionRing:
 
     async def cancel(self, epoch: int) -> int:
         return await self._ring.cancel_epoch(self._session_id, epoch)
+
+    async def wait_ready(self) -> None:
+        await self._ring.wait_ready()
 
 
 class CoordinatorNode:
@@ -205,6 +208,8 @@ class CoordinatorNode:
                 stats = decoding.result()
             except RingError as error:
                 raise GenerateError(error.code, error.message) from error
+            except RingChanged as error:
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             yield coordinator_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
@@ -226,7 +231,8 @@ class CoordinatorNode:
             chunks_cancelled=stats.chunks_cancelled, draft_seconds=stats.draft_seconds,
             ring_seconds=stats.ring_seconds,
             coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
-            spec_k=prepared.spec_k, in_flight=prepared.in_flight, draft_tokens=stats.proposed)
+            spec_k=prepared.spec_k, in_flight=prepared.in_flight, draft_tokens=stats.proposed,
+            replays=stats.replays)
 
 
 async def _until_done(queue: asyncio.Queue, task: asyncio.Task):

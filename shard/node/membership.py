@@ -28,11 +28,16 @@ class Membership:
         capabilities: registry_pb2.NodeCapabilities,
         on_plan: Callable[[registry_pb2.Plan], Awaitable[None]],
         *,
-        heartbeat_seconds: float = 1.0,
+        heartbeat_seconds: float | None = None,
     ):
+        """Heartbeats every `heartbeat_seconds`, by default a quarter of the registry's lease."""
         self.capabilities = capabilities
         self._on_plan = on_plan
-        self._heartbeat_seconds = heartbeat_seconds
+        self._fixed_heartbeat = heartbeat_seconds
+        self._heartbeat_seconds = heartbeat_seconds or 1.0
+        # What this node serves now, told to a restarted registry so it can adopt the
+        # running plan instead of re-planning.
+        self.serving = registry_pb2.ServingBlock()
         self._channel = open_channel(registry_address, tls)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._tasks: list[asyncio.Task] = []
@@ -65,11 +70,13 @@ class Membership:
     async def _join(self) -> None:
         async for attempt in AsyncRetrying(retry=_RETRYABLE, wait=wait_exponential(0.05, max=2.0)):
             with attempt:
-                await self._stub.Join(
-                    registry_pb2.JoinRequest(capabilities=self.capabilities),
+                reply = await self._stub.Join(
+                    registry_pb2.JoinRequest(capabilities=self.capabilities, serving=self.serving),
                     wait_for_ready=True,
                     timeout=10.0,
                 )
+        if self._fixed_heartbeat is None:
+            self._heartbeat_seconds = reply.lease_seconds / 4
 
     async def _heartbeat_once(self) -> None:
         reply = await self._stub.Heartbeat(

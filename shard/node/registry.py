@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from shard.placement import ModelSizes, PlacementError, assign_blocks
+from shard.placement import ModelSizes, NodeOffer, PlacementError, place
 from shard.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,14 @@ class RegistryError(Exception):
         self.code, self.message = code, message
 
 
+TRUSTED = "trusted"  # the trust label that may hold the first and last blocks when pinned
+
+
 @dataclass
 class NodeRecord:
     capabilities: registry_pb2.NodeCapabilities
     lease_deadline: float
+    serving: registry_pb2.ServingBlock = field(default_factory=registry_pb2.ServingBlock)
     state: int = registry_pb2.NODE_STATE_LOADING
     plan_version: int = 0
 
@@ -38,16 +42,25 @@ class RegistryState:
     model_fingerprint: str
     min_stages: int
     lease_seconds: float = 5.0
+    pin_trusted_ends: bool = False
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     plan: registry_pb2.Plan = field(default_factory=registry_pb2.Plan)
     # The plan version at which the current blocks were assigned: stages that report
     # READY at or after it have loaded their block.
     assigned_version: int = 0
+    _planned_once: bool = False
+    # After a restart, nodes that report serving a ring get a few leases to rejoin, so
+    # that their ring is adopted whole rather than re-planned.
+    _adopt_until: float = field(default_factory=lambda: time.monotonic())
     _watchers: set[asyncio.Queue] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._adopt_until = time.monotonic() + 3 * self.lease_seconds
 
     # ---- membership ---------------------------------------------------------------
 
-    def join(self, capabilities: registry_pb2.NodeCapabilities) -> None:
+    def join(self, capabilities: registry_pb2.NodeCapabilities,
+             serving: registry_pb2.ServingBlock | None = None) -> None:
         if capabilities.model_fingerprint != self.model_fingerprint:
             raise RegistryError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{capabilities.node_id} serves another model (config fingerprint "
@@ -61,7 +74,8 @@ class RegistryState:
             if current and current != capabilities.node_id and current in self.nodes:
                 raise RegistryError(grpc.StatusCode.ALREADY_EXISTS,
                                     f"coordinator {current} already drives this ring")
-        self.nodes[capabilities.node_id] = NodeRecord(capabilities, time.monotonic() + self.lease_seconds)
+        self.nodes[capabilities.node_id] = NodeRecord(
+            capabilities, time.monotonic() + self.lease_seconds, serving=serving or registry_pb2.ServingBlock())
         log.info("%s joined as %s at %s", capabilities.node_id,
                  registry_pb2.Role.Name(capabilities.role), capabilities.address)
         self._replan_if_needed()
@@ -101,28 +115,84 @@ class RegistryState:
 
     def _replan_if_needed(self, lost: str | None = None) -> None:
         assigned = {s.node_id for s in self.plan.stages}
-        if not assigned or (lost in assigned):
+        if lost in assigned:
+            if not self._hand_block_to_spare(lost):
+                self._assign()
+        elif not assigned:
             self._assign()
         else:
-            self._publish()  # e.g. the coordinator's address changed
+            self._publish()  # e.g. the coordinator's address changed, or a spare joined
+
+    def _hand_block_to_spare(self, lost: str) -> bool:
+        """Give a lost stage's block to the best spare that fits it: only that spare loads
+        weights, every other stage keeps its block and its KV caches."""
+        index = next(i for i, s in enumerate(self.plan.stages) if s.node_id == lost)
+        block = self.plan.stages[index]
+        need = self.sizes.block_bytes(block.layer_start, block.layer_end, first=index == 0,
+                                      last=index == len(self.plan.stages) - 1)
+        assigned = {s.node_id for s in self.plan.stages}
+        spares = [c for c in self._stages() if c.node_id not in assigned and c.memory_budget_bytes >= need]
+        if not spares:
+            return False
+        spare = max(spares, key=lambda c: (c.speed, c.memory_budget_bytes, c.node_id))
+        log.warning("spare %s takes %s's layers [%d, %d)", spare.node_id, lost, block.layer_start, block.layer_end)
+        block.node_id, block.address = spare.node_id, spare.address
+        self._publish(reassigned=True)
+        return True
 
     def _assign(self) -> None:
         stages = self._stages()
         del self.plan.stages[:]
         self.plan.problem = ""
-        if len(stages) < self.min_stages:
+        adopted = self._running_ring()
+        if adopted:
+            log.info("adopting the running ring of plan v%d", max(r.serving.plan_version for r in adopted))
+            self.plan.version = max(self.plan.version, *(r.serving.plan_version for r in adopted))
+            for record in adopted:
+                c, served = record.capabilities, record.serving
+                self.plan.stages.add(node_id=c.node_id, address=c.address,
+                                     layer_start=served.layer_start, layer_end=served.layer_end)
+        elif not self._planned_once and len(stages) < self.min_stages:
             self.plan.problem = f"waiting for stages: {len(stages)} of {self.min_stages} joined"
+        elif not self._planned_once and time.monotonic() < self._adopt_until and self._ring_rejoining():
+            self.plan.problem = "waiting for the running ring to rejoin"
+        elif not stages:
+            self.plan.problem = "no stage left"
         else:
-            chosen = stages[: self.min_stages]
+            offers = [NodeOffer(c.node_id, c.memory_budget_bytes, c.speed or 1.0, c.trust == TRUSTED)
+                      for c in stages]
             try:
-                blocks = assign_blocks(self.sizes, [s.memory_budget_bytes for s in chosen])
+                placement = place(self.sizes, offers, stages=min(self.min_stages, len(stages)),
+                                  pin_trusted_ends=self.pin_trusted_ends)
             except PlacementError as error:
                 self.plan.problem = str(error)
             else:
-                for node, (start, end) in zip(chosen, blocks):
-                    self.plan.stages.add(node_id=node.node_id, address=node.address,
-                                         layer_start=start, layer_end=end)
+                addresses = {c.node_id: c.address for c in stages}
+                for stage in placement.stages:
+                    self.plan.stages.add(node_id=stage.node_id, address=addresses[stage.node_id],
+                                         layer_start=stage.start, layer_end=stage.end)
+        self._planned_once = self._planned_once or bool(self.plan.stages)
         self._publish(reassigned=True)
+
+    def _running_ring(self) -> list[NodeRecord] | None:
+        """The ring the joined stages report serving, when it is whole (a registry that
+        restarted adopts it rather than moving blocks): ring indices 0..n-1 whose blocks
+        tile every layer."""
+        if self._planned_once:
+            return None
+        serving = [r for r in self.nodes.values() if r.serving.serving]
+        for size in {r.serving.ring_size for r in serving}:
+            ring = sorted((r for r in serving if r.serving.ring_size == size), key=lambda r: r.serving.ring_index)
+            if [r.serving.ring_index for r in ring] != list(range(size)):
+                continue
+            bounds = [(r.serving.layer_start, r.serving.layer_end) for r in ring]
+            if bounds[0][0] == 0 and bounds[-1][1] == self.sizes.num_layers and all(
+                    a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+                return ring
+        return None
+
+    def _ring_rejoining(self) -> bool:
+        return any(r.serving.serving for r in self.nodes.values())
 
     def _all_assigned_ready(self) -> bool:
         if not self.plan.stages or not self.plan.coordinator_address:

@@ -21,3 +21,21 @@ def default_memory_budget(device: str) -> int:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free * 0.9)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
+
+
+def measure_speed(hidden_size: int, device: str, repeats: int = 20) -> float:
+    """A short timed forward at start-up: TFLOP/s of a verify-sized chunk through an MLP
+    shaped like the model's. The registry only compares nodes, so the scale is free."""
+    import time
+
+    dev = torch.device(device)
+    chunk = torch.randn(9, hidden_size, device=dev)
+    up = torch.randn(hidden_size, 4 * hidden_size, device=dev)
+    down = torch.randn(4 * hidden_size, hidden_size, device=dev)
+    with torch.inference_mode():
+        (chunk @ up @ down).sum().item()  # warm-up
+        began = time.perf_counter()
+        for _ in range(repeats):
+            (chunk @ up @ down).sum().item()
+        seconds = time.perf_counter() - began
+    return 2 * 2 * 9 * hidden_size * 4 * hidden_size * repeats / seconds / 1e12

@@ -10,6 +10,7 @@ import logging
 import grpc
 import torch
 
+from shard.decode.speculative import RingChanged
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.codec import CodecError, decode_tensor, encode_tensor
 from shard.wire.edge import Edge
@@ -36,6 +37,7 @@ class Ring:
         self.plan: registry_pb2.Plan | None = None
         self.head_edge: Edge | None = None
         self._stage_stubs: dict[str, stage_pb2_grpc.StageStub] = {}
+        self._stage_addresses: dict[str, str] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
         self.ready = asyncio.Event()
@@ -45,26 +47,45 @@ class Ring:
         return self.plan.stages[-1].node_id if self.plan and self.plan.stages else None
 
     async def apply_plan(self, plan: registry_pb2.Plan) -> None:
-        old_head = (self.plan.stages[0].node_id, self.plan.stages[0].address) if self.plan and self.plan.stages else None
-        self.plan = plan
+        """Follow the registry. A plan without stages (a restarted registry still
+        gathering its nodes) changes nothing: the data path does not need the registry.
+        A plan that moves any block fails the chunks in flight with RingChanged, so their
+        sessions replay into the new ring."""
         if not plan.stages:
-            self.ready.clear()
             return
+        ring = _signature(plan)
+        changed = self.plan is not None and self.plan.stages and ring != _signature(self.plan)
         head = plan.stages[0]
-        if old_head != (head.node_id, head.address):
+        if self.head_edge is None or changed or (self.head_edge.receiver, self.head_edge.address) != (
+                head.node_id, head.address):
             if self.head_edge is not None:
                 await self.head_edge.close()
             self.head_edge = Edge(sender=self.node_id, receiver=head.node_id, address=head.address,
-                              tls=self._tls, secret=self._secret)
+                                  tls=self._tls, secret=self._secret)
+        self.plan = plan
         for stage in plan.stages:
-            if stage.node_id not in self._stage_stubs:
+            if stage.node_id not in self._stage_stubs or self._stage_addresses.get(stage.node_id) != stage.address:
                 channel = open_channel(stage.address, self._tls)
                 self._channels.append(channel)
                 self._stage_stubs[stage.node_id] = stage_pb2_grpc.StageStub(channel)
+                self._stage_addresses[stage.node_id] = stage.address
+        if changed:
+            log.warning("the ring changed (plan v%d): %d chunks in flight will be replayed",
+                        plan.version, len(self._pending))
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(RingChanged(f"plan v{plan.version} moved the blocks"))
         if plan.ready:
             self.ready.set()
-        else:
+        elif changed:
             self.ready.clear()
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            problem = self.plan.problem if self.plan else "no plan"
+            raise RingError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
     async def run_chunk(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
                         tokens: list[int], num_outputs: int) -> list[int]:
@@ -87,7 +108,7 @@ class Ring:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
             self._pending.pop(key, None)
-            raise RingError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            raise RingChanged(str(error)) from error
         return future
 
     async def result(self, session_id: str, chunk_id: int, future: asyncio.Future) -> list[int]:
@@ -100,6 +121,9 @@ class Ring:
             self._pending.pop((session_id, chunk_id), None)
         if frame.header.kind == frame_pb2.FRAME_KIND_ERROR:
             detail = frame_pb2.ErrorDetail.FromString(frame.payload)
+            if _status(detail.code) == grpc.StatusCode.FAILED_PRECONDITION:
+                # A stage lacks the session's KV (it replaced one that died): replay.
+                raise RingChanged(detail.message)
             raise RingError(_status(detail.code), detail.message)
         try:
             return decode_tensor(frame.payload).tolist()
@@ -143,6 +167,10 @@ class Ring:
             await self.head_edge.close()
         for channel in self._channels:
             await channel.close()
+
+
+def _signature(plan: registry_pb2.Plan) -> tuple:
+    return tuple((s.node_id, s.address, s.layer_start, s.layer_end) for s in plan.stages)
 
 
 def _status(code: int) -> grpc.StatusCode:

@@ -49,6 +49,8 @@ class FrameRejected(Exception):
 
 @dataclass(frozen=True)
 class Assignment:
+    index: int
+    ring_size: int
     start: int
     end: int
     first: bool
@@ -66,6 +68,8 @@ def assignment_from_plan(plan: registry_pb2.Plan, node_id: str) -> Assignment | 
     last = index == len(stages) - 1
     nxt = None if last else stages[index + 1]
     return Assignment(
+        index=index,
+        ring_size=len(stages),
         start=stages[index].layer_start,
         end=stages[index].layer_end,
         first=index == 0,

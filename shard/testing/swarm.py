@@ -38,7 +38,8 @@ def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str
 @asynccontextmanager
 async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bool = False,
                           certs: Path | None = None, secrets: dict[str, list[Path]] | None = None,
-                          memory_budgets: list[str] | None = None, coordinator_args: list[str] = (),
+                          stage_args: list[list[str]] | None = None, coordinator_args: list[str] = (),
+                          registry_args: list[str] = (),
                           ready_timeout: float = 60.0):
     """`secrets` maps node ids to their --secret files (default: the one beside the certs)."""
     secrets = secrets or {}
@@ -47,13 +48,13 @@ async def inprocess_swarm(model_dir, stages: int, workdir: Path, *, insecure: bo
         create_local_deployment(certs, stages)
     started: list[RunningNode] = []
     try:
-        registry = await registry_main.start(_args("registry", model_dir, "registry", certs, "--stages", str(stages)))
+        registry = await registry_main.start(_args("registry", model_dir, "registry", certs, "--stages", str(stages),
+                                                       *registry_args))
         started.append(registry)
         stage_nodes = []
         for index in range(stages):
             extra = ["--registry", registry.address, "--quiet", "--device", "cpu"]
-            if memory_budgets:
-                extra += ["--memory-budget", memory_budgets[index]]
+            extra += stage_args[index] if stage_args else []
             node_id = f"stage-{index}"
             stage_nodes.append(await stage_main.start(
                 _args("stage", model_dir, node_id, certs, *extra, secrets=secrets.get(node_id, ()))))

@@ -58,6 +58,7 @@ class Edge:
         self._counter = 0
         self._unacked: deque[frame_pb2.Frame] = deque()
         self._rejections_in_a_row = 0
+        self._closed = False
         self.frames_sent = 0
         self.reconnects = 0
 
@@ -83,6 +84,8 @@ class Edge:
         self.frames_sent += 1
 
     async def _reopen(self) -> None:
+        if self._closed:
+            raise asyncio.InvalidStateError(f"edge {self.sender} -> {self.receiver} is closed")
         if self._call is not None:
             self.reconnects += 1
             log.info("re-opening edge %s -> %s with %d unacknowledged frames",
@@ -91,9 +94,9 @@ class Edge:
         if self._channel is None:
             self._channel = open_channel(self.address, self._tls)
         if self._to_coordinator:
-            call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return(wait_for_ready=True)
+            call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return()
         else:
-            call = stage_pb2_grpc.StageStub(self._channel).Traverse(wait_for_ready=True)
+            call = stage_pb2_grpc.StageStub(self._channel).Traverse()
         self._call, self._counter = call, 0
         self._sealer = EdgeSealer(self._secret, self.sender, self.receiver) if self._secret else None
         self._reader = asyncio.create_task(self._read_acks(call))
@@ -141,7 +144,8 @@ class Edge:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_BROKEN),
                 wait=wait_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(self._retry_seconds),
+                # A closed edge (its receiver left the plan) stops retrying at once.
+                stop=stop_after_delay(self._retry_seconds) | (lambda _: self._closed),
                 reraise=True,
             ):
                 with attempt:
@@ -161,6 +165,9 @@ class Edge:
             self._reader = None
 
     async def close(self) -> None:
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()  # wakes a send blocked on a dead receiver
         async with self._lock:
             await self._close_call()
             if self._channel is not None:

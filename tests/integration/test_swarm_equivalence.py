@@ -14,19 +14,16 @@ from shard.v1 import coordinator_pb2, stage_pb2
 
 NEW_TOKENS = 40
 PROMPT = [3, 17, 42, 7, 99, 5]
-# Memory budgets (in shares of the model) that make the registry cut uneven blocks.
-SPLITS = {1: [1], 2: [1, 3], 3: [2, 1, 4]}
+# Stage speeds that make the registry cut uneven blocks (a faster stage takes more layers).
+SPEEDS = {1: [1], 2: [1, 3], 3: [2, 1, 4]}
 
 
-def budgets(model_dir, stages: int) -> list[str]:
-    total = Checkpoint.open(model_dir).total_bytes
-    shares = SPLITS[stages]
-    # Thrice the need, so every block fits its budget whatever the rounding to whole layers.
-    return [str(3 * total * share // sum(shares) + 1) for share in shares]
+def heterogeneous(stages: int) -> list[list[str]]:
+    return [[f"--speed={speed}"] for speed in SPEEDS[stages]]
 
 
 async def swarm_generate(model_dir, stages, workdir, request):
-    async with inprocess_swarm(model_dir, stages, workdir, memory_budgets=budgets(model_dir, stages)) as swarm:
+    async with inprocess_swarm(model_dir, stages, workdir, stage_args=heterogeneous(stages)) as swarm:
         generation = await generate(swarm.coordinator.address, swarm.tls(), request)
         blocks = [(s.node.block.start, s.node.block.end) for s in swarm.stages]
         leftover = await _sessions_left(swarm)

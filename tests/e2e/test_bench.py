@@ -1,0 +1,28 @@
+"""`shard bench` on a short configuration: relays, every mode, JSON, table and plot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke(tinystories_dir, tmp_path):
+    out, doc, plot = tmp_path / "wan.json", tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "--quick", "--model", str(tinystories_dir),
+         "--topology", "wan-3", "--max-tokens", "12", "--prompts", "1",
+         "--out", str(out), "--doc", str(doc), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert {r["mode"] for r in rows} >= {"plain", "pipelined target K=4 W=2", "pipelined ngram K=4 W=2"}
+    assert all(r["lossless"] for r in rows)
+    plain = next(r for r in rows if r["mode"] == "plain")
+    # Every traversal crosses the emulated links: 16+11+40+38 ms of round trips is 52.5 ms one way.
+    assert plain["traversal_seconds"] >= 0.0525
+    assert all(r["bound_tokens_per_second"] > 0 for r in rows)
+    assert "| plain |" in doc.read_text() and plot.read_bytes()[:4] == b"\x89PNG"
