@@ -336,6 +336,14 @@ def order_ring(rtt: Mapping[tuple[str, str], float], stage_ids: list[str], coord
     )
 
 
+def ring_rtt(rtt: Mapping[tuple[str, str], float], order: list[str], coordinator_id: str) -> float:
+    """The total measured RTT of the given ring order (links measured in neither
+    direction count the same penalty as in order_ring)."""
+    ids = [coordinator_id, *order]
+    cost, _ = _link_costs(rtt, ids)
+    return sum(cost[p][(p + 1) % len(ids)] for p in range(len(ids)))
+
+
 def best_coordinator(rtt: Mapping[tuple[str, str], float], candidate_ids: list[str],
                      stage_ids: list[str], *, exact_up_to: int = EXACT_RING_UP_TO) -> RingOrder:
     """The shortest ring over all places the coordinator could run (e.g. any stage's

@@ -9,6 +9,7 @@ from shard.decode.draft import DraftMismatch, load_draft
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
+from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 from shard.config import advertised_address, node_secrets, node_tls
 
@@ -34,7 +35,8 @@ async def start(args) -> RunningNode:
     running.on_stop(node.ring.close)
     capabilities = registry_pb2.NodeCapabilities(
         node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
-        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region)
+        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region,
+        public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan)
     await membership.start()
     running.on_stop(membership.stop)

@@ -30,7 +30,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def Heartbeat(self, request, context):
         await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
-        known = self.state.heartbeat(request.node_id, request.state, request.plan_version)
+        known = self.state.heartbeat(request.node_id, request.state, request.plan_version,
+                                     {s.peer_id: s.seconds for s in request.rtts})
         return registry_pb2.HeartbeatReply(known=known)
 
     async def Leave(self, request, context):

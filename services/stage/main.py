@@ -10,6 +10,7 @@ from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 from shard.config import advertised_address, node_secrets, node_tls
 
@@ -35,7 +36,8 @@ async def start(args) -> RunningNode:
         device_name=device_name, device_id=device_id,
         memory_budget_bytes=args.memory_budget or default_memory_budget(args.device),
         region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint,
-        speed=args.speed or measure_speed(node.checkpoint.hidden_size, args.device))
+        speed=args.speed or measure_speed(node.checkpoint.hidden_size, args.device),
+        public_key=public_key_der(tls.cert_pem) if tls else b"")
 
     async def on_plan(plan: registry_pb2.Plan) -> None:
         if plan.problem:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from shard.v1 import registry_pb2, registry_pb2_grpc
+from shard.v1 import (coordinator_pb2, coordinator_pb2_grpc, registry_pb2, registry_pb2_grpc, stage_pb2,
+                      stage_pb2_grpc)
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,11 @@ class Membership:
         # What this node serves now, told to a restarted registry so it can adopt the
         # running plan instead of re-planning.
         self.serving = registry_pb2.ServingBlock()
+        self._tls = tls
         self._channel = open_channel(registry_address, tls)
+        self._peer_channels: dict[str, grpc.aio.Channel] = {}
+        self._probed: set[tuple[str, str]] = set()
+        self.rtts: dict[str, float] = {}
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._tasks: list[asyncio.Task] = []
         self.state = registry_pb2.NODE_STATE_LOADING
@@ -55,6 +61,8 @@ class Membership:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._peer_channels.values():
+            await channel.close()
         try:
             await self._stub.Leave(
                 registry_pb2.LeaveRequest(node_id=self.capabilities.node_id), timeout=1.0
@@ -81,7 +89,8 @@ class Membership:
     async def _heartbeat_once(self) -> None:
         reply = await self._stub.Heartbeat(
             registry_pb2.HeartbeatRequest(
-                node_id=self.capabilities.node_id, state=self.state, plan_version=self.plan_version
+                node_id=self.capabilities.node_id, state=self.state, plan_version=self.plan_version,
+                rtts=[registry_pb2.RttSample(peer_id=p, seconds=s) for p, s in self.rtts.items()],
             ),
             timeout=5.0,
         )
@@ -89,6 +98,44 @@ class Membership:
             log.info("registry does not know %s; joining again", self.capabilities.node_id)
             await self._join()
             await self._heartbeat_once()
+
+    async def _probe_new_members(self, plan: registry_pb2.Plan) -> None:
+        """Measure the round trip to every member not measured yet and report at once:
+        the registry orders the ring by these before it makes the first plan."""
+        fresh = [m for m in plan.members
+                 if m.node_id != self.capabilities.node_id and (m.node_id, m.address) not in self._probed]
+        if not fresh:
+            return
+        samples = await asyncio.gather(*(self._round_trip(m) for m in fresh))
+        for member, seconds in zip(fresh, samples):
+            self._probed.add((member.node_id, member.address))
+            if seconds is not None:
+                self.rtts[member.node_id] = seconds
+        try:
+            await self._heartbeat_once()
+        except grpc.aio.AioRpcError as error:
+            log.debug("could not report round trips: %s", error.code().name)
+
+    async def _round_trip(self, member: registry_pb2.Member, tries: int = 3) -> float | None:
+        channel = self._peer_channels.get(member.address)
+        if channel is None:
+            channel = self._peer_channels[member.address] = open_channel(member.address, self._tls)
+        if member.role == registry_pb2.ROLE_STAGE:
+            call = lambda: stage_pb2_grpc.StageStub(channel).Ping(stage_pb2.PingRequest(), timeout=2.0)  # noqa: E731
+        else:
+            call = lambda: coordinator_pb2_grpc.CoordinatorStub(channel).Status(  # noqa: E731
+                coordinator_pb2.StatusRequest(), timeout=2.0)
+        best = None
+        try:
+            await call()  # the first call also sets up the connection: not a round trip
+            for _ in range(tries):
+                began = time.perf_counter()
+                await call()
+                elapsed = time.perf_counter() - began
+                best = elapsed if best is None else min(best, elapsed)
+        except grpc.aio.AioRpcError as error:
+            log.info("could not ping %s: %s", member.node_id, error.code().name)
+        return best
 
     async def _heartbeat_forever(self) -> None:
         while True:
@@ -108,4 +155,5 @@ class Membership:
                     )
                     async for plan in stream:
                         await self._on_plan(plan)
+                        await self._probe_new_members(plan)
             await asyncio.sleep(self._heartbeat_seconds)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from shard.placement import ModelSizes, NodeOffer, PlacementError, place
+from shard.placement import (ModelSizes, NodeOffer, PlacementError, best_coordinator, order_ring, place,
+                             ring_rtt)
 from shard.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ class RegistryError(Exception):
         self.code, self.message = code, message
 
 
+# A ring order other than by node id must save at least this much round trip.
+RING_GAIN_SECONDS, RING_GAIN_FRACTION = 0.001, 0.1
 TRUSTED = "trusted"  # the trust label that may hold the first and last blocks when pinned
 
 
@@ -48,6 +51,12 @@ class RegistryState:
     # The plan version at which the current blocks were assigned: stages that report
     # READY at or after it have loaded their block.
     assigned_version: int = 0
+    # Measured round trips between members, (from, to) -> seconds.
+    rtt: dict[tuple[str, str], float] = field(default_factory=dict)
+    # How long the first plan may wait for members to measure their round trips.
+    rtt_wait_seconds: float = 3.0
+    _waiting_for_rtts: bool = False
+    _rtt_deadline: float | None = None
     _planned_once: bool = False
     # After a restart, nodes that report serving a ring get a few leases to rejoin, so
     # that their ring is adopted whole rather than re-planned.
@@ -80,13 +89,18 @@ class RegistryState:
                  registry_pb2.Role.Name(capabilities.role), capabilities.address)
         self._replan_if_needed()
 
-    def heartbeat(self, node_id: str, state: int, plan_version: int) -> bool:
+    def heartbeat(self, node_id: str, state: int, plan_version: int,
+                  rtts: dict[str, float] | None = None) -> bool:
         record = self.nodes.get(node_id)
         if record is None:
             return False
         record.lease_deadline = time.monotonic() + self.lease_seconds
         record.state, record.plan_version = state, plan_version
-        if not self.plan.ready and self._all_assigned_ready():
+        for peer, seconds in (rtts or {}).items():
+            self.rtt[node_id, peer] = seconds
+        if not self.plan.stages and self._waiting_for_rtts:
+            self._assign()
+        elif not self.plan.ready and self._all_assigned_ready():
             self._publish(ready=True)
         return True
 
@@ -158,7 +172,10 @@ class RegistryState:
             self.plan.problem = "waiting for the running ring to rejoin"
         elif not stages:
             self.plan.problem = "no stage left"
+        elif not self._planned_once and not self._rtts_measured(stages):
+            self.plan.problem = "measuring round trips between members"
         else:
+            stages = self._ring_ordered(stages)
             offers = [NodeOffer(c.node_id, c.memory_budget_bytes, c.speed or 1.0, c.trust == TRUSTED)
                       for c in stages]
             try:
@@ -173,6 +190,38 @@ class RegistryState:
                                          layer_start=stage.start, layer_end=stage.end)
         self._planned_once = self._planned_once or bool(self.plan.stages)
         self._publish(reassigned=True)
+
+    def _rtts_measured(self, stages) -> bool:
+        """Whether every pair of members has a round trip, or the wait for them is over."""
+        members = [c.node_id for c in stages] + ([self._coordinator().node_id] if self._coordinator() else [])
+        missing = [(a, b) for a in members for b in members
+                   if a < b and (a, b) not in self.rtt and (b, a) not in self.rtt]
+        if self._rtt_deadline is None:
+            self._rtt_deadline = time.monotonic() + self.rtt_wait_seconds
+        self._waiting_for_rtts = bool(missing) and time.monotonic() < self._rtt_deadline
+        if missing and not self._waiting_for_rtts:
+            log.warning("planning without round trips for %d pairs of members", len(missing))
+        return not self._waiting_for_rtts
+
+    def _ring_ordered(self, stages) -> list:
+        """Stages in the ring order of least total round trip; node id order unless that
+        saves a real amount (loopback round trips are noise, and a stable order is kind)."""
+        coordinator = self._coordinator()
+        self.plan.coordinator_site, self.plan.ring_rtt_seconds = "", 0.0
+        if coordinator is None or not self.rtt:
+            return stages
+        by_id = {c.node_id: c for c in stages}
+        best = order_ring(self.rtt, list(by_id), coordinator.node_id)
+        stable = ring_rtt(self.rtt, list(by_id), coordinator.node_id)
+        site = best_coordinator(self.rtt, list(by_id), list(by_id))
+        order, total = best.order, best.total_rtt
+        if stable - best.total_rtt < max(RING_GAIN_SECONDS, RING_GAIN_FRACTION * stable):
+            order, total = tuple(by_id), stable
+        self.plan.coordinator_site, self.plan.ring_rtt_seconds = site.coordinator_id, total
+        log.info("ring order %s (%.2f ms of round trips; best possible %.2f ms%s); the coordinator "
+                 "would do best beside %s", " -> ".join(order), total * 1e3, best.total_rtt * 1e3,
+                 "" if best.exact else ", heuristic", site.coordinator_id)
+        return [by_id[node_id] for node_id in order]
 
     def _running_ring(self) -> list[NodeRecord] | None:
         """The ring the joined stages report serving, when it is whole (a registry that
@@ -212,6 +261,10 @@ class RegistryState:
         self.plan.coordinator_id = coordinator.node_id if coordinator else ""
         self.plan.coordinator_address = coordinator.address if coordinator else ""
         self.plan.model_fingerprint = self.model_fingerprint
+        del self.plan.members[:]
+        for record in sorted(self.nodes.values(), key=lambda r: r.capabilities.node_id):
+            c = record.capabilities
+            self.plan.members.add(node_id=c.node_id, address=c.address, role=c.role)
         self.plan.num_layers = self.sizes.num_layers
         self.plan.ready = ready or (not reassigned and self._all_assigned_ready())
         if self.plan.problem:

@@ -293,3 +293,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def public_key_der(cert_pem: bytes) -> bytes:
+    """The certificate's public key (SubjectPublicKeyInfo, DER): what a node tells the
+    registry it will sign with."""
+    key = x509.load_pem_x509_certificate(cert_pem).public_key()
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

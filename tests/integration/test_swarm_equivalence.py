@@ -86,3 +86,23 @@ def test_stage_of_four_holds_a_fraction_of_the_weights(tiny_model_dirs, tmp_path
     assert sorted((i.layer_start, i.layer_end) for i in infos)[0][0] == 0
     for info in infos:
         assert 0 < info.weight_bytes < total / 2, (info.node_id, info.weight_bytes, total)
+
+
+def test_members_measure_round_trips_before_the_first_plan(tiny_model_dirs, tmp_path):
+    async def measured():
+        async with inprocess_swarm(tiny_model_dirs["llama"], 3, tmp_path) as swarm:
+            plan = type(swarm.registry.node.plan)()
+            plan.CopyFrom(swarm.registry.node.plan)
+            joined = {n: r.capabilities for n, r in swarm.registry.node.nodes.items()}
+            return dict(swarm.registry.node.rtt), plan, joined
+
+    rtt, plan, joined = asyncio.run(measured())
+    for node_id in ("stage-0", "stage-1", "stage-2"):
+        capabilities = joined[node_id]
+        assert capabilities.speed > 0 and capabilities.memory_budget_bytes > 0
+        assert capabilities.device_name == "cpu" and len(capabilities.public_key) > 60
+    members = {"coordinator", "stage-0", "stage-1", "stage-2"}
+    pairs = {frozenset(pair) for pair in rtt}
+    assert all(frozenset((a, b)) in pairs for a in members for b in members if a < b)
+    assert all(0 < seconds < 1 for seconds in rtt.values())
+    assert plan.coordinator_site in members and plan.ring_rtt_seconds > 0
