@@ -6,7 +6,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from shard.v1 import coordinator_pb2, coordinator_pb2_grpc
 from shard.wire.tls import NodeTLS, open_channel

@@ -4,7 +4,6 @@ what `shard up` runs and what the process-level tests start."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys

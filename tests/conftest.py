@@ -1,12 +1,14 @@
 """Shared fixtures: tiny random models built once per session, the real TinyStories model,
 and a spy on safetensors reads. Reusable non-fixture helpers live in shard/testing/."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 
 from shard.model import checkpoint
+from shard.testing.swarm import inprocess_swarm
 from shard.testing.tiny_models import ARCHS, build_tiny_model, shared_model_dir
 
 
@@ -25,6 +27,19 @@ def tinystories_dir() -> Path:
     if path is None:
         pytest.skip("the shared real model ../shared/models/tinystories-656k is absent")
     return path
+
+
+@pytest.fixture(scope="module")
+def tinystories_swarm(tinystories_dir, tmp_path_factory):
+    """A 2-stage swarm of the real model kept up for a whole test module, in an event loop
+    of its own: `swarm.run(coroutine)` runs a client call in it."""
+    loop = asyncio.new_event_loop()
+    context = inprocess_swarm(tinystories_dir, 2, tmp_path_factory.mktemp("swarm"))
+    swarm = loop.run_until_complete(context.__aenter__())
+    swarm.run = loop.run_until_complete
+    yield swarm
+    loop.run_until_complete(context.__aexit__(None, None, None))
+    loop.close()
 
 
 class SafetensorsSpy:

@@ -6,13 +6,13 @@ import asyncio
 import logging
 
 from services.stage.servicer import StageServicer
+from shard.config import advertised_address, node_secrets, node_tls
 from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
-from shard.config import advertised_address, node_secrets, node_tls
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shard.bench.report import markdown, plot
-from shard.bench.run import STORY_PROMPTS, bench_topology, machine, modes_for, single_process, write_json
+from shard.bench.run import (
+    STORY_PROMPTS,
+    bench_topology,
+    machine,
+    modes_for,
+    single_process,
+    write_json,
+)
 from shard.bench.topology import TOPOLOGIES
 
 
@@ -82,7 +89,7 @@ def _compute_check(scratch: Path) -> dict:
     """Plain 2-stage pipeline vs one process, on a model with tens of ms per token."""
     import asyncio
 
-    from shard.bench.run import _request, Mode
+    from shard.bench.run import Mode, _request
     from shard.client import generate
     from shard.launcher import LocalSwarm
     from shard.testing.tiny_models import build_compute_model

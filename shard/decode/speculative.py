@@ -21,7 +21,6 @@ from typing import Awaitable, Callable, Protocol
 
 from shard.decode.draft import DraftSession
 
-
 MAX_REPLAYS = 5
 
 

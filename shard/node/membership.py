@@ -13,8 +13,14 @@ from typing import Awaitable, Callable
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from shard.v1 import (coordinator_pb2, coordinator_pb2_grpc, registry_pb2, registry_pb2_grpc, stage_pb2,
-                      stage_pb2_grpc)
+from shard.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    stage_pb2,
+    stage_pb2_grpc,
+)
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from shard.placement import (ModelSizes, NodeOffer, PlacementError, best_coordinator, order_ring, place,
-                             ring_rtt)
+from shard.placement import (
+    ModelSizes,
+    NodeOffer,
+    PlacementError,
+    best_coordinator,
+    order_ring,
+    place,
+    ring_rtt,
+)
 from shard.v1 import registry_pb2
 
 log = logging.getLogger(__name__)

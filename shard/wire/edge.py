@@ -14,7 +14,12 @@ import logging
 from collections import deque
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from shard.v1 import coordinator_pb2_grpc, frame_pb2, stage_pb2_grpc
 from shard.wire.seal import EdgeSealer

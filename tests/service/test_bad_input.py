@@ -8,8 +8,13 @@ import torch
 
 from shard.client import generate
 from shard.testing.reference import reference_greedy
-from shard.testing.swarm import inprocess_swarm
-from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    frame_pb2,
+    stage_pb2,
+    stage_pb2_grpc,
+)
 from shard.wire.certs import SECRET_FILE, create_deployment
 from shard.wire.codec import encode_tensor
 from shard.wire.seal import EdgeSealer, load_secret
@@ -19,14 +24,8 @@ CONTEXT = 512  # tinystories' max_position_embeddings
 
 
 @pytest.fixture(scope="module")
-def swarm(tinystories_dir, tmp_path_factory):
-    loop = asyncio.new_event_loop()
-    context = inprocess_swarm(tinystories_dir, 2, tmp_path_factory.mktemp("swarm"))
-    running = loop.run_until_complete(context.__aenter__())
-    running.run = loop.run_until_complete
-    yield running
-    loop.run_until_complete(context.__aexit__(None, None, None))
-    loop.close()
+def swarm(tinystories_swarm):
+    return tinystories_swarm
 
 
 def status_of(swarm, coroutine) -> grpc.StatusCode:

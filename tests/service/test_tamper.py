@@ -20,15 +20,9 @@ PROMPT = [1, 415, 1022, 264, 727]
 
 
 @pytest.fixture(scope="module")
-def swarm(tinystories_dir, tmp_path_factory):
-    loop = asyncio.new_event_loop()
-    context = inprocess_swarm(tinystories_dir, 2, tmp_path_factory.mktemp("swarm"))
-    running = loop.run_until_complete(context.__aenter__())
-    running.run = loop.run_until_complete
-    running.secret = load_secret(running.certs / SECRET_FILE)
-    yield running
-    loop.run_until_complete(context.__aexit__(None, None, None))
-    loop.close()
+def swarm(tinystories_swarm):
+    tinystories_swarm.secret = load_secret(tinystories_swarm.certs / SECRET_FILE)
+    return tinystories_swarm
 
 
 def plain_frame(session="t", start_pos=0, tokens=(1, 415, 1022)):
