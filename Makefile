@@ -37,7 +37,8 @@ test: setup
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench.stage_memory
+	$(VENV)/bin/shard --log-level WARNING bench --compute-check
+	$(PY) -m bench.seal_cost
 
 clean:
 	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache
