@@ -39,6 +39,7 @@ test: setup
 bench: setup
 	$(VENV)/bin/shard --log-level WARNING bench --compute-check
 	$(PY) -m bench.seal_cost
+	$(PY) -m bench.stage_memory
 
 clean:
 	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shard.bench.report import markdown, plot
@@ -35,31 +35,32 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from transformers import AutoTokenizer
-
     from shard.launcher import default_model_dir
-    from shard.testing.drafts import truncated_copy
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts_ids = [tokenizer(p)["input_ids"] for p in STORY_PROMPTS[: max(args.prompts, 1)]]
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
+    settings = [(4, 2)] if args.quick else [(4, 1), (4, 4), (8, 8)]
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as scratch:
-        drafts = {"target": str(model_dir), "ngram": "ngram"}
-        settings = [(4, 2)] if args.quick else [(4, 1), (4, 4), (8, 8)]
-        if not args.quick:
-            drafts["truncated"] = str(truncated_copy(model_dir, Path(scratch) / "truncated", layers=1))
-        modes = modes_for(list(drafts), settings)
-        ceiling, expected = single_process(model_dir, prompts_ids, args.max_tokens)
+        targets: dict[Path, Target] = {}
         rows = []
         for topology in topologies:
-            print(f"shard bench: {topology.name} ({topology.stages} stages)", file=sys.stderr)
-            rows += bench_topology(topology, model_dir, drafts, modes, prompts_ids, args.max_tokens, expected)
+            target_dir = _deep_enough(model_dir, topology.stages, Path(scratch))
+            if target_dir not in targets:
+                targets[target_dir] = Target.prepare(target_dir, args, Path(scratch))
+            target = targets[target_dir]
+            print(f"shard bench: {topology.name} ({topology.stages} stages) on {target_dir}", file=sys.stderr)
+            topology_rows = bench_topology(topology, target_dir, target.drafts, modes_for(list(target.drafts), settings),
+                                           target.prompts_ids, args.max_tokens, target.expected)
+            for row in topology_rows:
+                label = str(target_dir) if target_dir == model_dir else (
+                    f"demo model: random 6-layer llama, byte tokenizer ({model_dir.name} has too few layers "
+                    f"for {topology.stages} stages)")
+                row.extra.update(model=label, single_process_tokens_per_second=target.ceiling)
+            rows += topology_rows
         compute = [_compute_check(Path(scratch))] if args.compute_check else []
     payload = {
         "command": "shard bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "shard bench",
-        "machine": machine(), "model": str(model_dir), "max_tokens": args.max_tokens,
-        "prompts": len(prompts_ids), "single_process_tokens_per_second": ceiling,
+        "machine": machine(), "max_tokens": args.max_tokens, "prompts": min(max(args.prompts, 1), len(STORY_PROMPTS)),
         "topologies": [t.name for t in topologies], "rows": [asdict(r) for r in rows],
         "compute_check": compute,
     }
@@ -69,6 +70,42 @@ def main(args) -> int:
     plot(payload, Path(args.plot))
     print(markdown(payload))
     return 0 if all(r.lossless for r in rows) else 1
+
+
+@dataclass
+class Target:
+    """A target model with its prompts, drafts and single-process reference."""
+
+    drafts: dict[str, str]
+    prompts_ids: list[list[int]]
+    ceiling: float
+    expected: list[list[int]]
+
+    @classmethod
+    def prepare(cls, model_dir: Path, args, scratch: Path) -> "Target":
+        from transformers import AutoTokenizer
+
+        from shard.testing.drafts import truncated_copy
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts_ids = [tokenizer(p)["input_ids"] for p in STORY_PROMPTS[: max(args.prompts, 1)]]
+        drafts = {"target": str(model_dir), "ngram": "ngram"}
+        if not args.quick:
+            truncated = scratch / f"truncated-{model_dir.name}"
+            drafts["truncated"] = str(truncated_copy(model_dir, truncated, layers=1))
+        ceiling, expected = single_process(model_dir, prompts_ids, args.max_tokens)
+        return cls(drafts, prompts_ids, ceiling, expected)
+
+
+def _deep_enough(model_dir: Path, stages: int, scratch: Path) -> Path:
+    """The model itself if it can be cut into `stages` blocks (embedding, layers and head
+    are the units), else the 6-layer demo model (random weights, byte tokenizer)."""
+    from shard.model.checkpoint import Checkpoint
+    from shard.testing.tiny_models import build_demo_model
+
+    if Checkpoint.open(model_dir).num_layers + 2 >= stages:
+        return model_dir
+    return build_demo_model(scratch / "demo-model")
 
 
 def _doc(payload: dict, plot_path: Path, doc_path: Path) -> str:

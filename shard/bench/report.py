@@ -8,14 +8,15 @@ from pathlib import Path
 def markdown(payload: dict) -> str:
     lines = [f"Command: `{payload['command']}`", "",
              f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
-             f"torch {payload['machine']['torch']}. Model: `{payload['model']}`, "
-             f"{payload['max_tokens']} new tokens x {payload['prompts']} prompts per mode.", "",
-             f"Single-process `transformers` greedy `generate()`, no network (the ceiling): "
-             f"**{payload['single_process_tokens_per_second']:.1f} tok/s**.", ""]
+             f"torch {payload['machine']['torch']}; {payload['max_tokens']} new tokens x "
+             f"{payload['prompts']} prompts per mode.", ""]
     for topology in payload["topologies"]:
         rows = [r for r in payload["rows"] if r["topology"] == topology]
         plain = next(r for r in rows if r["k"] == 0)["tokens_per_second"]
         lines += [f"### {topology}", "",
+                  f"Model `{rows[0]['extra']['model']}`; single-process `transformers` greedy `generate()`, "
+                  f"no network (the ceiling): **{rows[0]['extra']['single_process_tokens_per_second']:.1f} tok/s**.",
+                  "",
                   "| mode | tok/s | x plain | acceptance | tokens/traversal | chunks sent / wasted / cancelled "
                   "| bound tok/s | efficiency | lossless |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
@@ -47,7 +48,7 @@ def plot(payload: dict, path: Path) -> None:
         axis.bar(range(len(rows)), [r["tokens_per_second"] for r in rows], label="measured")
         axis.scatter(range(len(rows)), [r["bound_tokens_per_second"] for r in rows], color="black",
                      marker="_", s=400, label="analytic bound")
-        axis.axhline(payload["single_process_tokens_per_second"], color="gray", linestyle="--",
+        axis.axhline(rows[0]["extra"]["single_process_tokens_per_second"], color="gray", linestyle="--",
                      label="single process, no network")
         axis.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
         axis.set_yscale("log")

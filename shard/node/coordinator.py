@@ -178,7 +178,7 @@ class CoordinatorNode:
         """Stream TokenDeltas as tokens are committed, then one GenerationSummary."""
         prepared = self.prepare(request)
         if not self.ring.ready.is_set():
-            problem = self.ring.plan.problem if self.ring.plan else "no plan from the registry yet"
+            problem = self.ring.problem
             raise GenerateError(grpc.StatusCode.UNAVAILABLE,
                                 f"the ring is not ready: {problem or 'stages are still loading'}")
         session_id = uuid.uuid4().hex

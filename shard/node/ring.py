@@ -41,6 +41,7 @@ class Ring:
         self._channels: list[grpc.aio.Channel] = []
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
         self.ready = asyncio.Event()
+        self.problem = "no plan from the registry yet"  # why the ring is not ready, if it is not
 
     @property
     def tail_id(self) -> str | None:
@@ -51,6 +52,7 @@ class Ring:
         gathering its nodes) changes nothing: the data path does not need the registry.
         A plan that moves any block fails the chunks in flight with RingChanged, so their
         sessions replay into the new ring."""
+        self.problem = plan.problem
         if not plan.stages:
             return
         ring = _signature(plan)
@@ -84,7 +86,7 @@ class Ring:
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)
         except asyncio.TimeoutError:
-            problem = self.plan.problem if self.plan else "no plan"
+            problem = self.problem
             raise RingError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
     async def run_chunk(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
