@@ -59,7 +59,7 @@ def main(args) -> int:
             rows += topology_rows
         compute = [_compute_check(Path(scratch))] if args.compute_check else []
     payload = {
-        "command": "shard bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "shard bench",
+        "command": shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]]),
         "machine": machine(), "max_tokens": args.max_tokens, "prompts": min(max(args.prompts, 1), len(STORY_PROMPTS)),
         "topologies": [t.name for t in topologies], "rows": [asdict(r) for r in rows],
         "compute_check": compute,
