@@ -61,7 +61,9 @@ def test_a_killed_stage_costs_no_token(tinystories_dir, tmp_path, stages, spares
 
 def test_a_registry_restart_changes_nothing(tinystories_dir, tmp_path):
     with LocalSwarm(tinystories_dir, 2, workdir=tmp_path, logs_to_files=True, registry_args=LEASE) as swarm:
+        asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request(2), wait_ready_seconds=60))
         before = asyncio.run(blocks(swarm, ["stage-0", "stage-1"]))
+        assert min(before.values())[0] == 0 and max(before.values())[1] == 2  # the ring is loaded
         generation, pause = asyncio.run(generate_through(swarm, swarm.restart_registry, 0.3))
         time.sleep(2)  # a couple of heartbeats: every node re-joins the new registry
         after = asyncio.run(blocks(swarm, ["stage-0", "stage-1"]))
