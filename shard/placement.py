@@ -6,8 +6,7 @@ coordinator sends token ids in and the tail sends argmax ids back. Cutting the r
 units (rather than of layers) lets a ring have more stages than layers: a stage may hold
 only the head, which for a large vocabulary weighs as much as several layers.
 
-assign_blocks sizes blocks in proportion to memory budgets; place sizes them to the
-nodes' speeds within their memory and picks spares; order_ring orders the stages by
+place sizes blocks to the nodes' speeds within their memory and picks spares; order_ring orders the stages by
 measured RTTs and best_coordinator says where the coordinator should run.
 """
 
@@ -46,58 +45,6 @@ class ModelSizes:
             + (self.embed_bytes if first else 0)
             + (self.head_bytes if last else 0)
         )
-
-
-def assign_blocks(sizes: ModelSizes, budgets: list[int]) -> list[tuple[int, int]]:
-    """Contiguous layer blocks, one per budget in ring order, sized in proportion to the
-    budgets; every layer exactly once. Raises PlacementError naming the shortfall."""
-    stages = len(budgets)
-    if stages == 0:
-        raise PlacementError("no stage has joined")
-    if any(budget <= 0 for budget in budgets):
-        raise PlacementError("every stage needs a positive memory budget")
-    units = [sizes.embed_bytes, *sizes.layer_bytes, sizes.head_bytes]
-    if stages > len(units):
-        raise PlacementError(
-            f"{stages} stages but the model has only {len(units)} units "
-            f"(embedding, {sizes.num_layers} layers, head) to share"
-        )
-    shortfall = sizes.total_bytes - sum(budgets)
-    if shortfall > 0:
-        raise PlacementError(
-            f"the model needs {sizes.total_bytes} bytes but the stages offer {sum(budgets)}: "
-            f"{shortfall} bytes short"
-        )
-    cuts = _proportional_cuts(units, budgets)
-    blocks = _unit_cuts_to_layer_blocks(cuts, sizes.num_layers)
-    for index, ((start, end), budget) in enumerate(zip(blocks, budgets)):
-        need = sizes.block_bytes(start, end, first=index == 0, last=index == stages - 1)
-        if need > budget:
-            raise PlacementError(
-                f"stage {index} would need {need} bytes for layers [{start}, {end}) "
-                f"but offers {budget}: {need - budget} bytes short"
-            )
-    return blocks
-
-
-def _proportional_cuts(units: list[int], budgets: list[int]) -> list[int]:
-    """Unit indices where each stage ends, placing each cut nearest the budget share of
-    the cumulative bytes while leaving at least one unit for every stage."""
-    total_units, total_bytes, total_budget = len(units), sum(units), sum(budgets)
-    prefix = [0]
-    for size in units:
-        prefix.append(prefix[-1] + size)
-    cuts, budget_so_far, previous = [], 0, 0
-    for index, budget in enumerate(budgets[:-1]):
-        budget_so_far += budget
-        target = total_bytes * budget_so_far / total_budget
-        lowest = previous + 1
-        highest = total_units - (len(budgets) - 1 - index)
-        cut = min(range(lowest, highest + 1), key=lambda c: abs(prefix[c] - target))
-        cuts.append(cut)
-        previous = cut
-    cuts.append(total_units)
-    return cuts
 
 
 def _unit_cuts_to_layer_blocks(cuts: list[int], num_layers: int) -> list[tuple[int, int]]:

@@ -89,13 +89,6 @@ class Ring:
             problem = self.problem
             raise RingError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
-    async def run_chunk(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
-                        tokens: list[int], num_outputs: int) -> list[int]:
-        """Send one chunk around the ring and return the tail's argmax ids."""
-        future = await self.submit(session_id=session_id, chunk_id=chunk_id, epoch=epoch,
-                                   start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
-        return await self.result(session_id, chunk_id, future)
-
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
                      tokens: list[int], num_outputs: int) -> asyncio.Future:
         if self.head_edge is None:

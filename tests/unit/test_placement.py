@@ -12,7 +12,6 @@ from shard.placement import (
     ModelSizes,
     NodeOffer,
     PlacementError,
-    assign_blocks,
     best_coordinator,
     order_ring,
     place,
@@ -25,17 +24,6 @@ def blocks(placement):
 
 def ids(placement):
     return [s.node_id for s in placement.stages]
-
-
-# ---- assign_blocks, as the registry calls it today ---------------------------------------
-
-
-def test_assign_blocks_equal_budgets():
-    assert assign_blocks(ModelSizes((10,) * 8, 5, 5), [100, 100]) == [(0, 4), (4, 8)]
-
-
-def test_assign_blocks_sizes_blocks_in_proportion_to_budgets():
-    assert assign_blocks(ModelSizes((10,) * 40, 0, 0), [1000, 3000]) == [(0, 10), (10, 40)]
 
 
 # ---- place ---------------------------------------------------------------------------------
