@@ -26,6 +26,8 @@ from shard.wire.tls import NodeTLS, open_channel
 log = logging.getLogger(__name__)
 
 _RETRYABLE = retry_if_exception_type(grpc.aio.AioRpcError)
+REGISTRY_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                      ("grpc.max_reconnect_backoff_ms", 500))
 
 
 class Membership:
@@ -47,7 +49,9 @@ class Membership:
         # running plan instead of re-planning.
         self.serving = registry_pb2.ServingBlock()
         self._tls = tls
-        self._channel = open_channel(registry_address, tls)
+        # gRPC's default reconnect backoff grows to minutes; a restarted registry must
+        # hear from its nodes within about a lease so that it can adopt the running ring.
+        self._channel = open_channel(registry_address, tls, options=REGISTRY_RECONNECT)
         self._peer_channels: dict[str, grpc.aio.Channel] = {}
         self._probed: set[tuple[str, str]] = set()
         self.rtts: dict[str, float] = {}
