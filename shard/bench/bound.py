@@ -1,12 +1,21 @@
-"""The analytic throughput bound to hold each measurement against (../shared/DESIGN.md).
+"""The analytic throughput bound to hold each measurement against (../shared/DESIGN.md),
+for the generations actually run rather than the steady state.
 
-alpha: per-token acceptance; g = (1 - alpha^(K+1)) / (1 - alpha) tokens committed per
-verified chunk (K + 1 at full acceptance).
-- synchronous: g / (K*t_d + T(K)), T(K) the traversal time of a (K+1)-token chunk;
-- pipelined: chunks leave every period = max((K+1)*t_d, slowest stage's chunk time,
-  per-frame overhead); a fully accepted chunk costs one period, a rejection flushes the
-  pipe and costs a traversal plus a fresh draft; and W chunks can cover at most W per
-  traversal."""
+A generation is a sequence of verified chunks. A chunk whose successor cannot be drafted
+before its result is back (a drafted token in it is rejected, or the draft has nothing to
+propose past it) breaks the pipeline, so the chunks fall into runs. A run's first chunk is
+drafted and then goes round the ring: drafting + T. Each later chunk of the run follows
+one period behind, period = max(drafting, slowest stage's chunk time, per-hop overhead),
+and W chunks in flight cover at most W chunks per (drafting + T). So
+
+    seconds = runs * (drafting + T) + (chunks - runs) * max(period, (drafting + T) / W)
+
+W = 1 gives synchronous speculation, chunks * (drafting + T); K = 0 gives plain decode.
+In the steady state at full acceptance this is the design's
+K / max(K*t_d, max_i tau_i(K+1), overhead). Chunks, breaks and drafting per chunk are
+measured, and they depend on the draft and the target only (an n-gram draft proposes
+fewer than K tokens, or none, when it finds no match), so the bound holds the system,
+not the draft, to account."""
 
 from __future__ import annotations
 
@@ -15,29 +24,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Measured:
-    k: int
     w: int
-    alpha: float              # per-token acceptance
-    draft_seconds_per_token: float
-    stage_seconds: tuple[float, ...]  # per chunk, per stage, for this K
-    traversal_seconds: float  # T(K): one chunk around the ring
+    tokens: int                       # committed, over all generations
+    generations: int
+    chunks: int                       # verified chunks (each one traversal's results used)
+    pipeline_breaks: int              # verified chunks that start a new run, last ones excluded
+    draft_seconds_per_chunk: float    # over the chunks sent, wasted ones included
+    stage_seconds: tuple[float, ...]  # per chunk, per stage
+    traversal_seconds: float          # T: one chunk around the ring
 
 
-def tokens_per_chunk(k: int, alpha: float) -> float:
-    if k == 0:
-        return 1.0
-    if alpha >= 1.0:
-        return k + 1.0
-    return (1 - alpha ** (k + 1)) / (1 - alpha)
+def bound_seconds(m: Measured, overhead_seconds: float) -> float:
+    cycle = m.draft_seconds_per_chunk + m.traversal_seconds
+    runs = min(m.pipeline_breaks + m.generations, m.chunks)  # a generation's last chunk ends a run
+    period = max(m.draft_seconds_per_chunk, max(m.stage_seconds, default=0.0), overhead_seconds)
+    return runs * cycle + (m.chunks - runs) * max(period, cycle / m.w)
 
 
 def bound_tokens_per_second(m: Measured, overhead_seconds: float) -> float:
-    g = tokens_per_chunk(m.k, m.alpha)
-    if m.w == 1:
-        return g / (m.k * m.draft_seconds_per_token + m.traversal_seconds)
-    drafting = (m.k + 1) * m.draft_seconds_per_token
-    period = max(drafting, max(m.stage_seconds, default=0.0), overhead_seconds)
-    full = m.alpha ** (m.k + 1) if m.k else 1.0
-    per_chunk = full * period + (1 - full) * (m.traversal_seconds + drafting)
-    window = m.w * g / (m.traversal_seconds + drafting)
-    return min(g / per_chunk, window)
+    return m.tokens / bound_seconds(m, overhead_seconds)

@@ -59,6 +59,10 @@ class Row:
     chunks_sent: int
     chunks_wasted: int
     chunks_cancelled: int
+    pipeline_breaks: int
+    generations: int
+    traversals: int
+    draft_seconds: float
     draft_seconds_per_token: float
     stage_seconds_per_chunk: list[float]
     traversal_seconds: float
@@ -153,6 +157,8 @@ def _row(topology, mode, summaries, stage_seconds, expected) -> Row:
         tokens_per_traversal=tokens / traversals, chunks_sent=sum(s.chunks_sent for s in summaries),
         chunks_wasted=sum(s.chunks_wasted for s in summaries),
         chunks_cancelled=sum(s.chunks_cancelled for s in summaries),
+        pipeline_breaks=sum(s.pipeline_breaks for s in summaries), generations=len(summaries), traversals=traversals,
+        draft_seconds=sum(s.draft_seconds for s in summaries),
         draft_seconds_per_token=sum(s.draft_seconds for s in summaries) / draft_tokens if draft_tokens else 0.0,
         stage_seconds_per_chunk=stage_seconds,
         traversal_seconds=sum(s.ring_seconds for s in summaries) / traversals,
@@ -170,8 +176,8 @@ def _add_bounds(rows: list[Row], topology: Topology) -> None:
         # A (K+1)-token chunk's traversal: the 1-token one plus the extra compute.
         extra_compute = sum(row.stage_seconds_per_chunk) - sum(plain.stage_seconds_per_chunk)
         traversal = plain.traversal_seconds + max(extra_compute, 0.0)
-        measured = Measured(k=row.k, w=row.w, alpha=row.acceptance,
-                            draft_seconds_per_token=row.draft_seconds_per_token,
+        measured = Measured(w=row.w, tokens=row.tokens, generations=row.generations, chunks=row.traversals,
+                            pipeline_breaks=row.pipeline_breaks, draft_seconds_per_chunk=row.draft_seconds / row.chunks_sent,
                             stage_seconds=tuple(row.stage_seconds_per_chunk), traversal_seconds=traversal)
         row.bound_tokens_per_second = bound_tokens_per_second(measured, overhead)
         row.efficiency = row.tokens_per_second / row.bound_tokens_per_second

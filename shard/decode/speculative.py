@@ -8,7 +8,8 @@ before it. On the first mismatch the target's token is committed, the rest of th
 is dropped, the epoch is bumped and the stages are told to skip the stale frames. A chunk
 carries absolute positions, so the stages' caches roll back by themselves.
 
-Plain decode is K = 0, W = 1 with no draft: one token per traversal."""
+Plain decode is K = 0, W = 1 with no draft: one token per traversal. W is a ceiling: the
+driver only drafts as deep ahead as the draft's recent record makes worth it (Lookahead)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,36 @@ from typing import Awaitable, Callable, Protocol
 from shard.decode.draft import DraftSession
 
 MAX_REPLAYS = 5
+
+
+class Lookahead:
+    """How deep ahead drafting pays. A chunk sent with d unverified chunks ahead of it is
+    useful only if all d are fully accepted (probability p^d, p from a running estimate);
+    then it saves a whole cycle (drafting + traversal). If not, it cost its drafting,
+    which can delay the correction. So it is sent when p^d * cycle >= (1 - p^d) * drafting.
+    Over a WAN (cycle >> drafting) nearly any draft is worth running ahead; on a LAN a
+    draft that keeps missing falls back to one chunk at a time instead of loading the
+    coordinator and the stages with waste."""
+
+    WEIGHT = 0.25  # of the newest observation in each running estimate
+
+    def __init__(self) -> None:
+        self.full_rate = 1.0  # optimistic until the draft shows otherwise
+        self.draft_seconds = 0.0
+        self.traversal_seconds = 0.0
+
+    def record_chunk(self, fully_accepted: bool) -> None:
+        self.full_rate += self.WEIGHT * (float(fully_accepted) - self.full_rate)
+
+    def record_draft(self, seconds: float) -> None:
+        self.draft_seconds += self.WEIGHT * (seconds - self.draft_seconds)
+
+    def record_traversal(self, seconds: float) -> None:
+        self.traversal_seconds += self.WEIGHT * (seconds - self.traversal_seconds)
+
+    def allows(self, depth: int) -> bool:
+        useful = self.full_rate ** depth
+        return useful * (self.draft_seconds + self.traversal_seconds) >= (1 - useful) * self.draft_seconds
 
 
 class RingChanged(Exception):
@@ -54,6 +85,9 @@ class DecodeStats:
     chunks_sent: int = 0
     chunks_wasted: int = 0     # in flight when an earlier chunk was rejected
     chunks_cancelled: int = 0  # frames the stages skipped after being told
+    # Used chunks whose successor had to wait for their result: a drafted token in them was
+    # rejected, or the draft had nothing to propose past them. Each starts the pipeline anew.
+    pipeline_breaks: int = 0
     replays: int = 0           # times the committed sequence was replayed into a new ring
     proposed: int = 0          # tokens the draft produced
     drafted: int = 0           # speculative tokens checked against the target
@@ -77,6 +111,21 @@ class _Chunk:
     end: int
     first_output: int  # the position of the chunk's first returned argmax
     result: Awaitable[list[int]]
+    sent_at: float
+    draft_ran_dry: bool = False  # the draft had nothing to propose past this chunk
+    arrived_at: float | None = None  # when the result came back (it may wait to be read)
+
+    def watch_arrival(self) -> None:
+        if not isinstance(self.result, asyncio.Future):
+            return
+        if self.result.done():
+            self.arrived_at = self.sent_at
+        else:
+            self.result.add_done_callback(lambda _: setattr(self, "arrived_at", time.perf_counter()))
+
+    @property
+    def traversal_seconds(self) -> float:
+        return (self.arrived_at or time.perf_counter()) - self.sent_at
 
 
 Propose = Callable[[list[int], int], Awaitable[list[int]]]
@@ -99,10 +148,12 @@ async def decode(
     in_flight: int = 1,
     max_positions: int | None = None,
     propose: Propose | None = None,
+    lookahead: Lookahead | None = None,
 ) -> DecodeStats:
     """Generate up to `max_tokens` tokens after `prompt_ids`, emitting them as committed.
 
-    `propose` runs the draft (e.g. in a worker thread); by default it is called inline."""
+    `propose` runs the draft (e.g. in a worker thread); by default it is called inline.
+    `lookahead` carries a draft's record from earlier generations."""
     if not prompt_ids or max_tokens < 1 or spec_k < 0 or in_flight < 1:
         raise ValueError("need a prompt, max_tokens >= 1, spec_k >= 0 and in_flight >= 1")
     draft = draft or _NoDraft()
@@ -115,6 +166,7 @@ async def decode(
     sent = 0                       # stream[:sent] has gone to the ring
     epoch = 0
     flight: deque[_Chunk] = deque()
+    lookahead = lookahead or Lookahead()
     # The last position whose argmax is worth computing: it predicts the last allowed token.
     last_useful = prompt_len + max_tokens - 2
     if max_positions is not None:
@@ -122,24 +174,31 @@ async def decode(
 
     async def fill() -> None:
         nonlocal sent
-        while len(flight) < in_flight and sent <= last_useful:
+        while len(flight) < in_flight and sent <= last_useful and lookahead.allows(len(flight)):
             # The next chunk verifies positions first_output..last: the drafted tokens up to
             # `last` (the last one's argmax is the bonus, or checks the next chunk's guess).
             first_output = max(sent, committed - 1)
             last = min(first_output + spec_k, last_useful)
             wanted = last + 1 - len(stream)
+            ran_dry = False  # the draft stopped short: it has nothing to propose past this chunk
             if wanted > 0:
                 began = time.perf_counter()
                 proposal = (await run_draft(list(stream), wanted))[:wanted]
+                lookahead.record_draft(time.perf_counter() - began)
                 stats.draft_seconds += time.perf_counter() - began
                 stats.proposed += len(proposal)
                 stream.extend(proposal)
+                ran_dry = len(proposal) < wanted
             end = min(len(stream), last + 1)
-            if end <= sent:
-                return  # the draft had nothing to add: wait for results
+            if end <= sent:  # the draft had nothing to add: wait for results
+                if flight:
+                    flight[-1].draft_ran_dry = True
+                return
             result = await ring.submit(start_pos=sent, tokens=stream[sent:end], epoch=epoch,
                                        num_outputs=end - first_output)
-            flight.append(_Chunk(sent, end, first_output, result))
+            chunk = _Chunk(sent, end, first_output, result, sent_at=time.perf_counter(), draft_ran_dry=ran_dry)
+            chunk.watch_arrival()
+            flight.append(chunk)
             stats.chunks_sent += 1
             sent = end
 
@@ -188,8 +247,10 @@ async def decode(
                 continue
             stats.ring_seconds += time.perf_counter() - began
             stats.traversals += 1
+            lookahead.record_traversal(chunk.traversal_seconds)
             new: list[int] = []
             finished = None
+            drafted_before, rejected = stats.drafted, False
             for position in range(chunk.first_output, chunk.end):
                 target = argmaxes[position - chunk.first_output]
                 speculative = position + 1 < len(stream)
@@ -200,6 +261,7 @@ async def decode(
                     stats.accepted += 1
                 else:
                     if speculative:  # rejected: everything after it is stale
+                        rejected = True
                         del stream[position + 1:]
                         sent = min(sent, position + 1)
                         await drop_in_flight()
@@ -209,6 +271,10 @@ async def decode(
                 finished = _finished(target, eos_ids, committed - prompt_len, max_tokens)
                 if finished or not accepted:
                     break  # later positions of this chunk followed a token that is not final
+            if stats.drafted > drafted_before:
+                lookahead.record_chunk(fully_accepted=not rejected)
+            if (rejected or chunk.draft_ran_dry) and not finished:
+                stats.pipeline_breaks += 1
             stats.output_ids += new
             await emit(new)
             if finished:

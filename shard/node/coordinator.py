@@ -17,7 +17,7 @@ import grpc
 from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, NgramDraft
-from shard.decode.speculative import Finish, RingChanged, decode
+from shard.decode.speculative import Finish, Lookahead, RingChanged, decode
 from shard.model.checkpoint import config_fingerprint
 from shard.node.ring import Ring, RingError
 from shard.v1 import coordinator_pb2
@@ -115,6 +115,8 @@ class CoordinatorNode:
         self.default_spec_k, self.default_in_flight = spec_k, in_flight
         # One thread runs every draft step, off the event loop that moves frames.
         self._draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
+        # A draft's record (per K) carries over between sessions: each starts well judged.
+        self._lookaheads: dict[tuple[str, int], Lookahead] = {}
         path = Path(model_dir)
         self.config = AutoConfig.from_pretrained(path)
         self.fingerprint = config_fingerprint(path)
@@ -197,7 +199,9 @@ class CoordinatorNode:
             SessionRing(self.ring, session_id), prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,
-            spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length))
+            spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
+            lookahead=self._lookaheads.setdefault((prepared.draft.name if prepared.draft else "none", prepared.spec_k),
+                                                  Lookahead())))
         self.active_sessions += 1
         try:
             async for ids in _until_done(committed, decoding):
@@ -231,7 +235,7 @@ class CoordinatorNode:
             ring_seconds=stats.ring_seconds,
             coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, draft_tokens=stats.proposed,
-            replays=stats.replays)
+            replays=stats.replays, pipeline_breaks=stats.pipeline_breaks)
 
 
 async def _until_done(queue: asyncio.Queue, task: asyncio.Task):

@@ -4,11 +4,12 @@ process; tests/integration runs the same driver over the services."""
 
 import asyncio
 import random
+import time
 
 import pytest
 
 from shard.decode.draft import ModelDraft, NgramDraft
-from shard.decode.speculative import Finish, decode
+from shard.decode.speculative import Finish, Lookahead, decode
 from shard.testing.chain import LocalChain
 from shard.testing.drafts import perturbed_copy, unrelated_copy
 from shard.testing.reference import reference_greedy
@@ -34,6 +35,13 @@ class ChainRing:
 
     async def cancel(self, epoch):
         return 0
+
+
+class AlwaysAhead(Lookahead):
+    """Keeps the window full whatever the draft's record: the hardest case for rollback."""
+
+    def allows(self, depth: int) -> bool:
+        return True
 
 
 def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
@@ -74,7 +82,7 @@ def test_every_draft_k_and_depth_is_lossless(tiny_model_dirs, drafts, arch, stag
         for k in (1, 4, 8):
             for in_flight in (1, 4):
                 out, stats = run(chain, PROMPT, draft.session(), max_tokens=NEW, eos_ids=frozenset(),
-                                 spec_k=k, in_flight=in_flight)
+                                 spec_k=k, in_flight=in_flight, lookahead=AlwaysAhead())
                 assert out == expected, (kind, k, in_flight)
                 acceptance[kind, k, in_flight] = stats.acceptance_rate
     # The drafts span agreement: always, sometimes, (almost) never.
@@ -100,16 +108,17 @@ def test_tinystories_with_a_real_draft(tinystories_dir, tmp_path):
 
 class Saboteur:
     """A perfect draft that corrupts one token at a random place in every proposal, so
-    every chunk is rejected somewhere."""
+    every chunk is rejected somewhere. It may take `seconds` per proposal, like a real one."""
 
-    def __init__(self, full: list[int], seed: int):
-        self.full, self.random = full, random.Random(seed)
+    def __init__(self, full: list[int], seed: int, seconds: float = 0.0):
+        self.full, self.random, self.seconds = full, random.Random(seed), seconds
         self.proposals = 0
 
     def propose(self, sequence, n):
         right = self.full[len(sequence):len(sequence) + n]
         if not right:
             return []
+        time.sleep(self.seconds)
         self.proposals += 1
         wrong = self.random.randrange(len(right))
         return [t if i != wrong else (t + 1) % 512 for i, t in enumerate(right)]
@@ -121,13 +130,44 @@ def test_rollback_under_pressure(tiny_model_dirs, seed):
     expected = reference_greedy(model_dir, PROMPT, NEW)
     chain = LocalChain(model_dir, SPLITS[3])
     draft = Saboteur(PROMPT + expected, seed)
-    out, stats = run(chain, PROMPT, draft, max_tokens=NEW, eos_ids=frozenset(), spec_k=6, in_flight=4)
+    out, stats = run(chain, PROMPT, draft, max_tokens=NEW, eos_ids=frozenset(), spec_k=6, in_flight=4,
+                     lookahead=AlwaysAhead())
     assert out == expected
     assert stats.accepted < stats.drafted and stats.chunks_wasted > 0
     # The stages' KV ends at the last chunk the driver sent: never past the committed
     # sequence by more than that chunk's own rejected drafts.
     committed = len(PROMPT) + len(out)
     assert all(committed - 1 <= length <= committed - 1 + 6 for length in chain.cache_lengths())
+
+
+def test_a_draft_that_keeps_missing_stops_running_ahead(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    expected = reference_greedy(model_dir, PROMPT, NEW)
+    wasted = {}
+    for name, lookahead in (("always", AlwaysAhead()), ("adaptive", Lookahead())):
+        chain = LocalChain(model_dir, SPLITS[2])
+        out, stats = run(chain, PROMPT, Saboteur(PROMPT + expected, seed=0, seconds=0.002), max_tokens=NEW, eos_ids=frozenset(),
+                         spec_k=4, in_flight=8, lookahead=lookahead)
+        assert out == expected
+        assert stats.pipeline_breaks >= NEW // 5 - 1  # every chunk is rejected somewhere
+        wasted[name] = stats.chunks_wasted
+    assert wasted["always"] >= 5 * NEW // 5  # the window is refilled after every rejection
+    assert 0 < wasted["adaptive"] <= min(3 * 8, wasted["always"] // 2)  # only until its record shows
+
+
+def test_lookahead_weighs_a_wasted_draft_against_a_saved_traversal():
+    lookahead = Lookahead()
+    assert all(lookahead.allows(depth) for depth in range(64))  # no record yet: optimistic
+    for fully_accepted in [True, False] * 8:  # every other chunk is fully accepted
+        lookahead.record_chunk(fully_accepted)
+    lookahead.record_draft(0.003)
+    for _ in range(16):
+        lookahead.record_traversal(0.060)  # a WAN ring: waiting costs far more than drafting
+    wan_depth = max(d for d in range(64) if lookahead.allows(d))
+    for _ in range(16):
+        lookahead.record_traversal(0.001)  # a LAN ring: drafting dominates
+    lan_depth = max(d for d in range(64) if lookahead.allows(d))
+    assert wan_depth >= 3 and lan_depth <= 1
 
 
 @pytest.mark.parametrize("k, in_flight", [(1, 1), (4, 1), (8, 4)])
