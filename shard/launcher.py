@@ -24,13 +24,14 @@ class LocalSwarm:
                  insecure: bool = False, dtype: str = "auto", logs_to_files: bool = False,
                  coordinator_args: list[str] = (), stage_args: list[str] = (), registry_args: list[str] = (),
                  spares: int = 0, addresses: dict[str, tuple[str, str]] | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, device: str | None = None):
         """`addresses` maps node ids to (listen, advertise) when they must not be
-        127.0.0.1:<any port> (e.g. behind relays)."""
+        127.0.0.1:<any port> (e.g. behind relays); `device` is the stages' (default: a
+        GPU where there is one)."""
         self.model_dir, self.stages = str(model_dir), stages
         self._owned_tmp = None if workdir else tempfile.TemporaryDirectory(prefix="shard-")
         self.workdir = Path(workdir or self._owned_tmp.name)
-        self.insecure, self.dtype = insecure, dtype
+        self.insecure, self.dtype, self.device = insecure, dtype, device
         self._logs_to_files, self._start_timeout = logs_to_files, start_timeout
         self._coordinator_args, self._stage_args = list(coordinator_args), list(stage_args)
         self._registry_args, self.spares = list(registry_args), spares
@@ -72,8 +73,9 @@ class LocalSwarm:
             self.start_stage(f"stage-{index}")
 
     def start_stage(self, node_id: str, *, wait: bool = True) -> None:
+        flags = (["--quiet"] if self._logs_to_files else []) + ([f"--device={self.device}"] if self.device else [])
         self._spawn(node_id, "stage", "--registry", self.registry_address, "--dtype", self.dtype,
-                    "--quiet" if self._logs_to_files else "--device=cpu", *self._stage_args, wait=wait)
+                    *flags, *self._stage_args, wait=wait)
 
     def _spawn(self, node_id: str, command: str, *extra: str, wait: bool = True) -> str:
         address_file = self.workdir / f"{node_id}.address"

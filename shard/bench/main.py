@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shard.bench.compute import compute_check
 from shard.bench.report import markdown, plot
 from shard.bench.run import (
     STORY_PROMPTS,
@@ -31,12 +33,16 @@ def add_arguments(parser) -> None:
                         help="also compare plain 2-stage decode with one process on a compute-heavy model")
     parser.add_argument("--out", default="bench/results/wan.json")
     parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("--plot", default="docs/benchmarks.png")
+    parser.add_argument("--plot", default="docs/benchmarks.png", help="'' for none (no matplotlib needed)")
+    parser.add_argument("--from-json", metavar="RESULTS",
+                        help="run nothing: write the table and plot of a results file from another machine")
 
 
 def main(args) -> int:
     from shard.launcher import default_model_dir
 
+    if args.from_json:
+        return _report(json.loads(Path(args.from_json).read_text()), args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
     settings = [(4, 2)] if args.quick else [(4, 1), (4, 4), (8, 8)]
@@ -57,7 +63,7 @@ def main(args) -> int:
                     f"for {topology.stages} stages)")
                 row.extra.update(model=label, single_process_tokens_per_second=target.ceiling)
             rows += topology_rows
-        compute = [_compute_check(Path(scratch))] if args.compute_check else []
+        compute = [compute_check(Path(scratch))] if args.compute_check else []
     payload = {
         "command": shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]]),
         "machine": machine(), "max_tokens": args.max_tokens, "prompts": min(max(args.prompts, 1), len(STORY_PROMPTS)),
@@ -65,11 +71,17 @@ def main(args) -> int:
         "compute_check": compute,
     }
     write_json(Path(args.out), payload)
+    return _report(payload, args)
+
+
+def _report(payload: dict, args) -> int:
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text(_doc(payload, Path(args.plot), Path(args.doc)))
-    plot(payload, Path(args.plot))
+    Path(args.doc).write_text(_doc(payload, Path(args.plot) if args.plot else None, Path(args.doc)))
+    if args.plot:
+        plot(payload, Path(args.plot))
     print(markdown(payload))
-    return 0 if all(r.lossless for r in rows) else 1
+    lossless = all(r["lossless"] for r in payload["rows"]) and all(c["lossless"] for c in payload["compute_check"])
+    return 0 if lossless else 1
 
 
 @dataclass
@@ -108,8 +120,11 @@ def _deep_enough(model_dir: Path, stages: int, scratch: Path) -> Path:
     return build_demo_model(scratch / "demo-model")
 
 
-def _doc(payload: dict, plot_path: Path, doc_path: Path) -> str:
-    relative = Path(*([".."] * (len(doc_path.parent.parts)))) / plot_path if doc_path.parent.parts else plot_path
+def _doc(payload: dict, plot_path: Path | None, doc_path: Path) -> str:
+    figure = []
+    if plot_path:
+        relative = Path(*([".."] * (len(doc_path.parent.parts)))) / plot_path if doc_path.parent.parts else plot_path
+        figure = [f"![tokens per second]({relative.as_posix()})", ""]
     return "\n".join([
         "# Benchmarks: decoding modes over emulated WAN links", "",
         "Every ring edge goes through a user-space relay that delays each byte by half the edge's",
@@ -119,29 +134,4 @@ def _doc(payload: dict, plot_path: Path, doc_path: Path) -> str:
         "prompts; `lossless` checks its tokens against single-process `generate()`. The bound is the",
         "analytic throughput from the measured draft time per token, stage time per chunk, per-hop",
         "overhead and traversal time (`shard/bench/bound.py`); efficiency = measured / bound.", "",
-        markdown(payload), "", f"![tokens per second]({relative.as_posix()})", ""])
-
-
-def _compute_check(scratch: Path) -> dict:
-    """Plain 2-stage pipeline vs one process, on a model with tens of ms per token."""
-    import asyncio
-
-    from shard.bench.run import Mode, _request
-    from shard.client import generate
-    from shard.launcher import LocalSwarm
-    from shard.testing.tiny_models import build_compute_model
-
-    model_dir = build_compute_model(scratch / "compute-model")
-    prompt = [[1, 5, 9, 13, 17, 21, 25, 29]]
-    ceiling, expected = single_process(model_dir, prompt, 24)
-    plain = Mode("plain", "none", 0, 1)
-    with LocalSwarm(model_dir, 2, logs_to_files=True) as swarm:
-        tls = swarm.client_tls()
-        asyncio.run(generate(swarm.coordinator_address, tls, _request(prompt[0], 4, plain, {}),
-                             wait_ready_seconds=300))
-        summary = asyncio.run(generate(swarm.coordinator_address, tls, _request(prompt[0], 24, plain, {}))).summary
-    return {"model": "random llama, hidden 1024, 8 layers", "stages": 2,
-            "single_process_tokens_per_second": ceiling,
-            "pipeline_tokens_per_second": summary.tokens_per_second,
-            "ratio": summary.tokens_per_second / ceiling,
-            "lossless": list(summary.output_ids) == expected[0]}
+        markdown(payload), "", *figure])

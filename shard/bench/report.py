@@ -28,9 +28,12 @@ def markdown(payload: dict) -> str:
                 f"| {r['bound_tokens_per_second']:.1f} | {r['efficiency']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
         lines.append("")
     for check in payload.get("compute_check", []):
-        lines += [f"Compute-dominated model on `lan` ({check['model']}): plain pipeline over "
-                  f"{check['stages']} stages {check['pipeline_tokens_per_second']:.2f} tok/s vs single process "
-                  f"{check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x**.", ""]
+        rounds = ", ".join(f"{r['ratio']:.3f}" for r in check["rounds"])
+        lines += [f"Compute-dominated model on `lan` ({check['model']}, {check['threads_per_node']} torch "
+                  f"thread(s) per node and for the single process, {check['tokens']} tokens): plain pipeline "
+                  f"over {check['stages']} stages {check['pipeline_tokens_per_second']:.2f} tok/s vs single "
+                  f"process {check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x** "
+                  f"(median of rounds {rounds}; lossless: {'yes' if check['lossless'] else 'NO'}).", ""]
     return "\n".join(lines)
 
 

@@ -72,9 +72,10 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int,
+                   threads: int | None = None) -> tuple[float, list[list[int]]]:
     """transformers' own greedy generate() in this process, the no-network ceiling:
-    (tokens per second, the outputs)."""
+    (tokens per second, the outputs), on `threads` torch threads if given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -86,10 +87,15 @@ def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int) -> 
                              do_sample=False)
         return out[0, len(ids):].tolist()
 
-    run(prompts_ids[0])  # warm-up
-    began = time.perf_counter()
-    outputs = [run(ids) for ids in prompts_ids]
-    return sum(map(len, outputs)) / (time.perf_counter() - began), outputs
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        run(prompts_ids[0])  # warm-up
+        began = time.perf_counter()
+        outputs = [run(ids) for ids in prompts_ids]
+        return sum(map(len, outputs)) / (time.perf_counter() - began), outputs
+    finally:
+        torch.set_num_threads(default_threads)
 
 
 async def _stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
@@ -100,16 +106,16 @@ async def _stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
     return infos
 
 
-def _request(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, str]):
+def request_for(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, str]):
     return coordinator_pb2.GenerateRequest(
         prompt_ids=coordinator_pb2.TokenIds(ids=ids), max_tokens=max_tokens, stop_at_eos=False,
         draft=drafts.get(mode.draft, "none"), spec_k=mode.k, in_flight=mode.w)
 
 
 async def _run_mode(client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens):
-    await generate(client_address, tls, _request(prompts_ids[0], 8, mode, drafts))  # warm-up
+    await generate(client_address, tls, request_for(prompts_ids[0], 8, mode, drafts))  # warm-up
     before = await _stage_infos(stage_addresses, tls)
-    summaries = [(await generate(client_address, tls, _request(ids, max_tokens, mode, drafts))).summary
+    summaries = [(await generate(client_address, tls, request_for(ids, max_tokens, mode, drafts))).summary
                  for ids in prompts_ids]
     after = await _stage_infos(stage_addresses, tls)
     stage_seconds = [
@@ -126,14 +132,14 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
     coordinator_args = ["--threads=1", *(f"--draft={spec}" for spec in drafts.values() if spec != "ngram")]
     rows = []
     with emulated_links(topology) as addresses, LocalSwarm(
-            model_dir, topology.stages, addresses=addresses, logs_to_files=True,
+            model_dir, topology.stages, addresses=addresses, logs_to_files=True, device="cpu",
             coordinator_args=coordinator_args, stage_args=["--threads=1"]) as swarm:
         tls = swarm.client_tls()
         # The benchmark client talks to the coordinator directly: its link is not a ring edge.
         client_address = addresses.get("coordinator", (swarm.coordinator_address,))[0]
         stage_addresses = [addresses.get(f"stage-{i}", (None,))[0] or swarm.address_of(f"stage-{i}")
                            for i in range(topology.stages)]
-        asyncio.run(generate(client_address, tls, _request(prompts_ids[0], 4, modes[0], drafts),
+        asyncio.run(generate(client_address, tls, request_for(prompts_ids[0], 4, modes[0], drafts),
                              wait_ready_seconds=300))
         for mode in modes:
             summaries, stage_seconds = asyncio.run(_run_mode(

@@ -26,3 +26,9 @@ def test_bench_smoke(tinystories_dir, tmp_path):
     assert plain["traversal_seconds"] >= 0.0525
     assert all(r["bound_tokens_per_second"] > 0 for r in rows)
     assert "| plain |" in doc.read_text() and plot.read_bytes()[:4] == b"\x89PNG"
+    # A results file from another machine renders the same table here.
+    again = tmp_path / "again.md"
+    done = subprocess.run([sys.executable, "-m", "shard", "bench", "--from-json", str(out), "--doc", str(again),
+                           "--plot", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert doc.read_text().startswith(again.read_text()) and "![" not in again.read_text()
