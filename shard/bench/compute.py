@@ -8,7 +8,6 @@ shows as spread rather than as a bias; the ratio reported is the median of the r
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 from pathlib import Path
 
@@ -21,8 +20,7 @@ PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 PLAIN = Mode("plain", "none", 0, 1)
 
 
-def compute_check(scratch: Path, rounds: int = 3, max_tokens: int = 48) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // 4)
+def compute_check(scratch: Path, threads: int = 1, rounds: int = 3, max_tokens: int = 48) -> dict:
     model_dir = build_compute_model(scratch / "compute-model")
     results = []
     with LocalSwarm(model_dir, 2, logs_to_files=True, device="cpu", stage_args=[f"--threads={threads}"],

@@ -13,9 +13,11 @@ from shard.bench.compute import compute_check
 from shard.bench.report import markdown, plot
 from shard.bench.run import (
     STORY_PROMPTS,
+    Row,
     bench_topology,
     machine,
     modes_for,
+    rebound,
     single_process,
     write_json,
 )
@@ -31,18 +33,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer drafts and settings")
     parser.add_argument("--compute-check", action="store_true",
                         help="also compare plain 2-stage decode with one process on a compute-heavy model")
+    parser.add_argument("--compute-threads", type=int, default=1,
+                        help="torch threads per node and for the single process in the compute check")
     parser.add_argument("--out", default="bench/results/wan.json")
     parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("--plot", default="docs/benchmarks.png", help="'' for none (no matplotlib needed)")
-    parser.add_argument("--from-json", metavar="RESULTS",
-                        help="run nothing: write the table and plot of a results file from another machine")
+    parser.add_argument("--from-json", metavar="RESULTS", nargs="+",
+                        help="run nothing: write one table and plot of results files (from another machine, "
+                             "or several runs of one)")
 
 
 def main(args) -> int:
     from shard.launcher import default_model_dir
 
     if args.from_json:
-        return _report(json.loads(Path(args.from_json).read_text()), args)
+        payload = _merged([json.loads(Path(path).read_text()) for path in args.from_json])
+        payload["rows"] = [asdict(row) for row in rebound([Row(**r) for r in payload["rows"]])]
+        payload["command"] += "; rendered with " + shlex.join(["shard", "bench", "--from-json", *args.from_json])
+        return _report(payload, args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
     settings = [(4, 2)] if args.quick else [(4, 1), (4, 4), (8, 8)]
@@ -63,7 +71,7 @@ def main(args) -> int:
                     f"for {topology.stages} stages)")
                 row.extra.update(model=label, single_process_tokens_per_second=target.ceiling)
             rows += topology_rows
-        compute = [compute_check(Path(scratch))] if args.compute_check else []
+        compute = [compute_check(Path(scratch), threads=args.compute_threads)] if args.compute_check else []
     payload = {
         "command": shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]]),
         "machine": machine(), "max_tokens": args.max_tokens, "prompts": min(max(args.prompts, 1), len(STORY_PROMPTS)),
@@ -72,6 +80,16 @@ def main(args) -> int:
     }
     write_json(Path(args.out), payload)
     return _report(payload, args)
+
+
+def _merged(payloads: list[dict]) -> dict:
+    first = payloads[0]
+    if any(p["machine"] != first["machine"] or p["max_tokens"] != first["max_tokens"] for p in payloads):
+        raise SystemExit("shard bench: results from different machines or settings do not make one table")
+    return {**first, "command": "; ".join(p["command"] for p in payloads),
+            "topologies": [t for p in payloads for t in p["topologies"]],
+            "rows": [r for p in payloads for r in p["rows"]],
+            "compute_check": [c for p in payloads for c in p["compute_check"]]}
 
 
 def _report(payload: dict, args) -> int:
@@ -133,5 +151,8 @@ def _doc(payload: dict, plot_path: Path | None, doc_path: Path) -> str:
         "(35, 45, 75, 58, 22, 32, 25 ms, the public 744B run). Each mode runs on the same swarm and",
         "prompts; `lossless` checks its tokens against single-process `generate()`. The bound is the",
         "analytic throughput from the measured draft time per token, stage time per chunk, per-hop",
-        "overhead and traversal time (`shard/bench/bound.py`); efficiency = measured / bound.", "",
+        "overhead and traversal time (`shard/bench/bound.py`); efficiency = measured / bound.",
+        "Every node is its own process, and the bound assumes each has a core to itself, as",
+        "machines far apart do; on fewer cores than nodes the draft, the stages and the relays",
+        "take turns and the efficiency drops.", "",
         markdown(payload), "", *figure])
