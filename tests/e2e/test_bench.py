@@ -31,4 +31,9 @@ def test_bench_smoke(tinystories_dir, tmp_path):
     done = subprocess.run([sys.executable, "-m", "shard", "bench", "--from-json", str(out), "--doc", str(again),
                            "--plot", ""], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert doc.read_text().startswith(again.read_text()) and "![" not in again.read_text()
+    def table(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    # The bounds are recomputed from the measured pieces the file keeps: the same table.
+    assert table(again.read_text()) == table(doc.read_text())
+    assert "rendered with shard bench --from-json" in again.read_text() and "![" not in again.read_text()
