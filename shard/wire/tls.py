@@ -76,14 +76,21 @@ class NodeTLS:
             raise ValueError(f"{paths[1]} does not carry the identity of node {node_id!r}")
         # Catch mismatched files here rather than as opaque handshake failures later.
         cert = x509.load_pem_x509_certificate(cert_pem)
-        try:
-            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
-        except (ValueError, InvalidSignature) as e:
-            raise ValueError(f"{paths[1]} was not issued by the CA in {paths[0]}") from e
+        # ca.pem may hold several CAs while one is rolled over: trust all, be issued by one.
+        if not any(_issued_by(cert, ca) for ca in x509.load_pem_x509_certificates(ca_pem)):
+            raise ValueError(f"{paths[1]} was not issued by a CA in {paths[0]}")
         key = serialization.load_pem_private_key(key_pem, password=None)
         if key.public_key() != cert.public_key():
             raise ValueError(f"{paths[2]} is not the key of {paths[1]}")
         return cls(ca_pem, cert_pem, key_pem, identity)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: NodeTLS | None) -> int:

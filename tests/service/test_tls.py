@@ -208,3 +208,35 @@ def test_require_peer_bare_string_node_id_is_not_a_substring_match(pki):
     assert identity == Identity("stage", "stage-0")
     with pytest.raises(grpc.aio.AbortError):
         asyncio.run(require_peer(ctx, "stage", node_ids="stage-0-and-more"))
+
+
+def test_a_ca_rolls_over_through_a_bundle(tmp_path, pki):
+    """Rolling the CA without downtime: every node trusts old + new (ca.pem holds both),
+    nodes move to certificates of the new CA one by one, old and new talk meanwhile, and a
+    third CA is still refused."""
+    new = tmp_path / "new"
+    create_deployment(new, [("coordinator", "coordinator"), ("stage", "stage-1")])
+    bundle = (pki["dir"] / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes()
+    (new / "ca.pem").write_bytes(bundle)
+    moved = NodeTLS.load(new, "coordinator")  # a certificate of the second CA in the bundle
+    old_server = dataclasses.replace(pki["server"], ca_pem=bundle)
+    old_client = dataclasses.replace(pki["stage-0"], ca_pem=bundle)
+    stranger = dataclasses.replace(pki["stranger"], ca_pem=bundle)
+
+    async def scenario():
+        async with _serving(old_server) as target:
+            moved_to_old = await _call(open_channel(target, moved), "Whoami")
+            refused = await _code(open_channel(target, stranger))
+        async with _serving(NodeTLS.load(new, "stage-1")) as target:
+            old_to_moved = await _call(open_channel(target, old_client), "Whoami")
+        return moved_to_old, refused, old_to_moved
+
+    assert asyncio.run(scenario()) == (b"coordinator/coordinator", grpc.StatusCode.UNAVAILABLE, b"stage/stage-0")
+
+
+def test_a_certificate_no_trusted_ca_issued_does_not_load(tmp_path, pki):
+    for name in ("stage-0.pem", "stage-0.key"):
+        (tmp_path / name).write_bytes((pki["dir"] / name).read_bytes())
+    (tmp_path / "ca.pem").write_bytes(pki["stranger"].ca_pem)
+    with pytest.raises(ValueError, match="was not issued by a CA in"):
+        NodeTLS.load(tmp_path, "stage-0")
