@@ -1,26 +1,29 @@
 """A stage process's peak memory is about its block, not the model.
 
-Starts a 4-stage swarm (separate processes) on a ~300 MB random model and reads each
-stage's peak resident memory (VmHWM) next to a bare process that imports the same
-libraries, so the difference is what the block costs. Writes bench/results/stage_memory.json
-and docs/stage-memory.md.
+Starts a 4-stage swarm (separate processes) on a ~530 MiB random model, generates, and
+reads each stage's peak resident memory (VmHWM) and its block's weights (Info). The same
+is done for a 1-stage swarm, whose one stage holds the whole model: that stage is the
+reference, so runtime costs that do not depend on the block (libraries, thread pools,
+buffers) cancel out. Writes bench/results/stage_memory.json and docs/stage-memory.md.
 
     python -m bench.stage_memory
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from shard.client import generate
 from shard.launcher import LocalSwarm
 from shard.model.checkpoint import Checkpoint
 from shard.testing.tiny_models import build_compute_model
+from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.tls import open_channel
 
-BARE = "import shard.cli, services.stage.main, time; print(open('/proc/self/status').read()); time.sleep(0)"
+MiB = 2**20
 
 
 def status_bytes(status: str, field: str) -> int:
@@ -28,46 +31,57 @@ def status_bytes(status: str, field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def peak_bytes(status: str) -> int:
-    return status_bytes(status, "VmHWM")
+async def _info(swarm: LocalSwarm, node_id: str) -> stage_pb2.StageInfo:
+    async with open_channel(swarm.address_of(node_id), swarm.client_tls()) as channel:
+        return await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest())
+
+
+def measure(model_dir: Path, stages: int) -> list[dict]:
+    """Each stage after loading and one generation: block, weights, peak and current RSS."""
+    with LocalSwarm(model_dir, stages, logs_to_files=True, device="cpu", stage_args=["--threads=1"]) as swarm:
+        request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=[1, 2, 3]), max_tokens=4)
+        asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request, wait_ready_seconds=300))
+        rows = []
+        for index in range(stages):
+            node_id = f"stage-{index}"
+            info = asyncio.run(_info(swarm, node_id))
+            status = Path(f"/proc/{swarm.processes[node_id].pid}/status").read_text()
+            rows.append({"stage": node_id, "layers": [info.layer_start, info.layer_end],
+                         "weight_bytes": info.weight_bytes, "peak_bytes": status_bytes(status, "VmHWM"),
+                         "resident_bytes": status_bytes(status, "VmRSS")})
+    return rows
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shard-memory-") as scratch:
         model_dir = build_compute_model(Path(scratch) / "model")
-        checkpoint = Checkpoint.open(model_dir)
-        bare = peak_bytes(subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True,
-                                         check=True).stdout)
-        with LocalSwarm(model_dir, 4, logs_to_files=True, stage_args=["--threads=1"]) as swarm:
-            import asyncio
-
-            from shard.client import generate
-            from shard.v1 import coordinator_pb2
-
-            request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=[1, 2, 3]), max_tokens=4)
-            asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request, wait_ready_seconds=300))
-            statuses = {name: Path(f"/proc/{p.pid}/status").read_text()
-                        for name, p in swarm.processes.items() if name.startswith("stage")}
-    total = checkpoint.total_bytes
-    rows = []
-    for name, status in sorted(statuses.items()):
-        peak, now = peak_bytes(status), status_bytes(status, "VmRSS")
-        rows.append({"stage": name, "peak_bytes": peak, "peak_fraction_of_model": (peak - bare) / total,
-                     "resident_bytes": now, "resident_fraction_of_model": (now - bare) / total})
-    payload = {"model_bytes": total, "bare_process_peak_bytes": bare, "stages": rows}
+        total = Checkpoint.open(model_dir).total_bytes
+        whole = measure(model_dir, 1)[0]
+        split = measure(model_dir, 4)
+    # What a stage costs beyond its weights, measured on the stage that holds them all.
+    runtime = whole["peak_bytes"] - whole["weight_bytes"]
+    for row in split:
+        row["peak_share_of_whole_model_stage"] = row["peak_bytes"] / whole["peak_bytes"]
+        row["peak_above_runtime_share_of_model"] = (row["peak_bytes"] - runtime) / total
+    payload = {"model_bytes": total, "whole_model_stage": whole, "runtime_bytes": runtime, "stages": split}
     out = Path("bench/results/stage_memory.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
-    lines = ["# Stage memory", "", "Command: `python -m bench.stage_memory` (4 stages, separate processes, "
-             f"a random llama of {total / 2**20:.0f} MiB of weights).", "",
-             f"A bare process importing the same code peaks at {bare / 2**20:.0f} MiB. Shares are of the "
-             "model's weights, above the bare process. The peak counts the pages of the safetensors "
-             "file mapped while the block is read (its own tensors only) on top of the loaded copy; "
-             "after loading and a generation the stage holds its block.", "",
-             "| stage | peak RSS (MiB) | peak share | resident after a generation (MiB) | resident share |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['stage']} | {r['peak_bytes'] / 2**20:.0f} | {r['peak_fraction_of_model']:.2f} "
-              f"| {r['resident_bytes'] / 2**20:.0f} | {r['resident_fraction_of_model']:.2f} |" for r in rows]
+    lines = [
+        "# Stage memory", "",
+        "Command: `python -m bench.stage_memory` (separate processes, a random llama of "
+        f"{total / MiB:.0f} MiB of weights, 8 layers).", "",
+        f"Reference: a 1-stage swarm, whose stage holds the whole model ({whole['weight_bytes'] / MiB:.0f} MiB of "
+        f"weights), peaks at {whole['peak_bytes'] / MiB:.0f} MiB: {runtime / MiB:.0f} MiB of it is the runtime "
+        "(Python, torch, gRPC, buffers), whatever the block. Below, a 4-stage split of the same model; "
+        "the last column is a stage's peak less that runtime, as a share of the model's weights.", "",
+        "| stage | layers | weights (MiB) | weights share | peak RSS (MiB) | peak / whole-model stage "
+        "| peak less runtime, share of model |",
+        "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | [{r['layers'][0]}, {r['layers'][1]}) | {r['weight_bytes'] / MiB:.0f} "
+              f"| {r['weight_bytes'] / total:.2f} | {r['peak_bytes'] / MiB:.0f} "
+              f"| {r['peak_share_of_whole_model_stage']:.2f} | {r['peak_above_runtime_share_of_model']:.2f} |"
+              for r in split]
     Path("docs/stage-memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
