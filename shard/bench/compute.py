@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from shard.bench.run import Mode, request_for, single_process
@@ -62,8 +62,7 @@ def compute_check(scratch: Path, threads: int = 1, rounds: int = 5, max_tokens: 
 def _pin(pid: int, cpus: set[int]) -> None:
     """Every thread of a process (threads made later inherit from their maker)."""
     for task in os.listdir(f"/proc/{pid}/task"):
-        with suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(task), cpus)
+        os.sched_setaffinity(int(task), cpus)
 
 
 @contextmanager
