@@ -29,12 +29,8 @@ def markdown(payload: dict) -> str:
         lines.append("")
     for check in payload.get("compute_check", []):
         rounds = ", ".join(f"{r['ratio']:.3f}" for r in check["rounds"])
-        cpus = check.get("compute_cpus")
-        placement = (f"stages and single process computing on CPU(s) {', '.join(map(str, cpus))}" if cpus
-                     else "CPUs as the scheduler placed them")
         lines += [f"Compute-dominated model on `lan` ({check['model']}, {check['threads_per_node']} torch "
-                  f"thread(s) per node and for the single process, {placement}, {check['tokens']} tokens): "
-                  f"plain pipeline "
+                  f"thread(s) per node and for the single process, {check['tokens']} tokens): plain pipeline "
                   f"over {check['stages']} stages {check['pipeline_tokens_per_second']:.2f} tok/s vs single "
                   f"process {check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x** "
                   f"(median of rounds {rounds}; lossless: {'yes' if check['lossless'] else 'NO'}).", ""]
