@@ -37,3 +37,17 @@ def test_bench_smoke(tinystories_dir, tmp_path):
     # The bounds are recomputed from the measured pieces the file keeps: the same table.
     assert table(again.read_text()) == table(doc.read_text())
     assert "rendered with shard bench --from-json" in again.read_text() and "![" not in again.read_text()
+
+
+def test_seal_cost_smoke():
+    """The AEAD benchmark runs end to end (few repetitions) and reports every piece."""
+    done = subprocess.run([sys.executable, "-m", "bench.seal_cost", "--quick", "--no-write"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert {(r["hidden"], r["tokens"]) for r in report["codec"]} == {
+        (h, t) for h in report["params"]["hidden"] for t in report["params"]["tokens"]}
+    assert set(report["hops"]) == {"plaintext", "mtls"}
+    for head in report["headline"].values():
+        assert head["sealed_us"] > 0 and head["plain_us"] > 0 and isinstance(head["goal_met"], bool)
+    assert [r["segments"] for r in report["split_seal"]] == [1, 2, 4]
