@@ -58,13 +58,21 @@ class Assignment:
     upstream_id: str
     downstream_id: str
     downstream_address: str
+    coordinator_id: str
+    coordinator_address: str
 
 
-def assignment_from_plan(plan: registry_pb2.Plan, node_id: str) -> Assignment | None:
+def assignment_from_plan(plan: registry_pb2.Plan, node_id: str,
+                         previous: Assignment | None = None) -> Assignment | None:
     stages = list(plan.stages)
     index = next((i for i, s in enumerate(stages) if s.node_id == node_id), None)
     if index is None:
         return None
+    coordinator_id, coordinator_address = plan.coordinator_id, plan.coordinator_address
+    if not coordinator_id and previous is not None:
+        # A plan made before the coordinator (re)joined, e.g. by a restarted registry that
+        # adopted the ring: the coordinator is not known yet, which is not the same as gone.
+        coordinator_id, coordinator_address = previous.coordinator_id, previous.coordinator_address
     last = index == len(stages) - 1
     nxt = None if last else stages[index + 1]
     return Assignment(
@@ -74,9 +82,11 @@ def assignment_from_plan(plan: registry_pb2.Plan, node_id: str) -> Assignment | 
         end=stages[index].layer_end,
         first=index == 0,
         last=last,
-        upstream_id=plan.coordinator_id if index == 0 else stages[index - 1].node_id,
-        downstream_id=plan.coordinator_id if last else nxt.node_id,
-        downstream_address=plan.coordinator_address if last else nxt.address,
+        upstream_id=coordinator_id if index == 0 else stages[index - 1].node_id,
+        downstream_id=coordinator_id if last else nxt.node_id,
+        downstream_address=coordinator_address if last else nxt.address,
+        coordinator_id=coordinator_id,
+        coordinator_address=coordinator_address,
     )
 
 
@@ -128,7 +138,7 @@ class StageNode:
 
     async def apply_plan(self, plan: registry_pb2.Plan) -> bool:
         """Follow a new plan; returns True when this node serves a block in it."""
-        assignment = assignment_from_plan(plan, self.node_id)
+        assignment = assignment_from_plan(plan, self.node_id, self.assignment)
         self.plan_version = plan.version
         if assignment is None:
             return False
