@@ -157,6 +157,7 @@ def _row(topology, mode, summaries, stage_seconds, expected) -> Row:
     acceptance = (sum(s.acceptance_rate * s.traversals for s in summaries) / drafted_weight
                   if drafted_weight else 0.0)
     draft_tokens = sum(s.draft_tokens for s in summaries)
+    draft_seconds = sum(s.draft_seconds for s in summaries)
     return Row(
         topology=topology.name, mode=mode.label, draft=mode.draft, k=mode.k, w=mode.w, tokens=tokens,
         seconds=seconds, tokens_per_second=tokens / seconds, acceptance=acceptance,
@@ -164,8 +165,8 @@ def _row(topology, mode, summaries, stage_seconds, expected) -> Row:
         chunks_wasted=sum(s.chunks_wasted for s in summaries),
         chunks_cancelled=sum(s.chunks_cancelled for s in summaries),
         pipeline_breaks=sum(s.pipeline_breaks for s in summaries), generations=len(summaries), traversals=traversals,
-        draft_seconds=sum(s.draft_seconds for s in summaries),
-        draft_seconds_per_token=sum(s.draft_seconds for s in summaries) / draft_tokens if draft_tokens else 0.0,
+        draft_seconds=draft_seconds,
+        draft_seconds_per_token=draft_seconds / draft_tokens if draft_tokens else 0.0,
         stage_seconds_per_chunk=stage_seconds,
         traversal_seconds=sum(s.ring_seconds for s in summaries) / traversals,
         lossless=[list(s.output_ids) for s in summaries] == expected)

@@ -121,7 +121,10 @@ class _Chunk:
         if self.result.done():
             self.arrived_at = self.sent_at
         else:
-            self.result.add_done_callback(lambda _: setattr(self, "arrived_at", time.perf_counter()))
+            self.result.add_done_callback(self._arrived)
+
+    def _arrived(self, _result: asyncio.Future) -> None:
+        self.arrived_at = time.perf_counter()
 
     @property
     def traversal_seconds(self) -> float:
@@ -184,8 +187,9 @@ async def decode(
             if wanted > 0:
                 began = time.perf_counter()
                 proposal = (await run_draft(list(stream), wanted))[:wanted]
-                lookahead.record_draft(time.perf_counter() - began)
-                stats.draft_seconds += time.perf_counter() - began
+                drafting = time.perf_counter() - began
+                lookahead.record_draft(drafting)
+                stats.draft_seconds += drafting
                 stats.proposed += len(proposal)
                 stream.extend(proposal)
                 ran_dry = len(proposal) < wanted
