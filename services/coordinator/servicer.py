@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 
 from shard.node.coordinator import CoordinatorNode, GenerateError
-from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, frame_pb2
+from shard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shard.wire.acks import CumulativeAcks
 from shard.wire.inbound import InboundError
 from shard.wire.tls import require_peer
 
@@ -26,13 +27,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         # Only the tail of the current plan may hand results back.
         tail = self.node.ring.tail_id
         peer = await require_peer(context, "stage", node_ids=[tail] if tail else None)
-        async for frame in request_iterator:
-            try:
+        acks = CumulativeAcks(context)
+        try:
+            async for frame in request_iterator:
                 self.node.ring.deliver(frame, peer.node_id if peer else None)
-            except InboundError as error:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}")
-            yield frame_pb2.TraverseAck(session_id=frame.header.session_id,
-                                        chunk_id=frame.header.chunk_id, counter=frame.header.counter)
+                acks.taken(frame.header)
+                acks.acknowledge(frame.header)
+            await acks.flush()
+        except InboundError as error:
+            await acks.flush()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}")
+        finally:
+            acks.close()
 
     async def Status(self, request, context):
         await require_peer(context, "client", "coordinator", "stage", "registry")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 
 from shard.node.stage import FrameRejected, StageNode
-from shard.v1 import frame_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import stage_pb2, stage_pb2_grpc
+from shard.wire.acks import CumulativeAcks
 from shard.wire.tls import require_peer
 
 
@@ -15,16 +16,19 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Traverse(self, request_iterator, context):
         peer = await require_peer(context, "coordinator", "stage")
+        acks = CumulativeAcks(context)
         try:
             peer_id = peer.node_id if peer else None
             self.node.check_upstream(peer_id)
             async for frame in request_iterator:
-                self.node.accept(frame, peer_id)
-                header = frame.header
-                yield frame_pb2.TraverseAck(
-                    session_id=header.session_id, chunk_id=header.chunk_id, counter=header.counter)
+                self.node.accept(frame, peer_id, on_start=acks.acknowledge)
+                acks.taken(frame.header)
+            await acks.flush()
         except FrameRejected as rejected:
+            await acks.flush()
             await context.abort(rejected.code, rejected.message)
+        finally:
+            acks.close()
 
     async def CancelEpoch(self, request, context):
         await require_peer(context, "coordinator")

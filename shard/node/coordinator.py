@@ -92,9 +92,8 @@ class SessionRing:
 
     async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int):
         chunk_id = next(self._chunk_ids)
-        sent = await self._ring.submit(session_id=self._session_id, chunk_id=chunk_id, epoch=epoch,
+        return await self._ring.submit(session_id=self._session_id, chunk_id=chunk_id, epoch=epoch,
                                        start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
-        return asyncio.ensure_future(self._ring.result(self._session_id, chunk_id, sent))
 
     async def cancel(self, epoch: int) -> int:
         return await self._ring.cancel_epoch(self._session_id, epoch)

@@ -8,11 +8,10 @@ import asyncio
 import logging
 
 import grpc
-import torch
 
 from shard.decode.speculative import RingChanged
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
-from shard.wire.codec import CodecError, decode_tensor, encode_tensor
+from shard.wire.codec import CodecError, encode_ids, parse_tensor
 from shard.wire.edge import Edge
 from shard.wire.inbound import Inbound
 from shard.wire.tls import NodeTLS, open_channel
@@ -91,47 +90,50 @@ class Ring:
 
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
                      tokens: list[int], num_outputs: int) -> asyncio.Future:
+        """Send a chunk into the ring; the future yields the argmax ids the tail returns
+        for it, or raises RingError / RingChanged.
+
+        The future is resolved straight from `deliver` (no task awaits it on the way): each
+        layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
         if self.head_edge is None:
             raise RingError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
         key = (session_id, chunk_id)
-        future = self._pending[key] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = self._pending[key] = loop.create_future()
+        deadline = loop.call_later(self._chunk_timeout, self._time_out, key)
+        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future)))
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
-        payload = encode_tensor(torch.tensor(tokens, dtype=torch.int64))
+        payload = encode_ids(tokens)
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
-            self._pending.pop(key, None)
+            future.cancel()
             raise RingChanged(str(error)) from error
         return future
 
-    async def result(self, session_id: str, chunk_id: int, future: asyncio.Future) -> list[int]:
-        try:
-            frame = await asyncio.wait_for(future, self._chunk_timeout)
-        except asyncio.TimeoutError:
-            raise RingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"no result for chunk {chunk_id} within {self._chunk_timeout:.0f} s") from None
-        finally:
-            self._pending.pop((session_id, chunk_id), None)
-        if frame.header.kind == frame_pb2.FRAME_KIND_ERROR:
-            detail = frame_pb2.ErrorDetail.FromString(frame.payload)
-            if _status(detail.code) == grpc.StatusCode.FAILED_PRECONDITION:
-                # A stage lacks the session's KV (it replaced one that died): replay.
-                raise RingChanged(detail.message)
-            raise RingError(_status(detail.code), detail.message)
-        try:
-            return decode_tensor(frame.payload).tolist()
-        except CodecError as error:
-            raise RingError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
+    def _forget_chunk(self, key: tuple[str, int], future: asyncio.Future) -> None:
+        if self._pending.get(key) is future:
+            del self._pending[key]
+
+    def _time_out(self, key: tuple[str, int]) -> None:
+        future = self._pending.get(key)
+        if future is not None and not future.done():
+            future.set_exception(RingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           f"no result for chunk {key[1]} within {self._chunk_timeout:.0f} s"))
 
     def deliver(self, frame: frame_pb2.Frame, peer_id: str | None) -> None:
         """A frame from the tail: open it and resolve the chunk waiting for it, if any
         still is. Raises InboundError for a frame that fails to open."""
         payload = self.inbound.open(frame, peer_id)
         future = self._pending.get((frame.header.session_id, frame.header.chunk_id))
-        if future is not None and not future.done():
-            future.set_result(frame_pb2.Frame(header=frame.header, payload=payload))
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(_result_of(frame.header, payload))
+        except (RingError, RingChanged) as error:
+            future.set_exception(error)
 
     def forget(self, session_id: str) -> None:
         for key in [k for k in self._pending if k[0] == session_id]:
@@ -162,6 +164,20 @@ class Ring:
             await self.head_edge.close()
         for channel in self._channels:
             await channel.close()
+
+
+def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:
+    """The argmax ids in a tail's frame; raises what its ERROR frame says."""
+    if header.kind == frame_pb2.FRAME_KIND_ERROR:
+        detail = frame_pb2.ErrorDetail.FromString(payload)
+        if _status(detail.code) == grpc.StatusCode.FAILED_PRECONDITION:
+            # A stage lacks the session's KV (it replaced one that died): replay.
+            raise RingChanged(detail.message)
+        raise RingError(_status(detail.code), detail.message)
+    try:
+        return parse_tensor(payload).ints()
+    except CodecError as error:
+        raise RingError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
 
 
 def _signature(plan: registry_pb2.Plan) -> tuple:

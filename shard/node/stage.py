@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -20,9 +19,10 @@ import torch
 
 from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
+from shard.node.serial_thread import SerialThread
 from shard.node.sessions import SessionStore, TooManySessions
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
-from shard.wire.codec import CodecError, decode_tensor, encode_tensor
+from shard.wire.codec import CodecError, WireTensor, encode_tensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
 from shard.wire.inbound import Inbound, InboundError
 from shard.wire.tls import NodeTLS
@@ -124,12 +124,12 @@ class StageNode:
         self.sessions: SessionStore | None = None
         self.plan_version = 0
         self._downstream: Edge | None = None
-        self._pending: deque[tuple[frame_pb2.FrameHeader, object]] = deque()
-        self._wakeup = asyncio.Event()
         self._min_epoch: dict[str, int] = {}
-        # One compute thread: chunks of a session must run in order, and torch already
-        # uses every core within an op.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-compute")
+        # Frames are computed (and blocks loaded) in order on one thread; what it produces
+        # goes out through `_outbox`, in the same order, from the event loop.
+        self._compute = SerialThread(f"{node_id}-compute")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[frame_pb2.Frame] = asyncio.Queue()
         self.frames_processed = 0
         self.frames_dropped_stale = 0
         self.compute_seconds = 0.0
@@ -145,10 +145,10 @@ class StageNode:
         old = self.assignment
         block_changed = old is None or (old.start, old.end, old.first, old.last) != (
             assignment.start, assignment.end, assignment.first, assignment.last)
+        self._loop = asyncio.get_running_loop()  # where the compute thread sends its frames
         if block_changed:
             self.block = None
-            self.block = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._load_block, assignment)
+            self.block = await asyncio.wrap_future(self._compute.post(self._load_block, assignment))
             self.sessions = SessionStore(
                 self.block.new_cache, max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
         if old is None or (old.downstream_id, old.downstream_address) != (
@@ -176,9 +176,11 @@ class StageNode:
                                 f"{node_id} is not the upstream of {self.node_id} "
                                 f"(expected {self.assignment.upstream_id})")
 
-    def accept(self, frame: frame_pb2.Frame, peer_id: str | None) -> None:
+    def accept(self, frame: frame_pb2.Frame, peer_id: str | None,
+               on_start: Callable[[frame_pb2.FrameHeader], None] = lambda header: None) -> None:
         """Open, validate and queue a frame from `peer_id`; raises FrameRejected for a
-        forged or malformed one."""
+        forged or malformed one. `on_start(header)` is called on the event loop once the
+        compute thread picks the frame up."""
         header = frame.header
         if self.block is None:
             raise FrameRejected(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
@@ -197,10 +199,9 @@ class StageNode:
         else:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
-        self._pending.append((header, body))
-        self._wakeup.set()
+        self._compute.post(self._run_frame, header, body, on_start)
 
-    def _validated_input(self, header, payload: bytes) -> torch.Tensor:
+    def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
         if n == 0:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
@@ -208,19 +209,19 @@ class StageNode:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"num_outputs {header.num_outputs} exceeds the chunk's {n} tokens")
         try:
-            tensor = decode_tensor(payload)
+            tensor = parse_tensor(payload)
         except CodecError as error:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         if block.is_first:
             expected_shape, expected_dtype = [n], torch.int64
         else:
             expected_shape, expected_dtype = [n, block.hidden_size], block.dtype
-        if list(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
+        if tensor.shape != expected_shape or tensor.dtype != expected_dtype:
             raise FrameRejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.node_id} expects {expected_dtype} {expected_shape} for a {n}-token chunk, "
-                f"got {tensor.dtype} {list(tensor.shape)}")
-        if block.is_first and n and (int(tensor.min()) < 0 or int(tensor.max()) >= block.vocab_size):
+                f"got {tensor.dtype} {tensor.shape}")
+        if block.is_first and not all(0 <= i < block.vocab_size for i in tensor.ints()):
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token ids must lie in [0, {block.vocab_size})")
         return tensor
@@ -229,7 +230,8 @@ class StageNode:
 
     def cancel_epoch(self, session_id: str, epoch: int) -> int:
         self._min_epoch[session_id] = max(epoch, self._min_epoch.get(session_id, 0))
-        return sum(1 for h, _ in self._pending
+        queued = [args[0] for fn, args in self._compute.queued() if fn == self._run_frame]
+        return sum(1 for h in queued
                    if h.session_id == session_id and h.kind == K.FRAME_KIND_FORWARD and h.epoch < epoch)
 
     def end_session(self, session_id: str) -> int:
@@ -256,47 +258,57 @@ class StageNode:
     # ---- the worker ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Process queued frames forever, in arrival order; expire idle sessions."""
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
+        """Send what the compute thread produces, in order; expire idle sessions."""
+        expiry = asyncio.create_task(self._expire_idle_sessions())
+        try:
+            while True:
+                frame = await self._outbox.get()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=5.0)
-                except asyncio.TimeoutError:
-                    if self.sessions:
-                        for session_id in self.sessions.expire_idle():
-                            log.info("%s freed idle session %s", self.node_id, session_id)
-                    continue
-            header, body = self._pending.popleft()
-            try:
-                await self._process(header, body)
-            except EdgeBroken as error:
-                log.warning("%s dropped a frame of %s: %s", self.node_id, header.session_id, error)
+                    await self._downstream.send(frame)
+                except EdgeBroken as error:
+                    log.warning("%s dropped a frame of %s: %s", self.node_id, frame.header.session_id, error)
+        finally:
+            expiry.cancel()
 
-    async def _process(self, header, body) -> None:
+    async def _expire_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            # On the compute thread, which is the one that touches sessions.
+            for session_id in await asyncio.wrap_future(self._compute.post(self._expire_idle)):
+                log.info("%s freed idle session %s", self.node_id, session_id)
+
+    def _expire_idle(self) -> list[str]:
+        return self.sessions.expire_idle() if self.sessions else []
+
+    def _emit(self, frame: frame_pb2.Frame) -> None:
+        """From the compute thread: hand a frame to the loop for sending downstream."""
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, frame)
+
+    def _run_frame(self, header, body, on_start: Callable[[frame_pb2.FrameHeader], None]) -> None:
+        """On the compute thread: one queued frame, in arrival order."""
+        self._loop.call_soon_threadsafe(on_start, header)
         if header.kind == K.FRAME_KIND_END:
             if self.sessions:
                 self.sessions.pop(header.session_id)
             self._min_epoch.pop(header.session_id, None)
             if not self.assignment.last:
-                await self._downstream.send(frame_pb2.Frame(header=header))
+                self._emit(frame_pb2.Frame(header=header))
             return
         if header.kind == K.FRAME_KIND_ERROR:
-            await self._downstream.send(frame_pb2.Frame(header=header, payload=body))
+            self._emit(frame_pb2.Frame(header=header, payload=body))
             return
         if header.epoch < self._min_epoch.get(header.session_id, 0):
             self.frames_dropped_stale += 1
             return
         began = time.perf_counter()
         try:
-            output = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._compute_chunk, header, body)
+            output = encode_tensor(self._compute_chunk(header, body))
         except (CacheGapError, TooManySessions, ValueError) as error:
-            await self._send_error(header, error)
+            self._emit(self._error_frame(header, error))
             return
         except Exception as error:  # a bug must cost one session, not the node
             log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
-            await self._send_error(header, error)
+            self._emit(self._error_frame(header, error))
             return
         self.frames_processed += 1
         self.compute_seconds += time.perf_counter() - began
@@ -304,23 +316,23 @@ class StageNode:
         out.CopyFrom(header)
         if self.assignment.last:
             out.kind = K.FRAME_KIND_RESULT
-        await self._downstream.send(frame_pb2.Frame(header=out, payload=encode_tensor(output)))
+        self._emit(frame_pb2.Frame(header=out, payload=output))
 
-    def _compute_chunk(self, header, tensor: torch.Tensor) -> torch.Tensor:
+    def _compute_chunk(self, header, wire: WireTensor) -> torch.Tensor:
         session = self.sessions.get(header.session_id)
         if session is None and header.start_pos > 0:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
                                 f"to continue at position {header.start_pos}")
         session = session or self.sessions.get_or_create(header.session_id)
         block = self.block
-        tensor = tensor.to(block.device)
+        tensor = wire.to_torch().to(block.device)
         if block.is_first:
             return block.forward(session.cache, header.start_pos, input_ids=tensor,
                                  num_outputs=header.num_outputs)
         return block.forward(session.cache, header.start_pos, hidden=tensor,
                              num_outputs=header.num_outputs)
 
-    async def _send_error(self, header, error: Exception) -> None:
+    def _error_frame(self, header, error: Exception) -> frame_pb2.Frame:
         code = next((c for kind, c in _SESSION_ERROR_CODES if isinstance(error, kind)),
                     grpc.StatusCode.INTERNAL)
         detail = frame_pb2.ErrorDetail(code=code.value[0], message=f"{self.node_id}: {error}",
@@ -328,9 +340,9 @@ class StageNode:
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         out.kind = K.FRAME_KIND_ERROR
-        await self._downstream.send(frame_pb2.Frame(header=out, payload=detail.SerializeToString()))
+        return frame_pb2.Frame(header=out, payload=detail.SerializeToString())
 
     async def close(self) -> None:
         if self._downstream is not None:
             await self._downstream.close()
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._compute.close()

@@ -3,7 +3,9 @@ for every byte. No pickle, no torch.load: a forged payload can only fail to pars
 
 from __future__ import annotations
 
+import array
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +23,8 @@ _TO_WIRE = {
     torch.int64: frame_pb2.DTYPE_INT64,
 }
 _FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
+_ITEM_SIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _TO_WIRE}
+_INT_CODES = {torch.int32: "i", torch.int64: "q"}  # array module codes (native byte order, as torch)
 
 
 class CodecError(ValueError):
@@ -41,7 +45,38 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
     return message.SerializeToString()
 
 
-def decode_tensor(payload: bytes) -> torch.Tensor:
+def encode_ids(ids: list[int]) -> bytes:
+    """A 1-D int64 tensor of `ids`, byte for byte what encode_tensor would write, without
+    building a torch tensor (the coordinator sends one per chunk)."""
+    return frame_pb2.Tensor(dtype=frame_pb2.DTYPE_INT64, shape=[len(ids)],
+                            data=array.array("q", ids).tobytes()).SerializeToString()
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A payload parsed and checked, not yet a torch tensor: its dtype, shape and ids can
+    be checked on the event loop at the cost of a protobuf parse, and the tensor built
+    where it is used."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    data: bytes
+
+    def to_torch(self) -> torch.Tensor:
+        if not self.data:
+            return torch.empty(self.shape, dtype=self.dtype)
+        storage_dtype = torch.int16 if self.dtype == torch.bfloat16 else self.dtype
+        flat = torch.frombuffer(bytearray(self.data), dtype=storage_dtype)
+        return flat.view(self.dtype).reshape(self.shape)
+
+    def ints(self) -> list[int]:
+        """The values of an integer tensor, flattened."""
+        if self.dtype not in _INT_CODES:
+            raise CodecError(f"{self.dtype} is not an integer dtype")
+        return array.array(_INT_CODES[self.dtype], self.data).tolist()
+
+
+def parse_tensor(payload: bytes) -> WireTensor:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise CodecError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     message = frame_pb2.Tensor()
@@ -59,14 +94,11 @@ def decode_tensor(payload: bytes) -> torch.Tensor:
     # strides still overflow.
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise CodecError(f"shape {shape} exceeds {MAX_ELEMENTS} elements")
-    elements = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(message.data) != elements * itemsize:
-        raise CodecError(
-            f"shape {shape} of {dtype} needs {elements * itemsize} bytes, got {len(message.data)}"
-        )
-    if elements == 0:
-        return torch.empty(shape, dtype=dtype)
-    storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    flat = torch.frombuffer(bytearray(message.data), dtype=storage_dtype)
-    return flat.view(dtype).reshape(shape)
+    needed = math.prod(shape) * _ITEM_SIZES[dtype]
+    if len(message.data) != needed:
+        raise CodecError(f"shape {shape} of {dtype} needs {needed} bytes, got {len(message.data)}")
+    return WireTensor(dtype, shape, message.data)
+
+
+def decode_tensor(payload: bytes) -> torch.Tensor:
+    return parse_tensor(payload).to_torch()

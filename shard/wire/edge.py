@@ -60,8 +60,9 @@ class Edge:
         self._call = None
         self._reader: asyncio.Task | None = None
         self._sealer: EdgeSealer | None = None
-        self._counter = 0
-        self._unacked: deque[frame_pb2.Frame] = deque()
+        self._counter = 0  # of the last frame written on the current stream
+        self._acked = 0    # every frame up to this counter on the current stream was taken in
+        self._unacked: deque[frame_pb2.Frame] = deque()  # the frame after `_acked` first
         self._rejections_in_a_row = 0
         self._closed = False
         self.frames_sent = 0
@@ -102,7 +103,7 @@ class Edge:
             call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return()
         else:
             call = stage_pb2_grpc.StageStub(self._channel).Traverse()
-        self._call, self._counter = call, 0
+        self._call, self._counter, self._acked = call, 0, 0
         self._sealer = EdgeSealer(self._secret, self.sender, self.receiver) if self._secret else None
         self._reader = asyncio.create_task(self._read_acks(call))
         for frame in list(self._unacked):
@@ -110,10 +111,12 @@ class Edge:
 
     async def _read_acks(self, call) -> None:
         try:
-            async for _ in call:
-                # Acks come in order, one per frame taken in.
-                if self._unacked and self._call is call:
-                    self._unacked.popleft()
+            async for ack in call:
+                # Cumulative: this frame and every one before it on the stream were taken in.
+                if self._call is call and ack.counter > self._acked:
+                    for _ in range(min(ack.counter - self._acked, len(self._unacked))):
+                        self._unacked.popleft()
+                    self._acked = ack.counter
                     self._rejections_in_a_row = 0
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED:
