@@ -35,6 +35,8 @@ def add_arguments(parser) -> None:
                         help="also compare plain 2-stage decode with one process on a compute-heavy model")
     parser.add_argument("--compute-threads", type=int, default=1,
                         help="torch threads per node and for the single process in the compute check")
+    parser.add_argument("--compute-rounds", type=int, default=9,
+                        help="paired rounds (single process, then pipeline) in the compute check")
     parser.add_argument("--out", default="bench/results/wan.json")
     parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("--plot", default="docs/benchmarks.png", help="'' for none (no matplotlib needed)")
@@ -71,7 +73,8 @@ def main(args) -> int:
                     f"for {topology.stages} stages)")
                 row.extra.update(model=label, single_process_tokens_per_second=target.ceiling)
             rows += topology_rows
-        compute = [compute_check(Path(scratch), threads=args.compute_threads)] if args.compute_check else []
+        compute = [compute_check(Path(scratch), threads=args.compute_threads,
+                                 rounds=args.compute_rounds)] if args.compute_check else []
     payload = {
         "command": shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]]),
         "machine": machine(), "max_tokens": args.max_tokens, "prompts": min(max(args.prompts, 1), len(STORY_PROMPTS)),

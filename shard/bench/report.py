@@ -28,13 +28,25 @@ def markdown(payload: dict) -> str:
                 f"| {r['bound_tokens_per_second']:.1f} | {r['efficiency']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
         lines.append("")
     for check in payload.get("compute_check", []):
-        rounds = ", ".join(f"{r['ratio']:.3f}" for r in check["rounds"])
         lines += [f"Compute-dominated model on `lan` ({check['model']}, {check['threads_per_node']} torch "
-                  f"thread(s) per node and for the single process, {check['tokens']} tokens): plain pipeline "
-                  f"over {check['stages']} stages {check['pipeline_tokens_per_second']:.2f} tok/s vs single "
-                  f"process {check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x** "
-                  f"(median of rounds {rounds}; lossless: {'yes' if check['lossless'] else 'NO'}).", ""]
+                  f"thread(s) per node and for the single process, {len(check['rounds'])} rounds of "
+                  f"{check['tokens']} tokens): plain pipeline over {check['stages']} stages "
+                  f"{check['pipeline_tokens_per_second']:.2f} tok/s vs single process "
+                  f"{check['single_process_tokens_per_second']:.2f} tok/s: **{check['ratio']:.3f}x** "
+                  f"(median of the rounds' ratios{_quartiles(check)}; lossless: "
+                  f"{'yes' if check['lossless'] else 'NO'}).", ""]
+        if "stage_compute_ms_per_token" in check:
+            lines += [f"Per token (medians): single process {check['single_process_ms_per_token']:.1f} ms; "
+                      f"the stages' compute {check['stage_compute_ms_per_token']:.1f} ms; the pipeline's own "
+                      f"overhead (hops, sealing, scheduling) {check['pipeline_overhead_ms_per_token']:.2f} ms.", ""]
     return "\n".join(lines)
+
+
+def _quartiles(check: dict) -> str:
+    if "ratio_quartiles" in check:
+        low, high = check["ratio_quartiles"]
+        return f", quartiles {low:.3f}-{high:.3f}"
+    return ", rounds " + ", ".join(f"{r['ratio']:.3f}" for r in check["rounds"])
 
 
 def plot(payload: dict, path: Path) -> None:

@@ -98,7 +98,7 @@ def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int,
         torch.set_num_threads(default_threads)
 
 
-async def _stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
+async def stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
     infos = []
     for address in addresses:
         async with open_channel(address, tls) as channel:
@@ -114,10 +114,10 @@ def request_for(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, s
 
 async def _run_mode(client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens):
     await generate(client_address, tls, request_for(prompts_ids[0], 8, mode, drafts))  # warm-up
-    before = await _stage_infos(stage_addresses, tls)
+    before = await stage_infos(stage_addresses, tls)
     summaries = [(await generate(client_address, tls, request_for(ids, max_tokens, mode, drafts))).summary
                  for ids in prompts_ids]
-    after = await _stage_infos(stage_addresses, tls)
+    after = await stage_infos(stage_addresses, tls)
     stage_seconds = [
         (a.compute_seconds - b.compute_seconds) / max(a.frames_processed - b.frames_processed, 1)
         for a, b in zip(after, before)]
