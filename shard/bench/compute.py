@@ -6,7 +6,9 @@ a machine of its own). The two run in turns, many short rounds, and the ratio re
 the median of the rounds' ratios: a shared machine's speed drifts by tens of percent over
 seconds, which a few long rounds turn into bias. Each round also splits the pipeline's time
 per token into the stages' compute (as the stages measure it) and the rest, the pipeline's
-own overhead: hops, sealing, scheduling."""
+own overhead: hops, sealing, scheduling. A third contender, the same two blocks in two bare
+processes joined by a pipe (`bare_pipeline`), shows what any split into processes costs on
+the machine before the first line of Shard's data path."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import statistics
 from pathlib import Path
 
+from shard.bench.bare_pipeline import BarePipeline
 from shard.bench.run import Mode, request_for, single_process, stage_infos
 from shard.client import generate
 from shard.launcher import LocalSwarm
@@ -26,6 +29,7 @@ PLAIN = Mode("plain", "none", 0, 1)
 def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: int = 32) -> dict:
     model_dir = build_compute_model(scratch / "compute-model")
     results = []
+    bare = BarePipeline(model_dir, 8, threads)
     with LocalSwarm(model_dir, 2, logs_to_files=True, device="cpu", stage_args=[f"--threads={threads}"],
                     coordinator_args=["--threads=1"]) as swarm:
         tls = swarm.client_tls()
@@ -34,6 +38,7 @@ def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: 
                              wait_ready_seconds=300))
         for _ in range(rounds):
             single, expected = single_process(model_dir, [PROMPT], max_tokens, threads=threads)
+            bare_seconds, bare_compute, bare_tokens = bare.generate(PROMPT, max_tokens)
             before = asyncio.run(stage_infos(stages, tls))
             summary = asyncio.run(generate(swarm.coordinator_address, tls,
                                            request_for(PROMPT, max_tokens, PLAIN, {}))).summary
@@ -46,7 +51,12 @@ def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: 
                             "single_process_ms_per_token": 1000 / single,
                             "stage_compute_ms_per_token": compute_ms,
                             "pipeline_overhead_ms_per_token": 1000 / summary.tokens_per_second - compute_ms,
-                            "lossless": list(summary.output_ids) == expected[0]})
+                            "bare_processes_tokens_per_second": 1 / bare_seconds,
+                            "bare_processes_ratio": 1 / bare_seconds / single,
+                            "bare_processes_compute_ms_per_token": 1000 * bare_compute,
+                            "pipeline_vs_bare_processes": summary.tokens_per_second * bare_seconds,
+                            "lossless": list(summary.output_ids) == expected[0] == bare_tokens})
+    bare.close()
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in results)
@@ -61,4 +71,7 @@ def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: 
             "single_process_ms_per_token": median("single_process_ms_per_token"),
             "stage_compute_ms_per_token": median("stage_compute_ms_per_token"),
             "pipeline_overhead_ms_per_token": median("pipeline_overhead_ms_per_token"),
+            "bare_processes_ratio": median("bare_processes_ratio"),
+            "bare_processes_compute_ms_per_token": median("bare_processes_compute_ms_per_token"),
+            "pipeline_vs_bare_processes": median("pipeline_vs_bare_processes"),
             "lossless": all(r["lossless"] for r in results)}

@@ -39,6 +39,12 @@ def markdown(payload: dict) -> str:
             lines += [f"Per token (medians): single process {check['single_process_ms_per_token']:.1f} ms; "
                       f"the stages' compute {check['stage_compute_ms_per_token']:.1f} ms; the pipeline's own "
                       f"overhead (hops, sealing, scheduling) {check['pipeline_overhead_ms_per_token']:.2f} ms.", ""]
+        if "bare_processes_ratio" in check:
+            lines += [f"The floor for any split into processes on this machine: the same two blocks in two bare "
+                      f"processes joined by a pipe (no gRPC, TLS, sealing or event loop) run "
+                      f"**{check['bare_processes_ratio']:.3f}x** the single process, their compute "
+                      f"{check['bare_processes_compute_ms_per_token']:.1f} ms per token; the swarm runs "
+                      f"**{check['pipeline_vs_bare_processes']:.3f}x** the bare processes (medians of the rounds).", ""]
     return "\n".join(lines)
 
 
