@@ -21,7 +21,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             peer_id = peer.node_id if peer else None
             self.node.check_upstream(peer_id)
             async for frame in request_iterator:
-                self.node.accept(frame, peer_id, on_start=acks.acknowledge)
+                self.node.accept(frame, peer_id, on_done=acks.acknowledge)
                 acks.taken(frame.header)
             await acks.flush()
         except FrameRejected as rejected:

@@ -177,10 +177,10 @@ class StageNode:
                                 f"(expected {self.assignment.upstream_id})")
 
     def accept(self, frame: frame_pb2.Frame, peer_id: str | None,
-               on_start: Callable[[frame_pb2.FrameHeader], None] = lambda header: None) -> None:
+               on_done: Callable[[frame_pb2.FrameHeader], None] = lambda header: None) -> None:
         """Open, validate and queue a frame from `peer_id`; raises FrameRejected for a
-        forged or malformed one. `on_start(header)` is called on the event loop once the
-        compute thread picks the frame up."""
+        forged or malformed one. `on_done(header)` is called on the event loop once the
+        compute thread is through with the frame, after what it sends for it."""
         header = frame.header
         if self.block is None:
             raise FrameRejected(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
@@ -199,7 +199,7 @@ class StageNode:
         else:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
-        self._compute.post(self._run_frame, header, body, on_start)
+        self._compute.post(self._run_frame, header, body, on_done)
 
     def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
@@ -284,9 +284,14 @@ class StageNode:
         """From the compute thread: hand a frame to the loop for sending downstream."""
         self._loop.call_soon_threadsafe(self._outbox.put_nowait, frame)
 
-    def _run_frame(self, header, body, on_start: Callable[[frame_pb2.FrameHeader], None]) -> None:
+    def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
         """On the compute thread: one queued frame, in arrival order."""
-        self._loop.call_soon_threadsafe(on_start, header)
+        try:
+            self._process(header, body)
+        finally:
+            self._loop.call_soon_threadsafe(on_done, header)
+
+    def _process(self, header, body) -> None:
         if header.kind == K.FRAME_KIND_END:
             if self.sessions:
                 self.sessions.pop(header.session_id)

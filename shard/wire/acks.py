@@ -1,10 +1,13 @@
 """The receiving end of an edge acknowledges frames cumulatively, off the frame's path.
 
 An ack written as soon as a frame arrived held the frame up: the write kept the event
-loop, and with it the GIL, from the compute thread that had the frame, ~0.15 ms per hop
-on a busy 2-core machine. A stage acknowledges a frame when its compute thread picks it
-up instead, and at most one ack write is in flight: frames started meanwhile are covered
-by the next ack, which names the highest counter due."""
+loop, and with it the GIL, from the compute thread that had the frame (~0.15 ms per hop
+on a busy 2-core machine); written when compute started, it took the GIL from the
+compute instead. A stage acknowledges a frame once it is through with it, right after
+sending its output on, when its loop has nothing better to do. At most one ack write is
+in flight: frames finished meanwhile are covered by the next ack, which names the highest
+counter due. Frames a stage has taken in but not finished are sent again if the edge
+breaks; computing a chunk twice is harmless (absolute positions, same result)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class Edge:
         self._reader: asyncio.Task | None = None
         self._sealer: EdgeSealer | None = None
         self._counter = 0  # of the last frame written on the current stream
-        self._acked = 0    # every frame up to this counter on the current stream was taken in
+        self._acked = 0    # every frame up to this counter on the current stream was dealt with
         self._unacked: deque[frame_pb2.Frame] = deque()  # the frame after `_acked` first
         self._rejections_in_a_row = 0
         self._closed = False
@@ -112,7 +112,7 @@ class Edge:
     async def _read_acks(self, call) -> None:
         try:
             async for ack in call:
-                # Cumulative: this frame and every one before it on the stream were taken in.
+                # Cumulative: this frame and every one before it on the stream were dealt with.
                 if self._call is call and ack.counter > self._acked:
                     for _ in range(min(ack.counter - self._acked, len(self._unacked))):
                         self._unacked.popleft()
