@@ -11,6 +11,7 @@ import sys
 import torch
 from google.protobuf.json_format import MessageToDict
 
+from shard.telemetry import configure_tracing
 from shard.v1 import coordinator_pb2
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -197,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         module = __import__(f"services.{args.command}.main", fromlist=["serve"])
-        asyncio.run(module.serve(args))
+        tracing = configure_tracing(f"shard-{args.command}")
+        try:
+            asyncio.run(module.serve(args))
+        finally:
+            if tracing is not None:
+                tracing.shutdown()  # flushes the spans still batched
         return 0
     if args.command == "generate":
         if not args.insecure and not args.certs:

@@ -20,6 +20,7 @@ from shard.decode.draft import Draft, NgramDraft
 from shard.decode.speculative import Finish, Lookahead, RingChanged, decode
 from shard.model.checkpoint import config_fingerprint
 from shard.node.ring import Ring, RingError
+from shard.telemetry import in_span, tracer
 from shard.v1 import coordinator_pb2
 from shard.wire.tls import NodeTLS
 
@@ -194,13 +195,17 @@ class CoordinatorNode:
             return await asyncio.get_running_loop().run_in_executor(
                 self._draft_thread, draft_session.propose, sequence, n)
 
-        decoding = asyncio.create_task(decode(
+        span = tracer.start_span("shard.generate", attributes={
+            "shard.session": session_id, "shard.prompt_tokens": len(prepared.prompt_ids),
+            "shard.max_tokens": prepared.max_tokens, "shard.draft": prepared.draft.name if prepared.draft else "none",
+            "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight})
+        decoding = asyncio.create_task(in_span(span, decode(
             SessionRing(self.ring, session_id), prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
             lookahead=self._lookaheads.setdefault((prepared.draft.name if prepared.draft else "none", prepared.spec_k),
-                                                  Lookahead())))
+                                                  Lookahead()))))
         self.active_sessions += 1
         try:
             async for ids in _until_done(committed, decoding):
@@ -212,12 +217,15 @@ class CoordinatorNode:
                 raise GenerateError(error.code, error.message) from error
             except RingChanged as error:
                 raise GenerateError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            span.set_attributes({"shard.tokens": len(stats.output_ids), "shard.traversals": stats.traversals,
+                                 "shard.acceptance": stats.acceptance_rate})
             yield coordinator_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
         finally:
             decoding.cancel()
+            span.end()
             self.active_sessions -= 1
             await self.ring.end_session(session_id)
 

@@ -8,8 +8,10 @@ import asyncio
 import logging
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
 
 from shard.decode.speculative import RingChanged
+from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
 from shard.wire.edge import Edge
@@ -101,10 +103,14 @@ class Ring:
         loop = asyncio.get_running_loop()
         future = self._pending[key] = loop.create_future()
         deadline = loop.call_later(self._chunk_timeout, self._time_out, key)
-        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future)))
+        span = tracer.start_span("shard.traversal", attributes={
+            "shard.session": session_id, "shard.chunk": chunk_id, "shard.epoch": epoch,
+            "shard.start_pos": start_pos, "shard.tokens": len(tokens)})
+        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future)))
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        put_context(header, span)
         payload = encode_ids(tokens)
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
@@ -164,6 +170,14 @@ class Ring:
             await self.head_edge.close()
         for channel in self._channels:
             await channel.close()
+
+
+def _end(span, future: asyncio.Future) -> None:
+    if future.cancelled():
+        span.set_attribute("shard.dropped", True)  # overtaken: a rejection, a replay, the end
+    elif future.exception() is not None:
+        span.set_status(Status(StatusCode.ERROR, str(future.exception())))
+    span.end()
 
 
 def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from opentelemetry.trace import Status, StatusCode
 
 from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
 from shard.node.serial_thread import SerialThread
 from shard.node.sessions import SessionStore, TooManySessions
+from shard.telemetry import context_of, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, encode_tensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
@@ -199,7 +201,7 @@ class StageNode:
         else:
             raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
-        self._compute.post(self._run_frame, header, body, on_done)
+        self._compute.post(self._run_frame, header, body, on_done, time.time_ns())
 
     def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
@@ -284,14 +286,25 @@ class StageNode:
         """From the compute thread: hand a frame to the loop for sending downstream."""
         self._loop.call_soon_threadsafe(self._outbox.put_nowait, frame)
 
-    def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
-        """On the compute thread: one queued frame, in arrival order."""
+    def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None],
+                   arrived_ns: int) -> None:
+        """On the compute thread: one queued frame, in arrival order. A frame that carries a
+        trace context gets a span from its arrival to its output's hand-off to the loop."""
+        context = context_of(header)
+        span = None if context is None else tracer.start_span(
+            "shard.stage", context=context, start_time=arrived_ns, attributes={
+                "shard.node": self.node_id, "shard.session": header.session_id, "shard.chunk": header.chunk_id,
+                "shard.start_pos": header.start_pos, "shard.tokens": header.num_tokens,
+                "shard.frame_kind": K.FrameKind.Name(header.kind),
+                "shard.layers": f"[{self.assignment.start}, {self.assignment.end})"})
         try:
-            self._process(header, body)
+            self._process(header, body, span)
         finally:
+            if span is not None:
+                span.end()
             self._loop.call_soon_threadsafe(on_done, header)
 
-    def _process(self, header, body) -> None:
+    def _process(self, header, body, span) -> None:
         if header.kind == K.FRAME_KIND_END:
             if self.sessions:
                 self.sessions.pop(header.session_id)
@@ -304,19 +317,24 @@ class StageNode:
             return
         if header.epoch < self._min_epoch.get(header.session_id, 0):
             self.frames_dropped_stale += 1
+            if span is not None:
+                span.set_attribute("shard.dropped", True)  # cancelled out of band
             return
         began = time.perf_counter()
         try:
             output = encode_tensor(self._compute_chunk(header, body))
-        except (CacheGapError, TooManySessions, ValueError) as error:
-            self._emit(self._error_frame(header, error))
-            return
-        except Exception as error:  # a bug must cost one session, not the node
-            log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
+        except Exception as error:
+            if not isinstance(error, (CacheGapError, TooManySessions, ValueError)):
+                # A bug: it must cost one session, not the node.
+                log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, str(error)))
             self._emit(self._error_frame(header, error))
             return
         self.frames_processed += 1
         self.compute_seconds += time.perf_counter() - began
+        if span is not None:
+            span.set_attribute("shard.compute_seconds", time.perf_counter() - began)
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         if self.assignment.last:

@@ -1,0 +1,114 @@
+"""OpenTelemetry over the real services: every traversal is a span at the coordinator with
+a child span at each stage it crossed, the trace context riding in the sealed frame header;
+with the standard OTEL_* variables set, separate processes export them over OTLP."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shard.client import generate
+from shard.launcher import LocalSwarm
+from shard.testing.reference import reference_greedy
+from shard.testing.swarm import inprocess_swarm
+from shard.v1 import coordinator_pb2
+
+PROMPT = [1, 415, 1022, 264, 727]
+TOKENS = 6
+
+
+def request(**extra):
+    return coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT),
+                                           max_tokens=TOKENS, stop_at_eos=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def spans():
+    """This process's tracer provider, recording into memory (set once per process)."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def test_each_traversal_has_a_child_span_at_every_stage(tinystories_dir, tmp_path, spans):
+    spans.clear()
+
+    async def run():
+        async with inprocess_swarm(tinystories_dir, 2, tmp_path) as swarm:
+            return await generate(swarm.coordinator.address, swarm.tls(), request(draft="none"))
+
+    generation = asyncio.run(run())
+    assert list(generation.summary.output_ids) == reference_greedy(tinystories_dir, PROMPT, TOKENS)
+    finished = spans.get_finished_spans()
+    [root] = [s for s in finished if s.name == "shard.generate"]
+    traversals = [s for s in finished if s.name == "shard.traversal"]
+    hops = [s for s in finished if s.name == "shard.stage"]
+    assert root.attributes["shard.tokens"] == TOKENS
+    assert len(traversals) == generation.summary.chunks_sent == TOKENS
+    for traversal in traversals:
+        assert traversal.parent.span_id == root.context.span_id
+        assert traversal.context.trace_id == root.context.trace_id
+        children = [h for h in hops if h.parent.span_id == traversal.context.span_id]
+        assert sorted(h.attributes["shard.node"] for h in children) == ["stage-0", "stage-1"]
+        for hop in children:
+            assert hop.context.trace_id == traversal.context.trace_id
+            assert traversal.start_time <= hop.start_time <= hop.end_time <= traversal.end_time
+            assert hop.attributes["shard.chunk"] == traversal.attributes["shard.chunk"]
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC endpoint that keeps what it is sent."""
+
+    def __init__(self):
+        self.requests = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[str, object]]:
+        """(service name, span) for every span received."""
+        out = []
+        for request in self.requests:
+            for resource_spans in request.resource_spans:
+                service = next(a.value.string_value for a in resource_spans.resource.attributes
+                               if a.key == "service.name")
+                out += [(service, span) for scope in resource_spans.scope_spans for span in scope.spans]
+        return out
+
+
+def test_processes_export_their_spans_over_otlp(tinystories_dir, tmp_path, monkeypatch):
+    collector = Collector()
+    # A thread-pool server: it must keep serving while the launcher blocks on the nodes.
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    try:
+        with LocalSwarm(tinystories_dir, 2, workdir=tmp_path, logs_to_files=True, device="cpu") as swarm:
+            asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request(draft="none"),
+                                 wait_ready_seconds=120))
+        # Stopping the nodes flushed their spans.
+    finally:
+        server.stop(None)
+    received = collector.spans()
+    traversals = {s.span_id: s for service, s in received if service == "shard-coordinator"
+                  and s.name == "shard.traversal"}
+    hops = [s for service, s in received if service == "shard-stage" and s.name == "shard.stage"]
+    assert len(traversals) == TOKENS
+    for traversal in traversals.values():
+        children = [h for h in hops if h.parent_span_id == traversal.span_id]
+        assert len(children) == 2 and all(h.trace_id == traversal.trace_id for h in children)
