@@ -298,28 +298,32 @@ class StageNode:
                 "shard.frame_kind": K.FrameKind.Name(header.kind),
                 "shard.layers": f"[{self.assignment.start}, {self.assignment.end})"})
         try:
-            self._process(header, body, span)
+            try:
+                out = self._process(header, body, span)
+            finally:
+                if span is not None:
+                    span.end()  # before the hand-off: the traversal may end right after it
+            if out is not None:
+                self._emit(out)
         finally:
-            if span is not None:
-                span.end()
             self._loop.call_soon_threadsafe(on_done, header)
 
-    def _process(self, header, body, span) -> None:
+    def _process(self, header, body, span) -> frame_pb2.Frame | None:
+        """What to send on for one frame, if anything."""
         if header.kind == K.FRAME_KIND_END:
             if self.sessions:
                 self.sessions.pop(header.session_id)
             self._min_epoch.pop(header.session_id, None)
             if not self.assignment.last:
-                self._emit(frame_pb2.Frame(header=header))
-            return
+                return frame_pb2.Frame(header=header)
+            return None
         if header.kind == K.FRAME_KIND_ERROR:
-            self._emit(frame_pb2.Frame(header=header, payload=body))
-            return
+            return frame_pb2.Frame(header=header, payload=body)
         if header.epoch < self._min_epoch.get(header.session_id, 0):
             self.frames_dropped_stale += 1
             if span is not None:
                 span.set_attribute("shard.dropped", True)  # cancelled out of band
-            return
+            return None
         began = time.perf_counter()
         try:
             output = encode_tensor(self._compute_chunk(header, body))
@@ -329,8 +333,7 @@ class StageNode:
                 log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, str(error)))
-            self._emit(self._error_frame(header, error))
-            return
+            return self._error_frame(header, error)
         self.frames_processed += 1
         self.compute_seconds += time.perf_counter() - began
         if span is not None:
@@ -339,7 +342,7 @@ class StageNode:
         out.CopyFrom(header)
         if self.assignment.last:
             out.kind = K.FRAME_KIND_RESULT
-        self._emit(frame_pb2.Frame(header=out, payload=output))
+        return frame_pb2.Frame(header=out, payload=output)
 
     def _compute_chunk(self, header, wire: WireTensor) -> torch.Tensor:
         session = self.sessions.get(header.session_id)
