@@ -28,8 +28,34 @@ PLAIN = Mode("plain", "none", 0, 1)
 
 def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: int = 32) -> dict:
     model_dir = build_compute_model(scratch / "compute-model")
-    results = []
     bare = BarePipeline(model_dir, 8, threads)
+    try:
+        results = _rounds(model_dir, bare, threads, rounds, max_tokens)
+    finally:
+        bare.close()
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in results)
+
+    ratios = sorted(r["ratio"] for r in results)
+    return {"model": "random llama, hidden 1024, 8 layers", "stages": 2, "threads_per_node": threads,
+            "tokens": max_tokens, "rounds": results,
+            "single_process_tokens_per_second": median("single_process_tokens_per_second"),
+            "pipeline_tokens_per_second": median("pipeline_tokens_per_second"),
+            "ratio": median("ratio"),
+            "ratio_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+            "single_process_ms_per_token": median("single_process_ms_per_token"),
+            "stage_compute_ms_per_token": median("stage_compute_ms_per_token"),
+            "pipeline_overhead_ms_per_token": median("pipeline_overhead_ms_per_token"),
+            "bare_processes_ratio": median("bare_processes_ratio"),
+            "bare_processes_compute_ms_per_token": median("bare_processes_compute_ms_per_token"),
+            "pipeline_vs_bare_processes": median("pipeline_vs_bare_processes"),
+            "lossless": all(r["lossless"] for r in results)}
+
+
+def _rounds(model_dir: Path, bare: BarePipeline, threads: int, rounds: int, max_tokens: int) -> list[dict]:
+    """The single process, the bare processes, then the swarm, `rounds` times over."""
+    results = []
     with LocalSwarm(model_dir, 2, logs_to_files=True, device="cpu", stage_args=[f"--threads={threads}"],
                     coordinator_args=["--threads=1"]) as swarm:
         tls = swarm.client_tls()
@@ -56,22 +82,4 @@ def compute_check(scratch: Path, threads: int = 1, rounds: int = 9, max_tokens: 
                             "bare_processes_compute_ms_per_token": 1000 * bare_compute,
                             "pipeline_vs_bare_processes": summary.tokens_per_second * bare_seconds,
                             "lossless": list(summary.output_ids) == expected[0] == bare_tokens})
-    bare.close()
-
-    def median(key: str) -> float:
-        return statistics.median(r[key] for r in results)
-
-    ratios = sorted(r["ratio"] for r in results)
-    return {"model": "random llama, hidden 1024, 8 layers", "stages": 2, "threads_per_node": threads,
-            "tokens": max_tokens, "rounds": results,
-            "single_process_tokens_per_second": median("single_process_tokens_per_second"),
-            "pipeline_tokens_per_second": median("pipeline_tokens_per_second"),
-            "ratio": median("ratio"),
-            "ratio_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
-            "single_process_ms_per_token": median("single_process_ms_per_token"),
-            "stage_compute_ms_per_token": median("stage_compute_ms_per_token"),
-            "pipeline_overhead_ms_per_token": median("pipeline_overhead_ms_per_token"),
-            "bare_processes_ratio": median("bare_processes_ratio"),
-            "bare_processes_compute_ms_per_token": median("bare_processes_compute_ms_per_token"),
-            "pipeline_vs_bare_processes": median("pipeline_vs_bare_processes"),
-            "lossless": all(r["lossless"] for r in results)}
+    return results

@@ -195,17 +195,17 @@ class CoordinatorNode:
             return await asyncio.get_running_loop().run_in_executor(
                 self._draft_thread, draft_session.propose, sequence, n)
 
+        draft_name = prepared.draft.name if prepared.draft else "none"
         span = tracer.start_span("shard.generate", attributes={
             "shard.session": session_id, "shard.prompt_tokens": len(prepared.prompt_ids),
-            "shard.max_tokens": prepared.max_tokens, "shard.draft": prepared.draft.name if prepared.draft else "none",
+            "shard.max_tokens": prepared.max_tokens, "shard.draft": draft_name,
             "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight})
         decoding = asyncio.create_task(in_span(span, decode(
             SessionRing(self.ring, session_id), prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
-            lookahead=self._lookaheads.setdefault((prepared.draft.name if prepared.draft else "none", prepared.spec_k),
-                                                  Lookahead()))))
+            lookahead=self._lookaheads.setdefault((draft_name, prepared.spec_k), Lookahead()))))
         self.active_sessions += 1
         try:
             async for ids in _until_done(committed, decoding):

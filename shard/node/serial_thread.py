@@ -4,8 +4,7 @@ A stage's chunks must run in order, and torch already spreads one op over every 
 a stage computes on one thread. It is fed straight from the event loop rather than through
 `run_in_executor` from a worker task: that route woke the worker task, then the executor
 thread, then the task again for every chunk (~0.4 ms per hop measured on 2 cores, an idle
-process being slow to wake); here the chunk goes to a thread already waiting for it, and
-the loop is free to acknowledge the frame while it computes."""
+process being slow to wake); here the chunk goes to a thread already waiting for it."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from shard.model.block import Block, CacheGapError
@@ -291,7 +292,7 @@ class StageNode:
         """On the compute thread: one queued frame, in arrival order. A frame that carries a
         trace context gets a span from its arrival to its output's hand-off to the loop."""
         context = context_of(header)
-        span = None if context is None else tracer.start_span(
+        span = trace.INVALID_SPAN if context is None else tracer.start_span(
             "shard.stage", context=context, start_time=arrived_ns, attributes={
                 "shard.node": self.node_id, "shard.session": header.session_id, "shard.chunk": header.chunk_id,
                 "shard.start_pos": header.start_pos, "shard.tokens": header.num_tokens,
@@ -301,14 +302,13 @@ class StageNode:
             try:
                 out = self._process(header, body, span)
             finally:
-                if span is not None:
-                    span.end()  # before the hand-off: the traversal may end right after it
+                span.end()  # before the hand-off: the traversal may end right after it
             if out is not None:
                 self._emit(out)
         finally:
             self._loop.call_soon_threadsafe(on_done, header)
 
-    def _process(self, header, body, span) -> frame_pb2.Frame | None:
+    def _process(self, header, body, span: trace.Span) -> frame_pb2.Frame | None:
         """What to send on for one frame, if anything."""
         if header.kind == K.FRAME_KIND_END:
             if self.sessions:
@@ -321,8 +321,7 @@ class StageNode:
             return frame_pb2.Frame(header=header, payload=body)
         if header.epoch < self._min_epoch.get(header.session_id, 0):
             self.frames_dropped_stale += 1
-            if span is not None:
-                span.set_attribute("shard.dropped", True)  # cancelled out of band
+            span.set_attribute("shard.dropped", True)  # cancelled out of band
             return None
         began = time.perf_counter()
         try:
@@ -331,13 +330,12 @@ class StageNode:
             if not isinstance(error, (CacheGapError, TooManySessions, ValueError)):
                 # A bug: it must cost one session, not the node.
                 log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
-            if span is not None:
-                span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.set_status(Status(StatusCode.ERROR, str(error)))
             return self._error_frame(header, error)
+        seconds = time.perf_counter() - began
         self.frames_processed += 1
-        self.compute_seconds += time.perf_counter() - began
-        if span is not None:
-            span.set_attribute("shard.compute_seconds", time.perf_counter() - began)
+        self.compute_seconds += seconds
+        span.set_attribute("shard.compute_seconds", seconds)
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         if self.assignment.last:
