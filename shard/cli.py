@@ -12,7 +12,7 @@ import torch
 from google.protobuf.json_format import MessageToDict
 
 from shard.telemetry import configure_tracing
-from shard.v1 import coordinator_pb2
+from shard.v1 import api_pb2
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -133,8 +133,8 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print token ids and text as JSON")
 
 
-def build_request(args) -> coordinator_pb2.GenerateRequest:
-    request = coordinator_pb2.GenerateRequest(max_tokens=max(args.max_tokens, 0), stop_at_eos=not args.ignore_eos,
+def build_request(args) -> api_pb2.GenerateRequest:
+    request = api_pb2.GenerateRequest(max_tokens=max(args.max_tokens, 0), stop_at_eos=not args.ignore_eos,
                                               draft=args.draft[0] if args.draft else "")
     if args.spec_k is not None:
         request.spec_k = args.spec_k
@@ -153,7 +153,7 @@ def print_generation(generation, as_json: bool) -> None:
     summary = generation.summary
     if as_json:
         fields = MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        fields["finish_reason"] = coordinator_pb2.FinishReason.Name(summary.finish_reason)
+        fields["finish_reason"] = api_pb2.FinishReason.Name(summary.finish_reason)
         print(json.dumps(fields))
     else:
         print(file=sys.stderr)
@@ -163,7 +163,7 @@ def print_generation(generation, as_json: bool) -> None:
               f"{summary.chunks_sent}/{summary.chunks_wasted}/{summary.chunks_cancelled}; time draft "
               f"{summary.draft_seconds:.2f} s, ring {summary.ring_seconds:.2f} s, coordinator "
               f"{summary.coordinator_seconds:.2f} s; "
-              f"{coordinator_pb2.FinishReason.Name(summary.finish_reason)}]", file=sys.stderr)
+              f"{api_pb2.FinishReason.Name(summary.finish_reason)}]", file=sys.stderr)
 
 
 async def _generate(args) -> int:

@@ -13,20 +13,20 @@ from tenacity import (
     wait_exponential,
 )
 
-from shard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shard.v1 import api_pb2, api_pb2_grpc
 from shard.wire.tls import NodeTLS, open_channel
 
 
 @dataclass
 class Generation:
-    summary: coordinator_pb2.GenerationSummary | None = None
+    summary: api_pb2.GenerationSummary | None = None
     streamed_ids: list[int] = field(default_factory=list)
 
 
 async def generate(
     address: str,
     tls: NodeTLS | None,
-    request: coordinator_pb2.GenerateRequest,
+    request: api_pb2.GenerateRequest,
     *,
     on_text: Callable[[str], None] | None = None,
     wait_ready_seconds: float = 0.0,
@@ -40,7 +40,7 @@ async def generate(
                 and not result.streamed_ids)
 
     async with open_channel(address, tls) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        stub = api_pb2_grpc.InferenceServiceStub(channel)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(not_ready_yet),
             wait=wait_exponential(multiplier=0.1, max=1.0),

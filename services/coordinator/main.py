@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from services.coordinator.servicer import CoordinatorServicer
+from services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.config import advertised_address, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch, load_draft
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
-from shard.v1 import coordinator_pb2, coordinator_pb2_grpc, registry_pb2
+from shard.v1 import api_pb2, api_pb2_grpc, registry_pb2, return_pb2, return_pb2_grpc
 from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 
@@ -25,10 +25,15 @@ async def start(args) -> RunningNode:
     node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args),
                            drafts=drafts, spec_k=4 if args.spec_k is None else args.spec_k,
                            in_flight=4 if args.in_flight is None else args.in_flight)
+
+    def add_servicers(server) -> None:
+        api_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(node), server)
+        return_pb2_grpc.add_ReturnServiceServicer_to_server(ReturnServicer(node), server)
+
     server, port = await start_server(
-        args.listen, tls,
-        lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(node), s),
-        [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name])
+        args.listen, tls, add_servicers,
+        [api_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+         return_pb2.DESCRIPTOR.services_by_name["ReturnService"].full_name], args.node_id)
     running = RunningNode(advertised_address(args, port), node)
     # The tail's return stream never ends by itself: a short grace for in-flight results.
     running.on_stop(lambda: server.stop(grace=0.5))

@@ -1,27 +1,42 @@
-"""Coordinator RPCs: parse, call CoordinatorNode, reply."""
+"""Coordinator RPCs: the public InferenceService and the tail's ReturnService. Parse,
+call CoordinatorNode, reply."""
 
 from __future__ import annotations
 
 import grpc
 
-from shard.node.coordinator import CoordinatorNode, GenerateError
-from shard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shard.errors import ShardError
+from shard.node.coordinator import CoordinatorNode
+from shard.v1 import api_pb2, api_pb2_grpc, return_pb2_grpc
 from shard.wire.acks import CumulativeAcks
 from shard.wire.inbound import InboundError
 from shard.wire.tls import require_peer
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     def __init__(self, node: CoordinatorNode):
         self.node = node
 
     async def Generate(self, request, context):
-        await require_peer(context, "client", "coordinator")
         try:
             async for response in self.node.generate(request):
                 yield response
-        except GenerateError as error:
+        except ShardError as error:
             await context.abort(error.code, error.message)
+
+    async def GetStatus(self, request, context):
+        node = self.node
+        return api_pb2.GetStatusResponse(
+            node_id=node.node_id, ready=node.ring.ready.is_set(),
+            problem="" if node.ring.ready.is_set() else node.ring.problem,
+            model_fingerprint=node.fingerprint, context_length=node.context_length,
+            drafts=sorted(node.drafts), default_draft=node.default_draft,
+            active_generations=node.active_sessions)
+
+
+class ReturnServicer(return_pb2_grpc.ReturnServiceServicer):
+    def __init__(self, node: CoordinatorNode):
+        self.node = node
 
     async def Return(self, request_iterator, context):
         # Only the tail of the current plan may hand results back.
@@ -39,10 +54,3 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}")
         finally:
             acks.close()
-
-    async def Status(self, request, context):
-        await require_peer(context, "client", "coordinator", "stage", "registry")
-        plan = self.node.ring.plan
-        return coordinator_pb2.CoordinatorStatus(
-            node_id=self.node.node_id, plan_version=plan.version if plan else 0,
-            ready=self.node.ring.ready.is_set(), active_sessions=self.node.active_sessions)

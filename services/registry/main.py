@@ -30,8 +30,8 @@ async def start(args) -> RunningNode:
                           pin_trusted_ends=args.pin_trusted_ends)
     server, port = await start_server(
         args.listen, tls,
-        lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), s),
-        [registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name])
+        lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(state), s),
+        [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name], args.node_id)
     running = RunningNode(advertised_address(args, port), state)
     running.on_stop(lambda: server.stop(grace=1.0))
 

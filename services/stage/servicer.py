@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import grpc
 
-from shard.node.stage import FrameRejected, StageNode
+from shard.errors import ShardError
+from shard.node.stage import StageNode
 from shard.v1 import stage_pb2, stage_pb2_grpc
 from shard.wire.acks import CumulativeAcks
-from shard.wire.tls import require_peer
+from shard.wire.tls import peer_identity
 
 
-class StageServicer(stage_pb2_grpc.StageServicer):
+class StageServicer(stage_pb2_grpc.StageServiceServicer):
     def __init__(self, node: StageNode):
         self.node = node
 
     async def Traverse(self, request_iterator, context):
-        peer = await require_peer(context, "coordinator", "stage")
+        peer = peer_identity(context)
         acks = CumulativeAcks(context)
         try:
             peer_id = peer.node_id if peer else None
@@ -24,32 +25,25 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.node.accept(frame, peer_id, on_done=acks.acknowledge)
                 acks.taken(frame.header)
             await acks.flush()
-        except FrameRejected as rejected:
+        except ShardError as rejected:
             await acks.flush()
             await context.abort(rejected.code, rejected.message)
         finally:
             acks.close()
 
     async def CancelEpoch(self, request, context):
-        await require_peer(context, "coordinator")
         if not request.session_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         dropped = self.node.cancel_epoch(request.session_id, request.epoch)
-        return stage_pb2.CancelEpochReply(frames_dropped=dropped)
+        return stage_pb2.CancelEpochResponse(frames_dropped=dropped)
 
     async def EndSession(self, request, context):
-        await require_peer(context, "coordinator")
         try:
             freed = self.node.end_session(request.session_id)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"{self.node.node_id} holds no session {request.session_id!r}")
-        return stage_pb2.EndSessionReply(kv_bytes_freed=freed)
-
-    async def Ping(self, request, context):
-        await require_peer(context, "coordinator", "stage", "registry")
-        return stage_pb2.PingReply(payload=request.payload, node_id=self.node.node_id)
+        return stage_pb2.EndSessionResponse(kv_bytes_freed=freed)
 
     async def Info(self, request, context):
-        await require_peer(context, "coordinator", "stage", "registry", "client")
         return self.node.info()

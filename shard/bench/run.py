@@ -16,7 +16,7 @@ from shard.bench.network import emulated_links
 from shard.bench.topology import TOPOLOGIES, Topology
 from shard.client import generate
 from shard.launcher import LocalSwarm
-from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 
 STORY_PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little dog was sad because")
@@ -98,17 +98,17 @@ def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int,
         torch.set_num_threads(default_threads)
 
 
-async def stage_infos(addresses: list[str], tls) -> list[stage_pb2.StageInfo]:
+async def stage_infos(addresses: list[str], tls) -> list[stage_pb2.InfoResponse]:
     infos = []
     for address in addresses:
         async with open_channel(address, tls) as channel:
-            infos.append(await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest()))
+            infos.append(await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest()))
     return infos
 
 
 def request_for(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, str]):
-    return coordinator_pb2.GenerateRequest(
-        prompt_ids=coordinator_pb2.TokenIds(ids=ids), max_tokens=max_tokens, stop_at_eos=False,
+    return api_pb2.GenerateRequest(
+        prompt_ids=api_pb2.TokenIds(ids=ids), max_tokens=max_tokens, stop_at_eos=False,
         draft=drafts.get(mode.draft, "none"), spec_k=mode.k, in_flight=mode.w)
 
 

@@ -19,20 +19,15 @@ from transformers import AutoConfig, AutoTokenizer
 from shard.decode.draft import Draft, NgramDraft
 from shard.decode.speculative import Finish, Lookahead, RingChanged, decode
 from shard.model.checkpoint import config_fingerprint
-from shard.node.ring import Ring, RingError
+from shard.errors import ShardError
+from shard.node.ring import Ring
 from shard.telemetry import in_span, tracer
-from shard.v1 import coordinator_pb2
+from shard.v1 import api_pb2
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
 
-_FINISH = {Finish.LENGTH: coordinator_pb2.FINISH_REASON_LENGTH, Finish.EOS: coordinator_pb2.FINISH_REASON_EOS}
-
-
-class GenerateError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+_FINISH = {Finish.LENGTH: api_pb2.FINISH_REASON_LENGTH, Finish.EOS: api_pb2.FINISH_REASON_EOS}
 
 
 def _eos_ids(model_dir: Path, config) -> frozenset[int]:
@@ -126,62 +121,62 @@ class CoordinatorNode:
         self.ring = Ring(node_id, tls, secrets, chunk_timeout=chunk_timeout)
         self.active_sessions = 0
 
-    def prepare(self, request: coordinator_pb2.GenerateRequest) -> Prepared:
+    def prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
         which = request.WhichOneof("input")
         if which is None:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt, chat messages or prompt_ids")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt, chat messages or prompt_ids")
         if which != "prompt_ids" and self.tokenizer is None:
-            raise GenerateError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this model has no tokenizer: send prompt_ids")
         if which == "prompt":
             if not request.prompt:
-                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+                raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
             prompt_ids = self.tokenizer(request.prompt)["input_ids"]
         elif which == "chat":
             if not request.chat.messages:
-                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
+                raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
             if not getattr(self.tokenizer, "chat_template", None):
-                raise GenerateError(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template")
+                raise ShardError(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template")
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             prompt_ids = list(self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         else:
             prompt_ids = list(request.prompt_ids.ids)
             if any(i >= self.config.vocab_size for i in prompt_ids):
-                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"prompt_ids must lie in [0, {self.config.vocab_size})")
         if not prompt_ids:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
         if len(prompt_ids) >= self.context_length:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
         if request.max_tokens <= 0:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
         if len(prompt_ids) + request.max_tokens > self.context_length:
-            raise GenerateError(
+            raise ShardError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(prompt_ids)} prompt tokens + max_tokens {request.max_tokens} exceed the context "
                 f"of {self.context_length}")
         stop_at_eos = request.stop_at_eos if request.HasField("stop_at_eos") else True
         draft_name = request.draft or self.default_draft
         if draft_name not in self.drafts:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown draft {draft_name!r}; this coordinator has {sorted(self.drafts)}")
         draft = self.drafts[draft_name]
         spec_k = request.spec_k if request.HasField("spec_k") else (self.default_spec_k if draft else 0)
         in_flight = request.in_flight if request.HasField("in_flight") else (self.default_in_flight if draft else 1)
         if spec_k > MAX_SPEC_K or not 1 <= in_flight <= MAX_IN_FLIGHT:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"spec_k must lie in [0, {MAX_SPEC_K}] and in_flight in [1, {MAX_IN_FLIGHT}]")
         return Prepared(prompt_ids, request.max_tokens, stop_at_eos, draft, spec_k, in_flight)
 
-    async def generate(self, request: coordinator_pb2.GenerateRequest
-                       ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+    async def generate(self, request: api_pb2.GenerateRequest
+                       ) -> AsyncIterator[api_pb2.GenerateResponse]:
         """Stream TokenDeltas as tokens are committed, then one GenerationSummary."""
         prepared = self.prepare(request)
         if not self.ring.ready.is_set():
             problem = self.ring.problem
-            raise GenerateError(grpc.StatusCode.UNAVAILABLE,
+            raise ShardError(grpc.StatusCode.UNAVAILABLE,
                                 f"the ring is not ready: {problem or 'stages are still loading'}")
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
@@ -209,17 +204,15 @@ class CoordinatorNode:
         self.active_sessions += 1
         try:
             async for ids in _until_done(committed, decoding):
-                yield coordinator_pb2.GenerateResponse(
-                    delta=coordinator_pb2.TokenDelta(ids=ids, text=text.push(ids)))
+                yield api_pb2.GenerateResponse(
+                    delta=api_pb2.TokenDelta(ids=ids, text=text.push(ids)))
             try:
                 stats = decoding.result()
-            except RingError as error:
-                raise GenerateError(error.code, error.message) from error
             except RingChanged as error:
-                raise GenerateError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+                raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             span.set_attributes({"shard.tokens": len(stats.output_ids), "shard.traversals": stats.traversals,
                                  "shard.acceptance": stats.acceptance_rate})
-            yield coordinator_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
+            yield api_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
@@ -229,9 +222,9 @@ class CoordinatorNode:
             self.active_sessions -= 1
             await self.ring.end_session(session_id)
 
-    def _summary(self, session_id: str, prepared: Prepared, stats) -> coordinator_pb2.GenerationSummary:
+    def _summary(self, session_id: str, prepared: Prepared, stats) -> api_pb2.GenerationSummary:
         tokens, seconds = len(stats.output_ids), stats.seconds
-        return coordinator_pb2.GenerationSummary(
+        return api_pb2.GenerationSummary(
             session_id=session_id, prompt_ids=prepared.prompt_ids, output_ids=stats.output_ids,
             text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
             finish_reason=_FINISH[stats.finish], tokens=tokens, seconds=seconds,

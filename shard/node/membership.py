@@ -13,14 +13,7 @@ from typing import Awaitable, Callable
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from shard.v1 import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    registry_pb2,
-    registry_pb2_grpc,
-    stage_pb2,
-    stage_pb2_grpc,
-)
+from shard.v1 import node_pb2, node_pb2_grpc, registry_pb2, registry_pb2_grpc
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)
@@ -55,7 +48,7 @@ class Membership:
         self._peer_channels: dict[str, grpc.aio.Channel] = {}
         self._probed: set[tuple[str, str]] = set()
         self.rtts: dict[str, float] = {}
-        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self._tasks: list[asyncio.Task] = []
         self.state = registry_pb2.NODE_STATE_LOADING
         self.plan_version = 0
@@ -130,11 +123,8 @@ class Membership:
         channel = self._peer_channels.get(member.address)
         if channel is None:
             channel = self._peer_channels[member.address] = open_channel(member.address, self._tls)
-        if member.role == registry_pb2.ROLE_STAGE:
-            call = lambda: stage_pb2_grpc.StageStub(channel).Ping(stage_pb2.PingRequest(), timeout=2.0)  # noqa: E731
-        else:
-            call = lambda: coordinator_pb2_grpc.CoordinatorStub(channel).Status(  # noqa: E731
-                coordinator_pb2.StatusRequest(), timeout=2.0)
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        call = lambda: stub.Ping(node_pb2.PingRequest(), timeout=2.0)  # noqa: E731
         best = None
         try:
             await call()  # the first call also sets up the connection: not a round trip
@@ -163,7 +153,8 @@ class Membership:
                         registry_pb2.WatchPlanRequest(node_id=self.capabilities.node_id),
                         wait_for_ready=True,
                     )
-                    async for plan in stream:
+                    async for update in stream:
+                        plan = update.plan
                         await self._on_plan(plan)
                         await self._probe_new_members(plan)
             await asyncio.sleep(self._heartbeat_seconds)

@@ -1,7 +1,7 @@
 """The registry's state: who has joined, their leases, and the versioned plan.
 
 Pure bookkeeping with an asyncio fan-out to plan watchers; the servicer only parses
-requests and maps RegistryError to status codes."""
+requests and maps ShardError to status codes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shard.errors import ShardError
 from shard.placement import (
     ModelSizes,
     NodeOffer,
@@ -24,12 +25,6 @@ from shard.placement import (
 from shard.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
-
-
-class RegistryError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 # A ring order other than by node id must save at least this much round trip.
@@ -78,17 +73,17 @@ class RegistryState:
     def join(self, capabilities: registry_pb2.NodeCapabilities,
              serving: registry_pb2.ServingBlock | None = None) -> None:
         if capabilities.model_fingerprint != self.model_fingerprint:
-            raise RegistryError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{capabilities.node_id} serves another model (config fingerprint "
                                 f"{capabilities.model_fingerprint[:12]}, expected {self.model_fingerprint[:12]})")
         if not capabilities.address:
-            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, "address is required")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "address is required")
         if capabilities.role == registry_pb2.ROLE_STAGE and capabilities.memory_budget_bytes == 0:
-            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, "a stage needs a memory budget")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "a stage needs a memory budget")
         if capabilities.role == registry_pb2.ROLE_COORDINATOR:
             current = self.plan.coordinator_id
             if current and current != capabilities.node_id and current in self.nodes:
-                raise RegistryError(grpc.StatusCode.ALREADY_EXISTS,
+                raise ShardError(grpc.StatusCode.ALREADY_EXISTS,
                                     f"coordinator {current} already drives this ring")
         self.nodes[capabilities.node_id] = NodeRecord(
             capabilities, time.monotonic() + self.lease_seconds, serving=serving or registry_pb2.ServingBlock())

@@ -11,6 +11,7 @@ import grpc
 from opentelemetry.trace import Status, StatusCode
 
 from shard.decode.speculative import RingChanged
+from shard.errors import ShardError
 from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
@@ -21,14 +22,6 @@ from shard.wire.tls import NodeTLS, open_channel
 log = logging.getLogger(__name__)
 
 
-class RingError(Exception):
-    """The ring could not serve a chunk; `code` is the gRPC status to report."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class Ring:
     def __init__(self, node_id: str, tls: NodeTLS | None, secrets: list[bytes] | None, *,
                  chunk_timeout: float = 120.0):
@@ -37,7 +30,7 @@ class Ring:
         self.inbound = Inbound(node_id, secrets)
         self.plan: registry_pb2.Plan | None = None
         self.head_edge: Edge | None = None
-        self._stage_stubs: dict[str, stage_pb2_grpc.StageStub] = {}
+        self._stage_stubs: dict[str, stage_pb2_grpc.StageServiceStub] = {}
         self._stage_addresses: dict[str, str] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -70,7 +63,7 @@ class Ring:
             if stage.node_id not in self._stage_stubs or self._stage_addresses.get(stage.node_id) != stage.address:
                 channel = open_channel(stage.address, self._tls)
                 self._channels.append(channel)
-                self._stage_stubs[stage.node_id] = stage_pb2_grpc.StageStub(channel)
+                self._stage_stubs[stage.node_id] = stage_pb2_grpc.StageServiceStub(channel)
                 self._stage_addresses[stage.node_id] = stage.address
         if changed:
             log.warning("the ring changed (plan v%d): %d chunks in flight will be replayed",
@@ -88,17 +81,17 @@ class Ring:
             await asyncio.wait_for(self.ready.wait(), timeout)
         except asyncio.TimeoutError:
             problem = self.problem
-            raise RingError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
+            raise ShardError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
                      tokens: list[int], num_outputs: int) -> asyncio.Future:
         """Send a chunk into the ring; the future yields the argmax ids the tail returns
-        for it, or raises RingError / RingChanged.
+        for it, or raises ShardError / RingChanged.
 
         The future is resolved straight from `deliver` (no task awaits it on the way): each
         layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
         if self.head_edge is None:
-            raise RingError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
+            raise ShardError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
         key = (session_id, chunk_id)
         loop = asyncio.get_running_loop()
         future = self._pending[key] = loop.create_future()
@@ -126,7 +119,7 @@ class Ring:
     def _time_out(self, key: tuple[str, int]) -> None:
         future = self._pending.get(key)
         if future is not None and not future.done():
-            future.set_exception(RingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            future.set_exception(ShardError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                            f"no result for chunk {key[1]} within {self._chunk_timeout:.0f} s"))
 
     def deliver(self, frame: frame_pb2.Frame, peer_id: str | None) -> None:
@@ -138,7 +131,7 @@ class Ring:
             return
         try:
             future.set_result(_result_of(frame.header, payload))
-        except (RingError, RingChanged) as error:
+        except (ShardError, RingChanged) as error:
             future.set_exception(error)
 
     def forget(self, session_id: str) -> None:
@@ -163,7 +156,7 @@ class Ring:
         replies = await asyncio.gather(
             *(self._stage_stubs[s.node_id].CancelEpoch(request, timeout=5.0) for s in self.plan.stages),
             return_exceptions=True)
-        return sum(r.frames_dropped for r in replies if isinstance(r, stage_pb2.CancelEpochReply))
+        return sum(r.frames_dropped for r in replies if isinstance(r, stage_pb2.CancelEpochResponse))
 
     async def close(self) -> None:
         if self.head_edge is not None:
@@ -187,11 +180,11 @@ def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:
         if _status(detail.code) == grpc.StatusCode.FAILED_PRECONDITION:
             # A stage lacks the session's KV (it replaced one that died): replay.
             raise RingChanged(detail.message)
-        raise RingError(_status(detail.code), detail.message)
+        raise ShardError(_status(detail.code), detail.message)
     try:
         return parse_tensor(payload).ints()
     except CodecError as error:
-        raise RingError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
+        raise ShardError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
 
 
 def _signature(plan: registry_pb2.Plan) -> tuple:

@@ -19,6 +19,7 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from shard.errors import ShardError
 from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
 from shard.node.serial_thread import SerialThread
@@ -40,14 +41,6 @@ _SESSION_ERROR_CODES = (
     (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
-
-
-class FrameRejected(Exception):
-    """A frame that is malformed for this stage: the edge is answered with `code`."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -175,24 +168,24 @@ class StageNode:
 
     def check_upstream(self, node_id: str | None) -> None:
         if node_id is not None and self.assignment and node_id != self.assignment.upstream_id:
-            raise FrameRejected(grpc.StatusCode.PERMISSION_DENIED,
+            raise ShardError(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{node_id} is not the upstream of {self.node_id} "
                                 f"(expected {self.assignment.upstream_id})")
 
     def accept(self, frame: frame_pb2.Frame, peer_id: str | None,
                on_done: Callable[[frame_pb2.FrameHeader], None] = lambda header: None) -> None:
-        """Open, validate and queue a frame from `peer_id`; raises FrameRejected for a
+        """Open, validate and queue a frame from `peer_id`; raises ShardError for a
         forged or malformed one. `on_done(header)` is called on the event loop once the
         compute thread is through with the frame, after what it sends for it."""
         header = frame.header
         if self.block is None:
-            raise FrameRejected(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
+            raise ShardError(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
         try:
             payload = self.inbound.open(frame, peer_id)
         except InboundError as error:
-            raise FrameRejected(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}") from None
+            raise ShardError(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}") from None
         if not header.session_id:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
         if header.kind == K.FRAME_KIND_FORWARD:
             body = self._validated_input(header, payload)
         elif header.kind == K.FRAME_KIND_END:
@@ -200,32 +193,32 @@ class StageNode:
         elif header.kind == K.FRAME_KIND_ERROR:
             body = payload
         else:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
         self._compute.post(self._run_frame, header, body, on_done, time.time_ns())
 
     def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
         if n == 0:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
         if header.num_outputs > n:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"num_outputs {header.num_outputs} exceeds the chunk's {n} tokens")
         try:
             tensor = parse_tensor(payload)
         except CodecError as error:
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         if block.is_first:
             expected_shape, expected_dtype = [n], torch.int64
         else:
             expected_shape, expected_dtype = [n, block.hidden_size], block.dtype
         if tensor.shape != expected_shape or tensor.dtype != expected_dtype:
-            raise FrameRejected(
+            raise ShardError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.node_id} expects {expected_dtype} {expected_shape} for a {n}-token chunk, "
                 f"got {tensor.dtype} {tensor.shape}")
         if block.is_first and not all(0 <= i < block.vocab_size for i in tensor.ints()):
-            raise FrameRejected(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token ids must lie in [0, {block.vocab_size})")
         return tensor
 
@@ -245,8 +238,8 @@ class StageNode:
             raise KeyError(session_id)
         return cache_bytes(session.cache)
 
-    def info(self) -> stage_pb2.StageInfo:
-        info = stage_pb2.StageInfo(
+    def info(self) -> stage_pb2.InfoResponse:
+        info = stage_pb2.InfoResponse(
             node_id=self.node_id, num_layers=self.checkpoint.num_layers,
             plan_version=self.plan_version, frames_processed=self.frames_processed,
             frames_dropped_stale=self.frames_dropped_stale, compute_seconds=self.compute_seconds)

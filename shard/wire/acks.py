@@ -54,5 +54,5 @@ class CumulativeAcks:
     async def _write(self) -> None:
         while self._due is not None:
             header, self._due = self._due, None
-            await self._context.write(frame_pb2.TraverseAck(
+            await self._context.write(frame_pb2.FrameAck(
                 session_id=header.session_id, chunk_id=header.chunk_id, counter=header.counter))

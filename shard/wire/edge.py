@@ -21,7 +21,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from shard.v1 import coordinator_pb2_grpc, frame_pb2, stage_pb2_grpc
+from shard.v1 import frame_pb2, return_pb2_grpc, stage_pb2_grpc
 from shard.wire.seal import EdgeSealer
 from shard.wire.tls import NodeTLS, open_channel
 
@@ -100,9 +100,9 @@ class Edge:
         if self._channel is None:
             self._channel = open_channel(self.address, self._tls)
         if self._to_coordinator:
-            call = coordinator_pb2_grpc.CoordinatorStub(self._channel).Return()
+            call = return_pb2_grpc.ReturnServiceStub(self._channel).Return()
         else:
-            call = stage_pb2_grpc.StageStub(self._channel).Traverse()
+            call = stage_pb2_grpc.StageServiceStub(self._channel).Traverse()
         self._call, self._counter, self._acked = call, 0, 0
         self._sealer = EdgeSealer(self._secret, self.sender, self.receiver) if self._secret else None
         self._reader = asyncio.create_task(self._read_acks(call))

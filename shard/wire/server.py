@@ -1,5 +1,6 @@
 """Start a node's gRPC server with the standard health and reflection services, so any
-gRPC client (in any language) can probe and discover it."""
+gRPC client (in any language) can probe and discover it, the node-to-node Ping every
+node answers, and the role table of `shard.wire.authz` in front of everything."""
 
 from __future__ import annotations
 
@@ -13,7 +14,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shard.v1 import node_pb2, node_pb2_grpc
+from shard.wire.authz import RoleInterceptor
 from shard.wire.tls import SERVER_OPTIONS, NodeTLS, add_port
+
+
+MAX_PING_PAYLOAD = 64 * 1024
+
+
+class PingServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    async def Ping(self, request, context):
+        if len(request.payload) > MAX_PING_PAYLOAD:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a ping payload holds at most {MAX_PING_PAYLOAD} bytes")
+        return node_pb2.PingResponse(payload=request.payload, node_id=self.node_id)
 
 
 async def start_server(
@@ -21,16 +38,18 @@ async def start_server(
     tls: NodeTLS | None,
     add_servicers: Callable[[grpc.aio.Server], None],
     service_names: list[str],
+    node_id: str,
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RoleInterceptor()])
     add_servicers(server)
+    node_pb2_grpc.add_NodeServiceServicer_to_server(PingServicer(node_id), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        [*service_names, node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     port = add_port(server, listen, tls)
     await server.start()

@@ -10,7 +10,7 @@ import pytest
 from shard.client import generate
 from shard.launcher import LocalSwarm
 from shard.testing.reference import reference_greedy
-from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ LEASE = ["--lease-seconds=1"]
 
 
 def request(max_tokens=300):
-    return coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=max_tokens)
+    return api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=max_tokens)
 
 
 async def generate_through(swarm: LocalSwarm, fault, after_seconds: float):
@@ -49,7 +49,7 @@ async def blocks(swarm: LocalSwarm, node_ids) -> dict:
     ranges = {}
     for node_id in node_ids:
         async with open_channel(swarm.address_of(node_id), swarm.client_tls()) as channel:
-            info = await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest())
+            info = await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest())
         ranges[node_id] = (info.layer_start, info.layer_end)
     return ranges
 

@@ -9,7 +9,7 @@ from shard.client import generate
 from shard.testing.drafts import perturbed_copy, truncated_copy
 from shard.testing.reference import reference_greedy
 from shard.testing.swarm import inprocess_swarm
-from shard.v1 import coordinator_pb2
+from shard.v1 import api_pb2
 
 PROMPT = [1, 415, 1022, 264, 727]
 NEW = 48
@@ -32,8 +32,8 @@ async def run_all(model_dir, stages, workdir, drafts: dict[str, str], settings):
         results = {}
         for name, path in drafts.items():
             for k, in_flight in settings:
-                request = coordinator_pb2.GenerateRequest(
-                    prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=NEW, draft=path,
+                request = api_pb2.GenerateRequest(
+                    prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=NEW, draft=path,
                     spec_k=k, in_flight=in_flight)
                 results[name, k, in_flight] = await generate(swarm.coordinator.address, swarm.tls(), request)
         await asyncio.sleep(0.3)
@@ -68,7 +68,7 @@ def test_unknown_draft_and_bad_settings_are_invalid_argument(tinystories_dir, tm
         async with inprocess_swarm(tinystories_dir, 1, tmp_path) as swarm:
             outcomes = []
             for request_fields in fields.values():
-                request = coordinator_pb2.GenerateRequest(prompt="Once", max_tokens=4, **request_fields)
+                request = api_pb2.GenerateRequest(prompt="Once", max_tokens=4, **request_fields)
                 try:
                     await generate(swarm.coordinator.address, swarm.tls(), request)
                     outcomes.append(grpc.StatusCode.OK)

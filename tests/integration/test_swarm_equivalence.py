@@ -10,7 +10,7 @@ from shard.model.checkpoint import Checkpoint
 from shard.testing.reference import reference_greedy
 from shard.testing.swarm import inprocess_swarm
 from shard.testing.tiny_models import ARCHS
-from shard.v1 import coordinator_pb2, stage_pb2
+from shard.v1 import api_pb2, stage_pb2
 
 NEW_TOKENS = 40
 PROMPT = [3, 17, 42, 7, 99, 5]
@@ -44,8 +44,8 @@ async def _sessions_left(swarm, wait_seconds: float = 5.0) -> int:
 @pytest.mark.parametrize("arch", [*ARCHS, "llama-sharded"])
 def test_tiny_models_match_generate(tiny_model_dirs, arch, stages, tmp_path):
     model_dir = tiny_model_dirs[arch]
-    request = coordinator_pb2.GenerateRequest(
-        prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=NEW_TOKENS, stop_at_eos=True)
+    request = api_pb2.GenerateRequest(
+        prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=NEW_TOKENS, stop_at_eos=True)
     generation, blocks, leftover = asyncio.run(swarm_generate(model_dir, stages, tmp_path, request))
     expected = reference_greedy(model_dir, PROMPT, NEW_TOKENS)
     assert list(generation.summary.output_ids) == expected
@@ -61,7 +61,7 @@ def test_tinystories_matches_generate(tinystories_dir, stages, tmp_path):
     from transformers import AutoTokenizer
 
     prompt = "Once upon a time"
-    request = coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=48)
+    request = api_pb2.GenerateRequest(prompt=prompt, max_tokens=48)
     generation, blocks, leftover = asyncio.run(swarm_generate(tinystories_dir, stages, tmp_path, request))
     tokenizer = AutoTokenizer.from_pretrained(tinystories_dir)
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -82,7 +82,7 @@ def test_stage_of_four_holds_a_fraction_of_the_weights(tiny_model_dirs, tmp_path
             return [s.node.info() for s in swarm.stages]
 
     infos = asyncio.run(held())
-    assert all(isinstance(i, stage_pb2.StageInfo) for i in infos)
+    assert all(isinstance(i, stage_pb2.InfoResponse) for i in infos)
     assert sorted((i.layer_start, i.layer_end) for i in infos)[0][0] == 0
     for info in infos:
         assert 0 < info.weight_bytes < total / 2, (info.node_id, info.weight_bytes, total)

@@ -17,14 +17,14 @@ from shard.client import generate
 from shard.launcher import LocalSwarm
 from shard.testing.reference import reference_greedy
 from shard.testing.swarm import inprocess_swarm
-from shard.v1 import coordinator_pb2
+from shard.v1 import api_pb2
 
 PROMPT = [1, 415, 1022, 264, 727]
 TOKENS = 6
 
 
 def request(**extra):
-    return coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT),
+    return api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT),
                                            max_tokens=TOKENS, stop_at_eos=False, **extra)
 
 

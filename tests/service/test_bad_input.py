@@ -9,8 +9,8 @@ import torch
 from shard.client import generate
 from shard.testing.reference import reference_greedy
 from shard.v1 import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
+    api_pb2,
+    api_pb2_grpc,
     frame_pb2,
     stage_pb2,
     stage_pb2_grpc,
@@ -41,13 +41,13 @@ def ask(swarm, request, tls=None):
 @pytest.mark.parametrize("request_fields, needle", [
     ({"prompt": ""}, "empty"),
     ({}, "prompt"),
-    ({"prompt_ids": coordinator_pb2.TokenIds(ids=[1] * CONTEXT)}, "context"),
-    ({"prompt_ids": coordinator_pb2.TokenIds(ids=[1, 99999])}, "prompt_ids"),
+    ({"prompt_ids": api_pb2.TokenIds(ids=[1] * CONTEXT)}, "context"),
+    ({"prompt_ids": api_pb2.TokenIds(ids=[1, 99999])}, "prompt_ids"),
     ({"prompt": "Once", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "Once", "max_tokens": CONTEXT}, "exceed the context"),
 ])
 def test_bad_generate_requests_are_invalid_argument(swarm, request_fields, needle):
-    request = coordinator_pb2.GenerateRequest(**{"max_tokens": 8, **request_fields})
+    request = api_pb2.GenerateRequest(**{"max_tokens": 8, **request_fields})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         swarm.run(ask(swarm, request))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -69,7 +69,7 @@ def sealed(swarm, frames, sender, receiver):
 async def _traverse(swarm, sender, receiver_index, frames):
     receiver = swarm.stages[receiver_index]
     async with open_channel(receiver.address, swarm.tls(sender)) as channel:
-        call = stage_pb2_grpc.StageStub(channel).Traverse(
+        call = stage_pb2_grpc.StageServiceStub(channel).Traverse(
             iter(sealed(swarm, frames, sender, receiver.node.node_id)))
         return [ack async for ack in call]
 
@@ -108,7 +108,7 @@ def test_only_the_upstream_may_push_frames(swarm):
 def test_unknown_session_is_not_found_and_never_created(swarm):
     async def end_unknown():
         async with open_channel(swarm.stages[0].address, swarm.tls("coordinator")) as channel:
-            await stage_pb2_grpc.StageStub(channel).EndSession(stage_pb2.EndSessionRequest(session_id="nope"))
+            await stage_pb2_grpc.StageServiceStub(channel).EndSession(stage_pb2.EndSessionRequest(session_id="nope"))
 
     assert status_of(swarm, end_unknown()) == grpc.StatusCode.NOT_FOUND
     # A chunk that claims to continue a session the stage never saw is refused, not served.
@@ -118,13 +118,13 @@ def test_unknown_session_is_not_found_and_never_created(swarm):
 
 
 def test_clients_without_a_valid_certificate_are_refused(swarm, tmp_path):
-    request = coordinator_pb2.GenerateRequest(prompt="Once", max_tokens=4)
+    request = api_pb2.GenerateRequest(prompt="Once", max_tokens=4)
     client = swarm.tls("client")
 
     async def without_certificate():
         credentials = grpc.ssl_channel_credentials(root_certificates=client.ca_pem)
         async with grpc.aio.secure_channel(swarm.coordinator.address, credentials) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            stub = api_pb2_grpc.InferenceServiceStub(channel)
             return [r async for r in stub.Generate(request, timeout=10)]
 
     assert status_of(swarm, without_certificate()) == grpc.StatusCode.UNAVAILABLE
@@ -137,6 +137,6 @@ def test_clients_without_a_valid_certificate_are_refused(swarm, tmp_path):
 
 def test_still_serving_exactly_after_all_that(swarm, tinystories_dir):
     prompt_ids = [1, 415, 1022, 264, 727]
-    request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=prompt_ids), max_tokens=24)
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=prompt_ids), max_tokens=24)
     generation = swarm.run(ask(swarm, request))
     assert list(generation.summary.output_ids) == reference_greedy(tinystories_dir, prompt_ids, 24)

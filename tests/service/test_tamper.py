@@ -10,7 +10,7 @@ import torch
 from shard.client import generate
 from shard.testing.reference import reference_greedy
 from shard.testing.swarm import inprocess_swarm
-from shard.v1 import coordinator_pb2, frame_pb2, stage_pb2_grpc
+from shard.v1 import api_pb2, frame_pb2, stage_pb2_grpc
 from shard.wire.certs import SECRET_FILE, create_local_deployment
 from shard.wire.codec import encode_tensor
 from shard.wire.seal import EdgeSealer, load_secret, write_secret
@@ -43,7 +43,7 @@ async def push(address, tls, frames) -> tuple[int, grpc.StatusCode]:
     Acks are cumulative: one names the last of the frames it covers."""
     acked = 0
     async with open_channel(address, tls) as channel:
-        call = stage_pb2_grpc.StageStub(channel).Traverse(iter(frames))
+        call = stage_pb2_grpc.StageServiceStub(channel).Traverse(iter(frames))
         try:
             async for ack in call:
                 acked = max(acked, ack.counter)
@@ -127,7 +127,7 @@ def test_identity_is_checked_before_any_frame(swarm, tmp_path):
     async def no_certificate():
         credentials = grpc.ssl_channel_credentials(root_certificates=stranger.ca_pem)
         async with grpc.aio.secure_channel(address, credentials) as channel:
-            call = stage_pb2_grpc.StageStub(channel).Traverse(iter([frame]))
+            call = stage_pb2_grpc.StageServiceStub(channel).Traverse(iter([frame]))
             return [a async for a in call]
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -139,7 +139,7 @@ def test_the_ring_recovers_its_edge_and_stays_exact(swarm, tinystories_dir):
     """The tamper tests opened their own streams as 'coordinator', retiring the real
     coordinator's stream at stage-0: its next frame is refused, the edge re-opens a fresh
     sealed stream and re-sends, and the answer is still exact."""
-    request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=24)
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=24)
     for _ in range(2):
         generation = swarm.run(generate(swarm.coordinator.address, swarm.tls(), request))
         assert list(generation.summary.output_ids) == reference_greedy(tinystories_dir, PROMPT, 24)
@@ -156,7 +156,7 @@ def test_secrets_roll_without_restarting_the_ring(tinystories_dir, tmp_path):
     create_local_deployment(certs, 2)
     old, new = certs / SECRET_FILE, tmp_path / "new.secret"
     write_secret(new)
-    request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=PROMPT), max_tokens=8)
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=8)
 
     async def run(coordinator_secrets):
         async with inprocess_swarm(tinystories_dir, 2, tmp_path, certs=certs, secrets={

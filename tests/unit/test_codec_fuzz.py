@@ -113,7 +113,7 @@ def overflows_torch(shape: list[int]) -> bool:
 @st.composite
 def tensor_messages(draw) -> bytes:
     """Structure-aware: well-formed Tensor messages with adversarial dtypes, shapes, sizes."""
-    dtype = draw(st.one_of(st.sampled_from(list(frame_pb2.DType.values())), st.integers(-(2**31), 2**31 - 1)))
+    dtype = draw(st.one_of(st.sampled_from(list(frame_pb2.Dtype.values())), st.integers(-(2**31), 2**31 - 1)))
     shape = draw(st.lists(DIMS, max_size=MAX_RANK + 2))
     assume(not overflows_torch(shape))  # pinned by test_zero_element_shapes_with_huge_dims
     numel = math.prod(shape)
