@@ -37,9 +37,9 @@ test: setup
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV)/bin/shard --log-level WARNING bench --compute-check
-	$(PY) -m bench.seal_cost
-	$(PY) -m bench.stage_memory
+	$(VENV)/bin/shard --log-level WARNING bench wan --compute-check
+	$(VENV)/bin/shard --log-level WARNING bench seal
+	$(VENV)/bin/shard --log-level WARNING bench memory
 
 clean:
 	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache

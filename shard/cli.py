@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
                       "or the folder it was started with")
     _request_args(generate)
 
-    bench = commands.add_parser("bench", help="every decoding mode side by side over emulated WAN links")
+    bench = commands.add_parser("bench", help="benchmarks: wan (decoding modes over emulated WAN links), seal, memory")
     from shard.bench.main import add_arguments
 
     add_arguments(bench)

@@ -139,14 +139,18 @@ class LocalSwarm:
         return codes
 
 
+def shared_model_dir() -> Path | None:
+    """The real TinyStories model at <repo>/../shared/models/tinystories-656k, if present."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinystories-656k"
+    return path if (path / "config.json").is_file() else None
+
+
 def default_model_dir() -> Path:
     """The shared tiny model when present; else a tiny random one built here, offline."""
-    from shard.testing.tiny_models import shared_model_dir
-
     shared = shared_model_dir()
     if shared is not None:
         return shared
-    from shard.testing.tiny_models import build_demo_model
+    from shard.model.synthetic import build_demo_model
 
     target = Path(tempfile.gettempdir()) / "shard-demo-model"
     print(f"shard up: ../shared/models/tinystories-656k not found; building a tiny random model "

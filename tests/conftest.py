@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random models built once per session, the real TinyStories model,
-and a spy on safetensors reads. Reusable non-fixture helpers live in shard/testing/."""
+and a spy on safetensors reads. Reusable non-fixture helpers live in tests/support/."""
 
 import asyncio
 from pathlib import Path
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from shard.model import checkpoint
-from shard.testing.swarm import inprocess_swarm
-from shard.testing.tiny_models import ARCHS, build_tiny_model, shared_model_dir
+from shard.launcher import shared_model_dir
+from shard.model.synthetic import ARCHS, build_tiny_model
+
+from support.swarm import inprocess_swarm
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from shard.bench.bare_pipeline import BarePipeline
 from shard.bench.run import Mode, request_for, single_process, stage_infos
 from shard.client import generate
 from shard.launcher import LocalSwarm
-from shard.testing.tiny_models import build_compute_model
+from shard.model.synthetic import build_compute_model
 
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 PLAIN = Mode("plain", "none", 0, 1)

@@ -1,22 +1,27 @@
-"""`shard bench` on a short configuration: relays, every mode, JSON, table and plot."""
+"""`shard bench wan` on a short configuration (relays, every mode, JSON, table and plot)
+and `shard bench seal` with few repetitions, each writing where it is told."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke(tinystories_dir, tmp_path):
-    out, doc, plot = tmp_path / "wan.json", tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
+    results, docs = tmp_path / "results", tmp_path / "docs"
     done = subprocess.run(
-        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "--quick", "--model", str(tinystories_dir),
-         "--topology", "wan-3", "--max-tokens", "12", "--prompts", "1",
-         "--out", str(out), "--doc", str(doc), "--plot", str(plot)],
+        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "wan", "--quick",
+         "--model", str(tinystories_dir), "--topology", "wan-3", "--max-tokens", "12", "--prompts", "1",
+         "--out", str(results), "--docs", str(docs)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    out, doc, plot = results / "wan.json", docs / "benchmarks.md", docs / "benchmarks.png"
     payload = json.loads(out.read_text())
     rows = payload["rows"]
     assert {r["mode"] for r in rows} >= {"plain", "pipelined target K=4 W=2", "pipelined ngram K=4 W=2"}
@@ -25,26 +30,44 @@ def test_bench_smoke(tinystories_dir, tmp_path):
     # Every traversal crosses the emulated links: 16+11+40+38 ms of round trips is 52.5 ms one way.
     assert plain["traversal_seconds"] >= 0.0525
     assert all(r["bound_tokens_per_second"] > 0 for r in rows)
-    assert "| plain |" in doc.read_text() and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "| plain |" in doc.read_text() and "![tokens per second](benchmarks.png)" in doc.read_text()
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     # A results file from another machine renders the same table here.
-    again = tmp_path / "again.md"
-    done = subprocess.run([sys.executable, "-m", "shard", "bench", "--from-json", str(out), "--doc", str(again),
-                           "--plot", ""], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "shard", "bench", "wan", "--from-json", str(out),
+                           "--docs", str(tmp_path / "again"), "--no-plot"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    again = tmp_path / "again" / "benchmarks.md"
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["benchmarks.md"]
     def table(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("|")]
 
     # The bounds are recomputed from the measured pieces the file keeps: the same table.
     assert table(again.read_text()) == table(doc.read_text())
-    assert "rendered with shard bench --from-json" in again.read_text() and "![" not in again.read_text()
+    assert "rendered with shard bench wan --from-json" in again.read_text() and "![" not in again.read_text()
 
 
-def test_seal_cost_smoke():
-    """The AEAD benchmark runs end to end (few repetitions) and reports every piece."""
-    done = subprocess.run([sys.executable, "-m", "bench.seal_cost", "--quick", "--no-write"],
-                          capture_output=True, text=True, timeout=300)
+def test_published_wan_results_still_render(tmp_path):
+    """The committed results files are valid input for --from-json: one table of every
+    topology they hold."""
+    files = sorted(str(path) for path in (ROOT / "bench" / "results").glob("wan-*.json"))
+    done = subprocess.run([sys.executable, "-m", "shard", "bench", "wan", "--from-json", *files,
+                           "--docs", str(tmp_path), "--no-plot"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    text = (tmp_path / "benchmarks.md").read_text()
+    for topology in ("lan", "wan-3", "wan-6"):
+        assert f"\n### {topology}\n" in text
+
+
+def test_seal_smoke(tmp_path):
+    """The AEAD benchmark runs end to end (few repetitions), reports every piece and writes
+    its JSON and Markdown into the folders it is given."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    done = subprocess.run([sys.executable, "-m", "shard", "bench", "seal", "--quick",
+                           "--out", str(results), "--docs", str(docs)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((results / "seal_cost.json").read_text())
+    assert report["command"] == f"shard bench seal --quick --out {results} --docs {docs}"
+    assert f"Raw numbers: `{results / 'seal_cost.json'}`" in (docs / "seal-cost.md").read_text()
     assert {(r["hidden"], r["tokens"]) for r in report["codec"]} == {
         (h, t) for h in report["params"]["hidden"] for t in report["params"]["tokens"]}
     assert set(report["hops"]) == {"plaintext", "mtls"}

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from shard.launcher import LocalSwarm
-from shard.testing.reference import reference_greedy
+
+from support.reference import reference_greedy
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ import pytest
 
 from shard.client import generate
 from shard.launcher import LocalSwarm
-from shard.testing.reference import reference_greedy
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
+
+from support.reference import reference_greedy
 
 pytestmark = pytest.mark.slow
 

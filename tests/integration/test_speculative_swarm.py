@@ -6,10 +6,12 @@ import asyncio
 import pytest
 
 from shard.client import generate
-from shard.testing.drafts import perturbed_copy, truncated_copy
-from shard.testing.reference import reference_greedy
-from shard.testing.swarm import inprocess_swarm
+from shard.model.synthetic import truncated_copy
 from shard.v1 import api_pb2
+
+from support.drafts import perturbed_copy
+from support.reference import reference_greedy
+from support.swarm import inprocess_swarm
 
 PROMPT = [1, 415, 1022, 264, 727]
 NEW = 48

@@ -7,10 +7,11 @@ import pytest
 
 from shard.client import generate
 from shard.model.checkpoint import Checkpoint
-from shard.testing.reference import reference_greedy
-from shard.testing.swarm import inprocess_swarm
-from shard.testing.tiny_models import ARCHS
+from shard.model.synthetic import ARCHS
 from shard.v1 import api_pb2, stage_pb2
+
+from support.reference import reference_greedy
+from support.swarm import inprocess_swarm
 
 NEW_TOKENS = 40
 PROMPT = [3, 17, 42, 7, 99, 5]

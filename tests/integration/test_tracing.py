@@ -15,9 +15,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shard.client import generate
 from shard.launcher import LocalSwarm
-from shard.testing.reference import reference_greedy
-from shard.testing.swarm import inprocess_swarm
 from shard.v1 import api_pb2
+
+from support.reference import reference_greedy
+from support.swarm import inprocess_swarm
 
 PROMPT = [1, 415, 1022, 264, 727]
 TOKENS = 6

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from shard.client import generate
-from shard.testing.reference import reference_greedy
 from shard.v1 import (
     api_pb2,
     api_pb2_grpc,
@@ -19,6 +18,8 @@ from shard.wire.certs import SECRET_FILE, create_deployment
 from shard.wire.codec import encode_tensor
 from shard.wire.seal import EdgeSealer, load_secret
 from shard.wire.tls import NodeTLS, open_channel
+
+from support.reference import reference_greedy
 
 CONTEXT = 512  # tinystories' max_position_embeddings
 

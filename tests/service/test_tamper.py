@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from shard.client import generate
-from shard.testing.reference import reference_greedy
-from shard.testing.swarm import inprocess_swarm
 from shard.v1 import api_pb2, frame_pb2, stage_pb2_grpc
 from shard.wire.certs import SECRET_FILE, create_local_deployment
 from shard.wire.codec import encode_tensor
 from shard.wire.seal import EdgeSealer, load_secret, write_secret
 from shard.wire.tls import NodeTLS, open_channel
+
+from support.reference import reference_greedy
+from support.swarm import inprocess_swarm
 
 PROMPT = [1, 415, 1022, 264, 727]
 

@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
-from shard.testing.chain import LocalChain
-from shard.testing.reference import reference_greedy, reference_model
-from shard.testing.tiny_models import ARCHS
+from shard.model.synthetic import ARCHS
+
+from support.chain import LocalChain
+from support.reference import reference_greedy, reference_model
 
 MODELS = [*ARCHS, "llama-sharded", "tinystories"]
 N_NEW = 40  # well past the tiny models' sliding window of 8

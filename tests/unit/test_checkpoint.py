@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import T5Config
 
 from shard.model.checkpoint import Checkpoint
-from shard.testing.tiny_models import ARCHS
+from shard.model.synthetic import ARCHS
 
 
 def _all_tensors(model_dir):

@@ -10,10 +10,11 @@ import pytest
 
 from shard.decode.draft import ModelDraft, NgramDraft
 from shard.decode.speculative import Finish, Lookahead, decode
-from shard.testing.chain import LocalChain
-from shard.testing.drafts import perturbed_copy, unrelated_copy
-from shard.testing.reference import reference_greedy
-from shard.testing.tiny_models import ARCHS
+from shard.model.synthetic import ARCHS
+
+from support.chain import LocalChain
+from support.drafts import perturbed_copy, unrelated_copy
+from support.reference import reference_greedy
 
 PROMPT = [1, 17, 42, 99, 3, 250, 7, 311]
 NEW = 32

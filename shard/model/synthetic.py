@@ -1,11 +1,11 @@
-"""Tiny random-weight decoder-only models, saved like real checkpoints.
-
-Used by the tests and by `make run` when the shared real model is absent. Importable
-without pytest.
-"""
+"""Small models made offline, saved like real checkpoints: tiny random ones of every
+supported architecture, a demo one with a byte tokenizer (`shard up` without the shared
+real model), a compute-heavy one (benchmarks) and a target cut to its first layers (a
+draft for it)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,12 +71,6 @@ def build_tiny_model(arch: str, out_dir, *, seed: int = 0, sharded: bool = False
     return out
 
 
-def shared_model_dir() -> Path | None:
-    """The real TinyStories model at <repo>/../shared/models/tinystories-656k, if present."""
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "tinystories-656k"
-    return path if (path / "config.json").is_file() else None
-
-
 def build_demo_model(out_dir) -> Path:
     """A tiny random llama with a byte-level tokenizer, so `shard up` has text to show
     (gibberish) on a machine without the shared real model. Reused if already built."""
@@ -110,3 +104,27 @@ def build_compute_model(out_dir) -> Path:
     model.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=None)
     model.save_pretrained(out)
     return out
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def save_with_tokenizer(model, source, out) -> Path:
+    """Save `model` to out with the tokenizer files of the model folder `source`."""
+    source, out = Path(source), Path(out)
+    model.save_pretrained(out)
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    return out
+
+
+def truncated_copy(source, out, *, layers: int) -> Path:
+    """The target's first `layers` decoder layers, then its own norm and head."""
+    model = AutoModelForCausalLM.from_pretrained(Path(source), dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return save_with_tokenizer(model, source, out)

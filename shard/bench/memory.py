@@ -1,29 +1,31 @@
-"""A stage process's peak memory is about its block, not the model.
+"""`shard bench memory`: a stage process's peak memory is about its block, not the model.
 
-Starts a 4-stage swarm (separate processes) on a ~530 MiB random model, generates, and
-reads each stage's peak resident memory (VmHWM) and its block's weights (Info). The same
-is done for a 1-stage swarm, whose one stage holds the whole model: that stage is the
-reference, so runtime costs that do not depend on the block (libraries, thread pools,
-buffers) cancel out. Writes bench/results/stage_memory.json and docs/stage-memory.md.
-
-    python -m bench.stage_memory
+Starts a 4-stage swarm (separate processes; `--stages`) on a ~530 MiB random model
+(`--model` for another), generates, and reads each stage's peak resident memory (VmHWM)
+and its block's weights (Info). The same is done for a 1-stage swarm, whose one stage
+holds the whole model: that stage is the reference, so runtime costs that do not depend
+on the block (libraries, thread pools, buffers) cancel out. Writes
+<out>/stage_memory.json and <docs>/stage-memory.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
 from shard.client import generate
 from shard.launcher import LocalSwarm
 from shard.model.checkpoint import Checkpoint
-from shard.testing.tiny_models import build_compute_model
+from shard.model.synthetic import build_compute_model
 from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 
 MiB = 2**20
+RESULTS, DOC = "stage_memory.json", "stage-memory.md"
 
 
 def status_bytes(status: str, field: str) -> int:
@@ -52,28 +54,32 @@ def measure(model_dir: Path, stages: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="shard-memory-") as scratch:
-        model_dir = build_compute_model(Path(scratch) / "model")
-        total = Checkpoint.open(model_dir).total_bytes
+        model_dir = Path(args.model) if args.model else build_compute_model(Path(scratch) / "model")
+        checkpoint = Checkpoint.open(model_dir)
+        total, layers = checkpoint.total_bytes, checkpoint.num_layers
         whole = measure(model_dir, 1)[0]
-        split = measure(model_dir, 4)
+        split = measure(model_dir, args.stages)
     # What a stage costs beyond its weights, measured on the stage that holds them all.
     runtime = whole["peak_bytes"] - whole["weight_bytes"]
     for row in split:
         row["peak_share_of_whole_model_stage"] = row["peak_bytes"] / whole["peak_bytes"]
         row["peak_above_runtime_share_of_model"] = (row["peak_bytes"] - runtime) / total
-    payload = {"model_bytes": total, "whole_model_stage": whole, "runtime_bytes": runtime, "stages": split}
-    out = Path("bench/results/stage_memory.json")
+    command = shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]])
+    payload = {"command": command, "model_bytes": total, "whole_model_stage": whole, "runtime_bytes": runtime,
+               "stages": split}
+    out = Path(args.out) / RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
+    model = f"`{model_dir}`" if args.model else "a random llama"
     lines = [
         "# Stage memory", "",
-        "Command: `python -m bench.stage_memory` (separate processes, a random llama of "
-        f"{total / MiB:.0f} MiB of weights, 8 layers).", "",
+        f"Command: `{command}` (separate processes, {model} of "
+        f"{total / MiB:.0f} MiB of weights, {layers} layers).", "",
         f"Reference: a 1-stage swarm, whose stage holds the whole model ({whole['weight_bytes'] / MiB:.0f} MiB of "
         f"weights), peaks at {whole['peak_bytes'] / MiB:.0f} MiB: {runtime / MiB:.0f} MiB of it is the runtime "
-        "(Python, torch, gRPC, buffers), whatever the block. Below, a 4-stage split of the same model; "
+        f"(Python, torch, gRPC, buffers), whatever the block. Below, a {args.stages}-stage split of the same model; "
         "the last column is a stage's peak less that runtime, as a share of the model's weights.", "",
         "| stage | layers | weights (MiB) | weights share | peak RSS (MiB) | peak / whole-model stage "
         "| peak less runtime, share of model |",
@@ -82,9 +88,8 @@ def main() -> None:
               f"| {r['weight_bytes'] / total:.2f} | {r['peak_bytes'] / MiB:.0f} "
               f"| {r['peak_share_of_whole_model_stage']:.2f} | {r['peak_above_runtime_share_of_model']:.2f} |"
               for r in split]
-    Path("docs/stage-memory.md").write_text("\n".join(lines) + "\n")
+    doc = Path(args.docs) / DOC
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,1 +1,0 @@
-"""Benchmarks: run each as `python -m bench.<name>`; results go to bench/results/."""

@@ -1,1 +1,0 @@
-"""Helpers shared by tests and local runs: tiny random models and reference decoding."""
