@@ -14,11 +14,13 @@ TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 
 setup: $(STAMP) proto
 
-$(STAMP): pyproject.toml
+# The nodes and the tools (a client alone is `pip install .`); the editable install
+# generates the stubs in place, as `make proto` does.
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
 # Stubs are generated, never edited, never committed.
@@ -28,7 +30,8 @@ shard/v1/%_pb2.py: protos/shard/v1/%.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $<
 
 check-stubs: proto
-	@$(PY) -c "import shard.v1.frame_pb2, shard.v1.stage_pb2, shard.v1.coordinator_pb2, shard.v1.registry_pb2"
+	@$(PY) -c "import importlib, sys; [importlib.import_module('shard.v1.' + m) for m in sys.argv[1:]]" \
+		$(notdir $(basename $(STUBS)))
 
 run: setup
 	$(VENV)/bin/shard up --stages 3 --prompt "Once upon a time" --max-tokens 64

@@ -7,14 +7,19 @@ import asyncio
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import torch
 from google.protobuf.json_format import MessageToDict
 
-from shard.telemetry import configure_tracing
+from shard.extras import SERVER_HINT, missing_server_packages, version
 from shard.v1 import api_pb2
 
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a node needs it: the client and every --help work without it.
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SERVER_COMMANDS = ("registry", "stage", "coordinator", "up", "bench")
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -35,7 +40,17 @@ def byte_size(text: str) -> int:
 def dtype_name(text: str) -> torch.dtype | None:
     if text not in _DTYPES:
         raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(_DTYPES)}")
-    return _DTYPES[text]
+    import torch
+
+    return None if text == "auto" else getattr(torch, text)
+
+
+def device_name(text: str) -> str:
+    if text != "auto":
+        return text
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> None:
@@ -63,6 +78,7 @@ def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> N
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -80,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 
     stage = commands.add_parser("stage", help="run a stage: join the registry, serve a block of layers")
     _node_args(stage, "stage", "stage-0")
-    stage.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    stage.add_argument("--device", type=device_name, default="auto", help="auto: cuda when available, else cpu")
     stage.add_argument("--dtype", type=dtype_name, default=None, help="auto (the checkpoint's), float32, bfloat16, float16")
     stage.add_argument("--memory-budget", type=byte_size, help="bytes this stage offers (default: 90%% of free)")
     stage.add_argument("--max-sessions", type=int, default=64)
@@ -104,9 +120,10 @@ def parser() -> argparse.ArgumentParser:
     _request_args(generate)
 
     bench = commands.add_parser("bench", help="benchmarks: wan (decoding modes over emulated WAN links), seal, memory")
-    from shard.bench.main import add_arguments
+    if not missing_server_packages():  # else main() says what to install before parsing
+        from shard.bench.main import add_arguments
 
-    add_arguments(bench)
+        add_arguments(bench)
 
     up = commands.add_parser("up", help="start a whole local swarm, generate, shut it down")
     up.add_argument("--model", default=None, help="model folder (default: the shared tiny model)")
@@ -183,7 +200,21 @@ async def _generate(args) -> int:
     return 0
 
 
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line, before the full parser sees it."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--log-level")
+    first.add_argument("command", nargs="?")
+    return first.parse_known_args(argv)[0].command
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = _command(argv)
+    missing = missing_server_packages() if command in _SERVER_COMMANDS else []
+    if missing:
+        print(f"shard {command}: needs the server extra ({', '.join(missing)} not installed): {SERVER_HINT}",
+              file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
@@ -196,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shard {args.command}: give --certs DIR (or --insecure for plaintext)", file=sys.stderr)
             return 2
         if getattr(args, "threads", None):
+            import torch
+
             torch.set_num_threads(args.threads)
-        module = __import__(f"services.{args.command}.main", fromlist=["serve"])
+        from shard.telemetry import configure_tracing
+
+        module = __import__(f"shard.services.{args.command}.main", fromlist=["serve"])
         tracing = configure_tracing(f"shard-{args.command}")
         try:
             asyncio.run(module.serve(args))

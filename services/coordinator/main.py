@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.config import advertised_address, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch, load_draft
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
+from shard.services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.v1 import api_pb2, api_pb2_grpc, registry_pb2, return_pb2, return_pb2_grpc
 from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server

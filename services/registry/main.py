@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.registry.servicer import RegistryServicer
 from shard.config import advertised_address, node_tls
 from shard.model.checkpoint import Checkpoint
 from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
+from shard.services.registry.servicer import RegistryServicer
 from shard.v1 import registry_pb2, registry_pb2_grpc
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 

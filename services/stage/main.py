@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.stage.servicer import StageServicer
 from shard.config import advertised_address, node_secrets, node_tls
 from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
+from shard.services.stage.servicer import StageServicer
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server

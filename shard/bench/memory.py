@@ -21,7 +21,7 @@ from shard.client import generate
 from shard.launcher import LocalSwarm
 from shard.model.checkpoint import Checkpoint
 from shard.model.synthetic import build_compute_model
-from shard.v1 import coordinator_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 
 MiB = 2**20
@@ -33,15 +33,15 @@ def status_bytes(status: str, field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-async def _info(swarm: LocalSwarm, node_id: str) -> stage_pb2.StageInfo:
+async def _info(swarm: LocalSwarm, node_id: str) -> stage_pb2.InfoResponse:
     async with open_channel(swarm.address_of(node_id), swarm.client_tls()) as channel:
-        return await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest())
+        return await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest())
 
 
 def measure(model_dir: Path, stages: int) -> list[dict]:
     """Each stage after loading and one generation: block, weights, peak and current RSS."""
     with LocalSwarm(model_dir, stages, logs_to_files=True, device="cpu", stage_args=["--threads=1"]) as swarm:
-        request = coordinator_pb2.GenerateRequest(prompt_ids=coordinator_pb2.TokenIds(ids=[1, 2, 3]), max_tokens=4)
+        request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=[1, 2, 3]), max_tokens=4)
         asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request, wait_ready_seconds=300))
         rows = []
         for index in range(stages):

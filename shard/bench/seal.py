@@ -7,7 +7,7 @@
    plain and sealed paths are measured interleaved), and the throughput per core.
 2. Loopback hop: an in-process grpc.aio server (generic handlers, no new protos) with two
    bidi methods on one loopback channel. The client encodes (and seals) a chunk, writes a
-   Frame and waits for the receiver's TraverseAck; the receiver parses the Frame, (opens
+   Frame and waits for the receiver's FrameAck; the receiver parses the Frame, (opens
    and) decodes the tensor and acks. Plain and sealed frames alternate, pair by pair; the
    overhead is taken from the medians and from the median of the per-pair differences.
    Run twice: on a plaintext channel (no TLS on either variant: the AEAD layer alone is
@@ -241,8 +241,8 @@ class Sink:
             yield _ack(frame.header)
 
 
-def _ack(h: frame_pb2.FrameHeader) -> frame_pb2.TraverseAck:
-    return frame_pb2.TraverseAck(session_id=h.session_id, chunk_id=h.chunk_id, counter=h.counter)
+def _ack(h: frame_pb2.FrameHeader) -> frame_pb2.FrameAck:
+    return frame_pb2.FrameAck(session_id=h.session_id, chunk_id=h.chunk_id, counter=h.counter)
 
 
 async def bench_hops(
@@ -261,7 +261,7 @@ async def bench_hops(
             name: grpc.stream_stream_rpc_method_handler(
                 method,
                 request_deserializer=frame_pb2.Frame.FromString,
-                response_serializer=frame_pb2.TraverseAck.SerializeToString,
+                response_serializer=frame_pb2.FrameAck.SerializeToString,
             )
             for name, method in (("Plain", sink.plain), ("Sealed", sink.sealed))
         },
@@ -277,7 +277,7 @@ async def bench_hops(
                 return channel.stream_stream(
                     f"/{SERVICE}/{name}",
                     request_serializer=frame_pb2.Frame.SerializeToString,
-                    response_deserializer=frame_pb2.TraverseAck.FromString,
+                    response_deserializer=frame_pb2.FrameAck.FromString,
                 )
 
             plain_call, sealed_call = method("Plain")(), method("Sealed")()
@@ -471,7 +471,7 @@ def markdown(report: dict, results: Path) -> str:
         "## Loopback gRPC hop, plaintext both ways (in-process grpc.aio)",
         "",
         "One hop = the client encodes (and seals) the chunk and writes the Frame on a bidi stream; the "
-        "receiver parses it, (opens and) decodes the tensor and replies with a TraverseAck; timed until "
+        "receiver parses it, (opens and) decodes the tensor and replies with a FrameAck; timed until "
         "the ack is read. Client and server share one process and one event loop. No TLS on either "
         "variant, so the difference is the AEAD layer alone. `seal/open in hop` are the medians of "
         "the seal and open calls timed where they run inside the hop (colder caches than the tight loop "

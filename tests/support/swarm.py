@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.coordinator import main as coordinator_main
-from services.registry import main as registry_main
-from services.stage import main as stage_main
 from shard.cli import parser
+from shard.services.coordinator import main as coordinator_main
+from shard.services.registry import main as registry_main
+from shard.services.stage import main as stage_main
 from shard.wire.certs import create_local_deployment
 from shard.wire.server import RunningNode
 from shard.wire.tls import NodeTLS

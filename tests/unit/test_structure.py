@@ -1,4 +1,5 @@
-"""The import graph of the production code (the `shard` package and `services/`), read from
+"""The import graph of the production code (the `shard` package and services/, which is
+installed as shard.services), read from
 the sources with `ast`: imports at module level and inside functions both count, since a
 function-level import is still a dependency, only a later one."""
 
@@ -8,7 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCTION = ("shard", "services")
+# Package name -> its folder: services/ is installed (and linked) as shard.services.
+PRODUCTION = {"shard": "shard", "shard.services": "services"}
 # What tests provide or need; production code never imports any of it.
 TEST_ONLY = {"tests", "pytest", "hypothesis"} | {
     path.stem if path.suffix == ".py" else path.name
@@ -18,9 +20,9 @@ TEST_ONLY = {"tests", "pytest", "hypothesis"} | {
 def modules(root: Path, packages=PRODUCTION) -> dict[str, Path]:
     """Dotted name -> source file of every module under `packages` (a package is its __init__)."""
     found = {}
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
+    for package, folder in packages.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = (*package.split("."), *path.relative_to(root / folder).with_suffix("").parts)
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
