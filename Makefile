@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # On a machine without a GPU take the CPU build of torch (an unpinned torch pulls CUDA).
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 
-.PHONY: setup proto run test test-all bench clean check-stubs
+.PHONY: setup proto run test test-all bench clean check-stubs lint
 
 setup: $(STAMP) proto
 
@@ -32,6 +32,10 @@ shard/v1/%_pb2.py: protos/shard/v1/%.proto $(STAMP)
 check-stubs: proto
 	@$(PY) -c "import importlib, sys; [importlib.import_module('shard.v1.' + m) for m in sys.argv[1:]]" \
 		$(notdir $(basename $(STUBS)))
+
+# The protos against buf's rules (buf.yaml); the test suite runs it too.
+lint: setup
+	$(VENV)/bin/buf lint
 
 run: setup
 	$(VENV)/bin/shard up --stages 3 --prompt "Once upon a time" --max-tokens 64
