@@ -19,6 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
+NO_FIT = "no contiguous split fits"  # how a plan's problem begins when the model does not fit
+
+
 class PlacementError(ValueError):
     """The model cannot be placed on the nodes offered."""
 
@@ -238,7 +241,7 @@ def _closest_misfit(sizes: ModelSizes, prefix: list[int], used: list[NodeOffer])
             problems.append(f"stage {index} ({node.node_id}) would need {need} bytes for layers "
                             f"[{start}, {end}) but offers {node.memory_bytes}: "
                             f"{need - node.memory_bytes} bytes short")
-    return "no contiguous split fits; the closest: " + "; ".join(problems)
+    return f"{NO_FIT}; the closest: " + "; ".join(problems)
 
 
 # ---- ring order ------------------------------------------------------------------------

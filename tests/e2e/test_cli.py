@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 
 from support.reference import reference_greedy
 
