@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
-NO_FIT = "no contiguous split fits"  # how a plan's problem begins when the model does not fit
+# How a plan's problem begins when no placement fits the stages that joined (the registry
+# prefixes a PlacementError with it): nodes and `shard up` tell it from waiting.
+NO_FIT = "the model does not fit the stages"
 
 
 class PlacementError(ValueError):
@@ -241,7 +243,7 @@ def _closest_misfit(sizes: ModelSizes, prefix: list[int], used: list[NodeOffer])
             problems.append(f"stage {index} ({node.node_id}) would need {need} bytes for layers "
                             f"[{start}, {end}) but offers {node.memory_bytes}: "
                             f"{need - node.memory_bytes} bytes short")
-    return f"{NO_FIT}; the closest: " + "; ".join(problems)
+    return "no contiguous split fits; the closest: " + "; ".join(problems)
 
 
 # ---- ring order ------------------------------------------------------------------------
