@@ -199,7 +199,7 @@ async def _wait_ready(swarm: LocalSwarm, timeout: float = 300.0) -> None:
             if status.ready:
                 return
             if status.problem.startswith(NO_FIT):
-                raise SwarmError(f"the model does not fit the stages: {status.problem}")
+                raise SwarmError(status.problem)  # says it does not fit, and by how much
             if time.monotonic() > deadline:
                 raise SwarmError(f"the ring was not ready within {timeout:.0f} s: {status.problem}")
             await asyncio.sleep(0.2)
