@@ -236,6 +236,7 @@ async def _generate(config: GenerateConfig) -> int:
 
     from shard.client import generate
     from shard.config import node_tls
+    from shard.errors import ShardError
     from shard.generation import build_request, print_generation
 
     tls = node_tls(config)
@@ -243,7 +244,7 @@ async def _generate(config: GenerateConfig) -> int:
     try:
         generation = await generate(config.coordinator, tls, build_request(config), on_text=on_text)
     except grpc.aio.AioRpcError as error:
-        raise ConfigError(f"{error.code().name}: {error.details()}") from None
+        raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
     print_generation(generation, config.json)
     return 0
 
