@@ -82,8 +82,10 @@ def parser() -> argparse.ArgumentParser:
     _node_args(stage, "stage", "stage-0")
     stage.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     stage.add_argument("--dtype", type=dtype_name, default=None, help="auto (the checkpoint's), float32, bfloat16, float16")
-    stage.add_argument("--memory-budget", type=byte_size, help="bytes this stage offers (default: 90%% of free)")
-    stage.add_argument("--max-sessions", type=int, default=64)
+    stage.add_argument("--memory-budget", type=byte_size, help="bytes for its block's weights and the KV caches (default: 90%% of free)")
+    stage.add_argument("--max-sessions", type=int, default=64, help="sessions held at most (KV bytes are capped too)")
+    stage.add_argument("--session-idle-seconds", type=float, default=300.0,
+                       help="free a session's KV cache after this long without a chunk")
     stage.add_argument("--trust", default="", help="trust label; 'trusted' may hold the first and last blocks")
     stage.add_argument("--speed", type=float,
                        help="relative speed to report instead of the one measured at start-up")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.config import advertised_address, node_secrets, node_tls
@@ -41,6 +42,7 @@ async def start(args) -> RunningNode:
     capabilities = registry_pb2.NodeCapabilities(
         node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region,
+        incarnation=uuid.uuid4().hex,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan)
     await membership.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from services.stage.servicer import StageServicer
 from shard.config import advertised_address, node_secrets, node_tls
@@ -19,8 +20,10 @@ log = logging.getLogger(__name__)
 
 async def start(args) -> RunningNode:
     tls = node_tls(args)
+    memory_budget = args.memory_budget or default_memory_budget(args.device)
     node = StageNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args), device=args.device,
-                     dtype=args.dtype, max_sessions=args.max_sessions, progress=not args.quiet)
+                     dtype=args.dtype, memory_budget_bytes=memory_budget, max_sessions=args.max_sessions,
+                     session_idle_seconds=args.session_idle_seconds, progress=not args.quiet)
     server, port = await start_server(
         args.listen, tls,
         lambda s: stage_pb2_grpc.add_StageServiceServicer_to_server(StageServicer(node), s),
@@ -34,7 +37,7 @@ async def start(args) -> RunningNode:
     capabilities = registry_pb2.NodeCapabilities(
         node_id=args.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
         device_name=device_name, device_id=device_id,
-        memory_budget_bytes=args.memory_budget or default_memory_budget(args.device),
+        memory_budget_bytes=memory_budget, incarnation=uuid.uuid4().hex,
         region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint,
         speed=args.speed or measure_speed(node.checkpoint.hidden_size, args.device),
         public_key=public_key_der(tls.cert_pem) if tls else b"")
