@@ -137,6 +137,8 @@ class StageNode:
         self._loop = asyncio.get_running_loop()  # where the compute thread sends its frames
         if old is None or old.block != assignment.block:
             await self.compute.load(assignment.block)
+        # A chunk of the new coordinator that arrives before its plan does is filed under
+        # the old incarnation and freed here: the coordinator then replays it (a KV gap).
         if old is None or old.coordinator_incarnation != assignment.coordinator_incarnation:
             dropped = await self.compute.follow_coordinator(assignment.coordinator_incarnation)
             if dropped:

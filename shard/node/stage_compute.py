@@ -131,7 +131,11 @@ class StageCompute:
         return self.kv.pop(session_id) if self.kv else None
 
     async def expire_idle(self) -> list[str]:
-        return await asyncio.wrap_future(self._thread.post(lambda: self.kv.expire_idle() if self.kv else []))
+        """Free the sessions idle past their time; returns their ids."""
+        return await asyncio.wrap_future(self._thread.post(self._expire_idle))
+
+    def _expire_idle(self) -> list[str]:
+        return self.kv.expire_idle() if self.kv else []
 
     # ---- frames -------------------------------------------------------------------
 
