@@ -105,7 +105,9 @@ def parser() -> argparse.ArgumentParser:
     flags.add("--device", "torch device (default: cuda where there is one, else cpu)")
     flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: the checkpoint's)")
     flags.add("--memory-budget", "bytes this stage offers, e.g. 24GiB (default: 90%% of free)", metavar="SIZE")
-    flags.add("--max-sessions", "sessions held at once (default 64)", type=int)
+    flags.add("--max-sessions", "sessions held at most; their KV bytes are capped too (default 64)", type=int)
+    flags.add("--session-idle-seconds", "free a session's KV cache after this long without a chunk (default 300)",
+              type=float, metavar="SECONDS")
     flags.add("--trust", "trust label; 'trusted' may hold the first and last blocks")
     flags.add("--speed", "relative speed to report instead of the one measured at start-up", type=float)
     flags.add("--quiet", "no progress bar", action="store_true")

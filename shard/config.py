@@ -157,6 +157,7 @@ class StageConfig(JoiningConfig):
     dtype: str = "auto"  # the checkpoint's
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
+    session_idle_seconds: float = 300.0
     trust: str = ""
     speed: float | None = None
     quiet: bool = False
@@ -169,6 +170,8 @@ class StageConfig(JoiningConfig):
             self.memory_budget = byte_size(self.memory_budget)
         if self.max_sessions < 1:
             raise ConfigError("--max-sessions must be at least 1")
+        if not self.session_idle_seconds > 0:
+            raise ConfigError("--session-idle-seconds must be positive")
         if self.speed is not None and not self.speed > 0:
             raise ConfigError("--speed must be positive")
 

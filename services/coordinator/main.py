@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from shard.config import ConfigError, CoordinatorConfig, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch, load_draft
@@ -49,6 +50,7 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=config.region,
+        incarnation=uuid.uuid4().hex,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
                             join_timeout=config.join_timeout)

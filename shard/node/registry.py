@@ -65,6 +65,8 @@ class RegistryState:
     # that their ring is adopted whole rather than re-planned.
     _adopt_until: float = field(default_factory=lambda: time.monotonic())
     _watchers: set[asyncio.Queue] = field(default_factory=set)
+    # The coordinator's lease ended and none has joined since: its sessions are void.
+    _coordinator_lost: bool = False
 
     def __post_init__(self) -> None:
         self._adopt_until = time.monotonic() + 3 * self.lease_seconds
@@ -86,6 +88,8 @@ class RegistryState:
             if current and current != capabilities.node_id and current in self.nodes:
                 raise ShardError(grpc.StatusCode.ALREADY_EXISTS,
                                     f"coordinator {current} already drives this ring")
+        if capabilities.role == registry_pb2.ROLE_COORDINATOR:
+            self._coordinator_lost = False
         self.nodes[capabilities.node_id] = NodeRecord(
             capabilities, time.monotonic() + self.lease_seconds, serving=serving or registry_pb2.ServingBlock())
         log.info("%s joined as %s at %s", capabilities.node_id,
@@ -108,16 +112,21 @@ class RegistryState:
         return True
 
     def leave(self, node_id: str) -> None:
-        if self.nodes.pop(node_id, None) is not None:
+        record = self.nodes.pop(node_id, None)
+        if record is not None:
             log.info("%s left", node_id)
-            self._replan_if_needed(lost=node_id)
+            self._lost(record)
 
     def expire(self) -> None:
         now = time.monotonic()
         for node_id in [n for n, r in self.nodes.items() if r.lease_deadline < now]:
             log.warning("%s missed its lease", node_id)
-            del self.nodes[node_id]
-            self._replan_if_needed(lost=node_id)
+            self._lost(self.nodes.pop(node_id))
+
+    def _lost(self, record: NodeRecord) -> None:
+        if record.capabilities.role == registry_pb2.ROLE_COORDINATOR:
+            self._coordinator_lost = True
+        self._replan_if_needed(lost=record.capabilities.node_id)
 
     # ---- planning -----------------------------------------------------------------
 
@@ -263,6 +272,8 @@ class RegistryState:
         coordinator = self._coordinator()
         self.plan.coordinator_id = coordinator.node_id if coordinator else ""
         self.plan.coordinator_address = coordinator.address if coordinator else ""
+        self.plan.coordinator_incarnation = coordinator.incarnation if coordinator else ""
+        self.plan.coordinator_lost = self._coordinator_lost
         self.plan.model_fingerprint = self.model_fingerprint
         del self.plan.members[:]
         for record in sorted(self.nodes.values(), key=lambda r: r.capabilities.node_id):

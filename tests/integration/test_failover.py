@@ -10,7 +10,7 @@ import pytest
 from shard.client import generate
 from shard.local import LocalSwarm
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
-from shard.wire.tls import open_channel
+from shard.wire.tls import NodeTLS, open_channel
 
 from support.reference import reference_greedy
 
@@ -48,8 +48,9 @@ def wait_for_line(log: Path, line: str, seconds: float) -> None:
 
 async def blocks(swarm: LocalSwarm, node_ids) -> dict:
     ranges = {}
+    tls = NodeTLS.load(swarm.certs, "coordinator")  # Info is for nodes, not clients
     for node_id in node_ids:
-        async with open_channel(swarm.address_of(node_id), swarm.client_tls()) as channel:
+        async with open_channel(swarm.address_of(node_id), tls) as channel:
             info = await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest())
         ranges[node_id] = (info.layer_start, info.layer_end)
     return ranges

@@ -99,3 +99,24 @@ def test_a_restarted_registry_adopts_the_running_ring():
     join(registry, "a", serving=serving(1, 6, 8))
     assert ring(registry) == [("b", 0, 6), ("a", 6, 8)]
     assert registry.plan.version > 7
+
+
+def test_the_plan_names_the_coordinator_incarnation_and_says_when_it_is_lost():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    assert not registry.plan.coordinator_lost  # none has joined yet: nothing to drop
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:1", model_fingerprint="f", incarnation="one"))
+    assert (registry.plan.coordinator_id, registry.plan.coordinator_incarnation) == ("coordinator", "one")
+    # Restarted under the same id before its lease ran out: the new incarnation is named.
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:2", model_fingerprint="f", incarnation="two"))
+    assert registry.plan.coordinator_incarnation == "two" and not registry.plan.coordinator_lost
+    registry.nodes["coordinator"].lease_deadline = 0  # its lease ran out
+    registry.expire()
+    assert (registry.plan.coordinator_id, registry.plan.coordinator_incarnation) == ("", "")
+    assert registry.plan.coordinator_lost
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:3", model_fingerprint="f", incarnation="three"))
+    assert registry.plan.coordinator_incarnation == "three" and not registry.plan.coordinator_lost
