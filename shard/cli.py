@@ -93,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
     _node_args(coordinator, "coordinator", "coordinator")
     _speculation_args(coordinator, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
                       "target's tokenizer (repeat for several; the first is the default)")
+    coordinator.add_argument("--max-prompt-chars", type=int, default=262144,
+                             help="longest prompt accepted, in characters (all chat messages together)")
+    coordinator.add_argument("--max-concurrent", type=int, default=64, help="generations run at once")
+    coordinator.add_argument("--max-queued", type=int, default=256,
+                             help="generations that may wait for a slot; beyond: RESOURCE_EXHAUSTED")
+    coordinator.add_argument("--queue-timeout", type=float, default=30.0,
+                             help="seconds a generation may wait for a slot before RESOURCE_EXHAUSTED")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", required=True, help="coordinator address host:port")

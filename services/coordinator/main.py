@@ -24,7 +24,9 @@ async def start(args) -> RunningNode:
         raise SystemExit(f"shard coordinator: {error}") from None
     node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args),
                            drafts=drafts, spec_k=4 if args.spec_k is None else args.spec_k,
-                           in_flight=4 if args.in_flight is None else args.in_flight)
+                           in_flight=4 if args.in_flight is None else args.in_flight,
+                           max_prompt_chars=args.max_prompt_chars, max_concurrent=args.max_concurrent,
+                           max_queued=args.max_queued, queue_timeout=args.queue_timeout)
 
     def add_servicers(server) -> None:
         api_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(node), server)
