@@ -180,6 +180,6 @@ def test_a_cancelled_stream_is_closed_cleanly(swarm, caplog):
         return during, after
 
     during, after = swarm.run(scenario())
-    assert len(during) == 1 and after == []
+    assert len(set(during)) == 1 and after == []  # one session, on every stage that holds it
     assert "Task was destroyed" not in caplog.text
     no_tracebacks_or_errors(caplog)
