@@ -116,6 +116,13 @@ def parser() -> argparse.ArgumentParser:
     flags = _node_flags(coordinator, "coordinator", "coordinator")
     _speculation_args(flags.add, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
                       "target's tokenizer (repeat for several; the first is the default)")
+    flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "
+              "(default 262144)", type=int)
+    flags.add("--max-concurrent", "generations run at once (default 64)", type=int)
+    flags.add("--max-queued", "generations that may wait for a slot; beyond: RESOURCE_EXHAUSTED (default 256)",
+              type=int)
+    flags.add("--queue-timeout", "seconds a generation may wait for a slot before RESOURCE_EXHAUSTED "
+              "(default 30)", type=float, metavar="SECONDS")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", help="coordinator address; required", metavar="HOST:PORT")

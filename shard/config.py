@@ -182,9 +182,20 @@ class CoordinatorConfig(JoiningConfig):
     draft: list[str] = field(default_factory=list)
     spec_k: int | None = None
     in_flight: int | None = None
+    max_prompt_chars: int = 262144
+    max_concurrent: int = 64
+    max_queued: int = 256
+    queue_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for flag, value in (("--max-prompt-chars", self.max_prompt_chars), ("--max-concurrent", self.max_concurrent)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1")
+        if self.max_queued < 0:
+            raise ConfigError("--max-queued must not be negative")
+        if not self.queue_timeout > 0:
+            raise ConfigError("--queue-timeout must be positive")
         for spec in self.draft:
             if spec != "ngram" and not (Path(spec) / "config.json").is_file():
                 raise ConfigError(f"--draft {spec!r} is neither 'ngram' nor a model folder with a config.json")

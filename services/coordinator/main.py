@@ -30,7 +30,9 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         raise ConfigError(str(error)) from None
     node = CoordinatorNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=secrets,
                            drafts=drafts, spec_k=4 if config.spec_k is None else config.spec_k,
-                           in_flight=4 if config.in_flight is None else config.in_flight)
+                           in_flight=4 if config.in_flight is None else config.in_flight,
+                           max_prompt_chars=config.max_prompt_chars, max_concurrent=config.max_concurrent,
+                           max_queued=config.max_queued, queue_timeout=config.queue_timeout)
 
     def add_servicers(server) -> None:
         api_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(node), server)
