@@ -56,6 +56,8 @@ def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> N
     parser.add_argument("--region", default="", help="where this node runs")
     if role != "registry":
         parser.add_argument("--registry", required=True, help="registry address host:port")
+        parser.add_argument("--registry-id", default="registry",
+                            help="node id the registry's certificate must name (default registry)")
         parser.add_argument("--threads", type=int,
                             help="torch intra-op threads (default: torch's; 1 is fastest for tiny models, "
                                  "whose ops are too small to split)")

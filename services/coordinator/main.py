@@ -42,7 +42,9 @@ async def start(args) -> RunningNode:
         node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
-    membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan)
+    membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan,
+                            registry_id=args.registry_id)
+    node.ring.on_unreachable = membership.report_unreachable
     await membership.start()
     running.on_stop(membership.stop)
     await membership.report(registry_pb2.NODE_STATE_READY, 0)

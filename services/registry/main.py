@@ -8,6 +8,7 @@ import logging
 from services.registry.servicer import RegistryServicer
 from shard.config import advertised_address, node_tls
 from shard.model.checkpoint import Checkpoint
+from shard.node.probe import answers_ping
 from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
 from shard.v1 import registry_pb2, registry_pb2_grpc
@@ -30,7 +31,8 @@ async def start(args) -> RunningNode:
                           pin_trusted_ends=args.pin_trusted_ends)
     server, port = await start_server(
         args.listen, tls,
-        lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(state), s),
+        lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(state, lambda member: answers_ping(member, tls)), s),
         [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name], args.node_id)
     running = RunningNode(advertised_address(args, port), state)
     running.on_stop(lambda: server.stop(grace=1.0))

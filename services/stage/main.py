@@ -49,7 +49,8 @@ async def start(args) -> RunningNode:
                 layer_start=a.start, layer_end=a.end, serving=True)
             await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
 
-    membership = Membership(args.registry, tls, capabilities, on_plan)
+    membership = Membership(args.registry, tls, capabilities, on_plan, registry_id=args.registry_id)
+    node.on_unreachable = membership.report_unreachable
     worker = asyncio.create_task(node.run())
 
     async def stop_worker() -> None:

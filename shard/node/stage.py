@@ -120,6 +120,8 @@ class StageNode:
         self.sessions: SessionStore | None = None
         self.plan_version = 0
         self._downstream: Edge | None = None
+        # Told (receiver id, detail) when the edge downstream cannot reach its receiver.
+        self.on_unreachable: Callable[[str, str], None] | None = None
         self._min_epoch: dict[str, int] = {}
         # Frames are computed (and blocks loaded) in order on one thread; what it produces
         # goes out through `_outbox`, in the same order, from the event loop.
@@ -154,7 +156,7 @@ class StageNode:
             self._downstream = Edge(
                 sender=self.node_id, receiver=assignment.downstream_id,
                 address=assignment.downstream_address, tls=self._tls, secret=self._secret,
-                to_coordinator=assignment.last)
+                to_coordinator=assignment.last, on_unreachable=self.on_unreachable)
         self.assignment = assignment
         return True
 
