@@ -63,7 +63,6 @@ class Edge:
         """`on_unreachable(receiver, detail)` is called when a stream to the receiver
         breaks for want of a connection (not when the receiver refuses a frame)."""
         self.sender, self.receiver, self.address = sender, receiver, address
-        self.expect = Identity("coordinator" if to_coordinator else "stage", receiver)
         self._on_unreachable = on_unreachable
         self._tls, self._secret = tls, secret
         self._to_coordinator = to_coordinator
@@ -80,6 +79,12 @@ class Edge:
         self._closed = False
         self.frames_sent = 0
         self.reconnects = 0
+
+    @property
+    def expect(self) -> Identity:
+        """Who the receiver's certificate must name (a plan without a coordinator yet
+        gives the tail an edge without a receiver: it fails only when used)."""
+        return Identity("coordinator" if self._to_coordinator else "stage", self.receiver)
 
     async def send(self, frame: frame_pb2.Frame) -> None:
         """Queue `frame` (plaintext payload) on the edge; it is sealed per stream."""
