@@ -158,9 +158,10 @@ class Edge:
 
     def _log_closed(self, error: grpc.aio.AioRpcError) -> None:
         if is_identity_mismatch(error):
-            log.error("edge %s -> %s: the node at %s is not %s (its certificate names another "
-                      "identity); refusing to send to it", self.sender, self.receiver, self.address,
-                      self.expect)
+            log.error("edge %s -> %s: the node at %s is not %s (its certificate does not name "
+                      "%s; certificates from before identity names must be issued again); "
+                      "refusing to send to it", self.sender, self.receiver, self.address,
+                      self.expect, self.expect.dns_name)
         else:
             log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
                         error.code().name, error.details())
