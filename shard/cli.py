@@ -77,6 +77,7 @@ def _node_flags(parser: argparse.ArgumentParser, role: str, default_id: str) -> 
               "(for kubelet probes)", metavar="HOST:PORT")
     if role != "registry":
         flags.add("--registry", "registry address; required", metavar="HOST:PORT")
+        flags.add("--registry-id", "node id the registry's certificate must name (default registry)")
         flags.add("--join-timeout", "give up joining the registry after this many seconds (default 60)",
                   type=float, metavar="SECONDS")
         flags.add("--threads", "torch intra-op threads (default: torch's; 1 is fastest for tiny models, "

@@ -131,6 +131,7 @@ class JoiningConfig(NodeConfig):
     """A node that joins a registry and carries sealed payloads (stage, coordinator)."""
 
     registry: str = ""
+    registry_id: str = "registry"  # the node id the registry's certificate must name
     secret: list[Path] = field(default_factory=list)
     threads: int | None = None
     join_timeout: float = 60.0
@@ -140,6 +141,12 @@ class JoiningConfig(NodeConfig):
         if not self.registry:
             raise ConfigError("give --registry HOST:PORT")
         check_address(self.registry, "--registry", any_port=False)
+        from shard.wire.certs import check_node_id
+
+        try:
+            check_node_id(self.registry_id)
+        except ValueError as error:
+            raise ConfigError(f"--registry-id: {error}") from None
         self.secret = [Path(path) for path in self.secret]
         for path in self.secret:
             if not path.is_file():

@@ -55,7 +55,8 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         incarnation=uuid.uuid4().hex,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
-                            join_timeout=config.join_timeout)
+                            join_timeout=config.join_timeout, registry_id=config.registry_id)
+    node.ring.on_unreachable = membership.report_unreachable
     try:
         await membership.start()
     except BaseException:

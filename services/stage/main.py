@@ -69,7 +69,9 @@ async def start(config: StageConfig) -> RunningNode:
                 layer_start=a.start, layer_end=a.end, serving=True)
             await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
 
-    membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout)
+    membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout,
+                            registry_id=config.registry_id)
+    node.on_unreachable = membership.report_unreachable
     worker = asyncio.create_task(node.run())
 
     async def stop_worker() -> None:

@@ -109,6 +109,8 @@ class StageNode:
         self.assignment: Assignment | None = None
         self.plan_version = 0
         self._downstream: Edge | None = None
+        # Told (receiver id, detail) when the edge downstream cannot reach its receiver.
+        self.on_unreachable: Callable[[str, str], None] | None = None
         # What the compute thread produces goes out through `_outbox`, in order, from the loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[frame_pb2.Frame] = asyncio.Queue()
@@ -150,7 +152,7 @@ class StageNode:
             self._downstream = Edge(
                 sender=self.node_id, receiver=assignment.downstream_id,
                 address=assignment.downstream_address, tls=self._tls, secret=self._secret,
-                to_coordinator=assignment.last)
+                to_coordinator=assignment.last, on_unreachable=self.on_unreachable)
         self.assignment = assignment
         return True
 
