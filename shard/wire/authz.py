@@ -9,10 +9,9 @@ that knows the plan; this table is the first gate, and an RPC missing from it is
 
 from __future__ import annotations
 
-import inspect
-
 import grpc
 
+from shard.wire.handlers import checked
 from shard.wire.tls import peer_identity
 
 _NODES = frozenset({"registry", "coordinator", "stage"})
@@ -53,15 +52,12 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
             return None  # gRPC answers UNIMPLEMENTED
         method = handler_call_details.method
         roles = ALLOWED_ROLES.get(method, frozenset())
-        # The handler's behaviour is wrapped because an aio interceptor sees no peer
-        # certificate: only the call's context carries it.
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method, roles))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_guard_unary(handler.stream_unary, method, roles))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method, roles))
-        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method, roles))
+
+        async def check(request, context):
+            await _check(context, method, roles)
+            return request
+
+        return checked(handler, check, check)
 
 
 async def _check(context: grpc.aio.ServicerContext, method: str, roles: frozenset[str]) -> None:
@@ -75,24 +71,3 @@ async def _check(context: grpc.aio.ServicerContext, method: str, roles: frozense
         allowed = " or ".join(sorted(roles)) or "no role"
         await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                             f"{identity.role} {identity.node_id!r} may not call {method}; allowed: {allowed}")
-
-
-def _guard_unary(behaviour, method: str, roles: frozenset[str]):
-    async def guarded(request, context):
-        await _check(context, method, roles)
-        return await behaviour(request, context)
-
-    return guarded
-
-
-def _guard_stream(behaviour, method: str, roles: frozenset[str]):
-    async def guarded(request, context):
-        await _check(context, method, roles)
-        responses = behaviour(request, context)
-        if inspect.isasyncgen(responses):
-            async for response in responses:
-                yield response
-        else:  # a handler that writes through context.write()
-            await responses
-
-    return guarded

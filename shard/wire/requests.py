@@ -9,10 +9,10 @@ marker with INVALID_ARGUMENT and a message saying what was wrong."""
 
 from __future__ import annotations
 
-import inspect
-
 import grpc
 from google.protobuf.message import DecodeError
+
+from shard.wire.handlers import checked
 
 # Public requests are small: a GenerateRequest holds at most --max-prompt-chars (default
 # 262144) characters of UTF-8 (4 bytes each at most, 1 MiB) or fewer token ids than the
@@ -40,13 +40,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         handler = handler._replace(request_deserializer=_tolerant(
             handler.request_deserializer, method, MAX_REQUEST_BYTES.get(method)))
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, _one))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_guard_unary(handler.stream_unary, _each))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, _one))
-        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, _each))
+        return checked(handler, _one, _each)
 
 
 def _tolerant(deserializer, method: str, max_bytes: int | None):
@@ -75,22 +69,3 @@ async def _each(requests, context: grpc.aio.ServicerContext):
 async def _checked(requests, context: grpc.aio.ServicerContext):
     async for request in requests:
         yield await _one(request, context)
-
-
-def _guard_unary(behaviour, check):
-    async def guarded(request, context):
-        return await behaviour(await check(request, context), context)
-
-    return guarded
-
-
-def _guard_stream(behaviour, check):
-    async def guarded(request, context):
-        responses = behaviour(await check(request, context), context)
-        if inspect.isasyncgen(responses):
-            async for response in responses:
-                yield response
-        else:  # a handler that writes through context.write()
-            await responses
-
-    return guarded
