@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def stack(image, tinystories_dir, tmp_path):
+def stack(tinystories_dir, image, tmp_path):
     """The compose stack under a project name of its own; always brought down."""
     project = f"shard-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -99,6 +99,13 @@ def stack(image, tinystories_dir, tmp_path):
         if compose("ps", "--all", check=False).returncode == 0:
             print(compose("logs", "--no-color", check=False).stdout[-20000:])
         compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
+
+
+def wait_for_log(compose, service: str, line: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while line not in compose("logs", "--no-color", service).stdout:
+        assert time.monotonic() < deadline, f"no {line!r} in {service}'s log after {seconds:.0f} s"
+        time.sleep(1)
 
 
 def request(max_tokens: int = 300) -> api_pb2.GenerateRequest:
@@ -122,9 +129,11 @@ def test_compose_stack_generates_survives_a_stage_kill_and_leaves_nothing(stack,
     first = asyncio.run(generate(address, tls, request(), wait_ready_seconds=120))
     assert list(first.summary.output_ids) == expected
 
-    # The spare holds no block yet: alive, not ready.
-    assert compose("exec", "-T", "stage-3", "shard-healthcheck", check=False).returncode != 0
+    # The spare joined, holds no block: alive, not ready.
+    wait_for_log(compose, "registry", "stage-3 joined", seconds=120)
     assert compose("exec", "-T", "stage-3", "shard-healthcheck", "liveness", check=False).returncode == 0
+    not_ready = compose("exec", "-T", "stage-3", "shard-healthcheck", check=False)
+    assert (not_ready.returncode, not_ready.stderr.strip()) == (1, "not serving: readiness")
 
     generation, running_at_kill = asyncio.run(generate_killing(address, tls, lambda: compose("kill", "stage-1")))
     assert running_at_kill, "the generation ended before the stage was killed"
