@@ -1,207 +1,295 @@
-"""The `shard` command: one subcommand per service, a client, and `up` for a local swarm."""
+"""The `shard` command: one subcommand per service, a client, and `up` for a local swarm.
+
+Parsing and --help import neither torch nor transformers: a command imports what it
+runs. Every flag of a service also reads SHARD_<FLAG> from the environment (flag, then
+environment, then default), which is how containers and Helm configure nodes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
+import os
 import sys
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
-from google.protobuf.json_format import MessageToDict
-
+from shard.config import (DTYPES, ConfigError, CoordinatorConfig, GenerateConfig, RegistryConfig, StageConfig,
+                          UpConfig, env_name, from_values)
 from shard.extras import SERVER_HINT, missing_server_packages, version
-from shard.v1 import api_pb2
 
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported only where a node needs it: the client and every --help work without it.
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SERVER_COMMANDS = ("registry", "stage", "coordinator", "up", "bench")
-_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+SERVICES = {"registry": RegistryConfig, "stage": StageConfig, "coordinator": CoordinatorConfig}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
-def byte_size(text: str) -> int:
-    """'24GiB', '512m', '1000000' -> bytes."""
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = _SUFFIXES.get(cleaned[-1:], 1)
-    number = cleaned[:-1] if scale != 1 else cleaned
-    try:
-        value = int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake in one line, like every other operator error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def dtype_name(text: str) -> torch.dtype | None:
-    if text not in _DTYPES:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(_DTYPES)}")
-    import torch
+class _Flags:
+    """Adds a service's flags, each also read from its SHARD_* variable when not given."""
 
-    return None if text == "auto" else getattr(torch, text)
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.from_env: list[tuple[str, str, Callable[[str], Any]]] = []  # (dest, variable, convert)
+        parser.set_defaults(_env=self.from_env)
+
+    def add(self, flag: str, help: str, *, type: Callable[[str], Any] = str, action: str | None = None,
+            **kwargs) -> None:
+        variable = env_name(flag)
+        if action == "store_true":
+            convert = _boolean
+        elif action == "append":
+            convert = lambda text: [item for item in text.split(",") if item]  # noqa: E731
+        else:
+            convert = type
+            kwargs["type"] = type
+        self.from_env.append((flag.lstrip("-").replace("-", "_"), variable, convert))
+        # Defaults live in the config dataclasses: None here means "not given".
+        self.parser.add_argument(flag, action=action, default=None, help=f"{help} [env {variable}]", **kwargs)
 
 
-def device_name(text: str) -> str:
-    if text != "auto":
-        return text
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _boolean(text: str) -> bool:
+    if text.strip().lower() not in _TRUE | _FALSE:
+        raise ValueError(f"not a boolean: {text!r}")
+    return text.strip().lower() in _TRUE
 
 
-def _node_args(parser: argparse.ArgumentParser, role: str, default_id: str) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model folder (config + safetensors)")
-    parser.add_argument("--node-id", default=default_id, help=f"this node's id (default {default_id})")
-    parser.add_argument("--certs", help="folder with ca.pem and this node's <id>.pem/<id>.key")
-    parser.add_argument("--insecure", action="store_true", help="plaintext gRPC, no mTLS (testing only)")
+def _node_flags(parser: argparse.ArgumentParser, role: str, default_id: str) -> _Flags:
+    flags = _Flags(parser)
+    flags.add("--model", "Hugging Face model folder (config.json + safetensors); required", metavar="DIR")
+    flags.add("--node-id", f"this node's id (default {default_id})")
+    flags.add("--certs", "folder with ca.pem and this node's <id>.pem/<id>.key", metavar="DIR")
+    flags.add("--insecure", "plaintext gRPC, no mTLS (testing only)", action="store_true")
     if role != "registry":
-        parser.add_argument("--secret", action="append", metavar="FILE",
-                            help="deployment secret file; repeat to roll a new one: the first seals, any opens ("
-                                 "default: <certs>/deployment.secret)")
-    parser.add_argument("--listen", default="0.0.0.0:0", help="address to bind (port 0: any free port)")
-    parser.add_argument("--advertise-host", default="127.0.0.1", help="host other nodes dial to reach this one")
-    parser.add_argument("--advertise", metavar="HOST:PORT",
-                        help="full address other nodes dial, when it is not this node's own port "
-                             "(behind a proxy or a relay)")
-    parser.add_argument("--address-file", help="write host:port here once serving")
-    parser.add_argument("--region", default="", help="where this node runs")
+        flags.add("--secret", "deployment secret file; repeat to roll a new one: the first seals, any opens "
+                  "(default: <certs>/deployment.secret; env: comma-separated)", action="append", metavar="FILE")
+    flags.add("--listen", "address to bind (default 0.0.0.0:0; port 0: any free port)", metavar="HOST:PORT")
+    flags.add("--advertise-host", "host other nodes dial to reach this one (default 127.0.0.1)")
+    flags.add("--advertise", "full address other nodes dial, when it is not this node's own port "
+              "(behind a proxy or a relay)", metavar="HOST:PORT")
+    flags.add("--address-file", "write host:port here once serving", metavar="FILE")
+    flags.add("--region", "where this node runs")
+    flags.add("--health-listen", "also serve the gRPC health service alone, in plaintext, here "
+              "(for kubelet probes)", metavar="HOST:PORT")
     if role != "registry":
-        parser.add_argument("--registry", required=True, help="registry address host:port")
-        parser.add_argument("--threads", type=int,
-                            help="torch intra-op threads (default: torch's; 1 is fastest for tiny models, "
-                                 "whose ops are too small to split)")
+        flags.add("--registry", "registry address; required", metavar="HOST:PORT")
+        flags.add("--join-timeout", "give up joining the registry after this many seconds (default 60)",
+                  type=float, metavar="SECONDS")
+        flags.add("--threads", "torch intra-op threads (default: torch's; 1 is fastest for tiny models, "
+                  "whose ops are too small to split)", type=int)
+    return flags
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shard", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser = _Parser(prog="shard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    certs = commands.add_parser("certs", help="create a deployment CA and node certificates", add_help=False)
-    certs.add_argument("rest", nargs=argparse.REMAINDER)
+    _certs_arguments(commands.add_parser("certs", help="create a deployment CA and node certificates"))
 
     registry = commands.add_parser("registry", help="run the registry")
-    _node_args(registry, "registry", "registry")
-    registry.add_argument("--stages", type=int, default=1, help="stages to wait for before planning")
-    registry.add_argument("--lease-seconds", type=float, default=5.0,
-                          help="a node that misses heartbeats this long is removed (they come 4 times per lease)")
-    registry.add_argument("--pin-trusted-ends", action="store_true",
-                          help="the first and last blocks (which see the user's tokens) only on stages "
-                               "joined with --trust trusted")
+    flags = _node_flags(registry, "registry", "registry")
+    flags.add("--stages", "stages to wait for before planning (default 1)", type=int)
+    flags.add("--lease-seconds", "a node that misses heartbeats this long is removed (they come 4 times per "
+              "lease; default 5)", type=float)
+    flags.add("--pin-trusted-ends", "the first and last blocks (which see the user's tokens) only on stages "
+              "joined with --trust trusted", action="store_true")
 
     stage = commands.add_parser("stage", help="run a stage: join the registry, serve a block of layers")
-    _node_args(stage, "stage", "stage-0")
-    stage.add_argument("--device", type=device_name, default="auto", help="auto: cuda when available, else cpu")
-    stage.add_argument("--dtype", type=dtype_name, default=None, help="auto (the checkpoint's), float32, bfloat16, float16")
-    stage.add_argument("--memory-budget", type=byte_size, help="bytes this stage offers (default: 90%% of free)")
-    stage.add_argument("--max-sessions", type=int, default=64)
-    stage.add_argument("--trust", default="", help="trust label; 'trusted' may hold the first and last blocks")
-    stage.add_argument("--speed", type=float,
-                       help="relative speed to report instead of the one measured at start-up")
-    stage.add_argument("--quiet", action="store_true", help="no progress bar")
+    flags = _node_flags(stage, "stage", "stage-0")
+    flags.add("--device", "torch device (default: cuda where there is one, else cpu)")
+    flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: the checkpoint's)")
+    flags.add("--memory-budget", "bytes this stage offers, e.g. 24GiB (default: 90%% of free)", metavar="SIZE")
+    flags.add("--max-sessions", "sessions held at once (default 64)", type=int)
+    flags.add("--trust", "trust label; 'trusted' may hold the first and last blocks")
+    flags.add("--speed", "relative speed to report instead of the one measured at start-up", type=float)
+    flags.add("--quiet", "no progress bar", action="store_true")
 
     coordinator = commands.add_parser("coordinator", help="run the coordinator (public Generate API)")
-    _node_args(coordinator, "coordinator", "coordinator")
-    _speculation_args(coordinator, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
+    flags = _node_flags(coordinator, "coordinator", "coordinator")
+    _speculation_args(flags.add, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
                       "target's tokenizer (repeat for several; the first is the default)")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
-    generate.add_argument("--coordinator", required=True, help="coordinator address host:port")
-    generate.add_argument("--certs", help="folder with ca.pem and the client's certificate")
-    generate.add_argument("--node-id", default="client")
-    generate.add_argument("--insecure", action="store_true")
-    _speculation_args(generate, drafts_help="which of the coordinator's drafts to use: 'ngram', 'none' "
-                      "or the folder it was started with")
+    generate.add_argument("--coordinator", help="coordinator address; required", metavar="HOST:PORT")
+    generate.add_argument("--certs", help="folder with ca.pem and the client's certificate", metavar="DIR")
+    generate.add_argument("--node-id", help="the client certificate's id (default client)")
+    generate.add_argument("--insecure", action="store_true", default=None)
+    _speculation_args(_plain(generate), drafts_help="which of the coordinator's drafts to use: 'ngram', "
+                      "'none' or the folder it was started with")
     _request_args(generate)
 
-    bench = commands.add_parser("bench", help="benchmarks: wan (decoding modes over emulated WAN links), seal, memory")
-    if not missing_server_packages():  # else main() says what to install before parsing
-        from shard.bench.main import add_arguments
+    bench = commands.add_parser("bench", help="benchmarks: wan (decoding modes over emulated WAN links), seal, "
+                                "memory")
+    from shard.bench.main import add_arguments
 
-        add_arguments(bench)
+    add_arguments(bench)
 
     up = commands.add_parser("up", help="start a whole local swarm, generate, shut it down")
-    up.add_argument("--model", default=None, help="model folder (default: the shared tiny model)")
-    up.add_argument("--stages", type=int, default=2)
-    up.add_argument("--insecure", action="store_true", help="plaintext gRPC between the local processes")
-    up.add_argument("--dtype", choices=_DTYPES, default="auto")
-    _speculation_args(up, drafts_help="draft for the coordinator: 'ngram' or a model folder")
+    up.add_argument("--model", help="model folder (default: the shared tiny model)", metavar="DIR")
+    up.add_argument("--stages", type=int, help="stages to start (default 2)")
+    up.add_argument("--insecure", action="store_true", default=None,
+                    help="plaintext gRPC between the local processes")
+    up.add_argument("--dtype", choices=DTYPES)
+    up.add_argument("--memory-budget", metavar="SIZE", help="bytes each stage offers (default: 90%% of free)")
+    up.add_argument("--verbose", action="store_true", default=None,
+                    help="the nodes' logs on the terminal instead of in a file")
+    _speculation_args(_plain(up), drafts_help="draft for the coordinator: 'ngram' or a model folder")
     _request_args(up)
     return parser
 
 
-def _speculation_args(parser: argparse.ArgumentParser, drafts_help: str) -> None:
-    parser.add_argument("--draft", action="append", default=[], help=drafts_help)
-    parser.add_argument("--spec-k", type=int, help="draft tokens per verify chunk (0: plain decode)")
-    parser.add_argument("--in-flight", type=int, help="verify chunks kept in flight (1: synchronous)")
+def _plain(parser: argparse.ArgumentParser) -> Callable[..., None]:
+    """add_argument with None defaults (the config's apply), for commands without env variables."""
+    return lambda flag, help, **kwargs: parser.add_argument(flag, help=help, default=None, **kwargs)
+
+
+def _speculation_args(add: Callable[..., None], drafts_help: str) -> None:
+    add("--draft", drafts_help, action="append")
+    add("--spec-k", "draft tokens per verify chunk (0: plain decode)", type=int)
+    add("--in-flight", "verify chunks kept in flight (1: synchronous)", type=int)
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default="Once upon a time")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--prompt", help="default: Once upon a time")
+    parser.add_argument("--chat", action="store_true", default=None, help="wrap the prompt in the model's chat "
+                        "template")
     parser.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    parser.add_argument("--max-tokens", type=int, help="default 64")
+    parser.add_argument("--ignore-eos", action="store_true", default=None)
+    parser.add_argument("--json", action="store_true", default=None, help="print token ids and text as JSON")
 
 
-def build_request(args) -> api_pb2.GenerateRequest:
-    request = api_pb2.GenerateRequest(max_tokens=max(args.max_tokens, 0), stop_at_eos=not args.ignore_eos,
-                                              draft=args.draft[0] if args.draft else "")
-    if args.spec_k is not None:
-        request.spec_k = args.spec_k
-    if args.in_flight is not None:
-        request.in_flight = args.in_flight
-    if args.prompt_ids:
-        request.prompt_ids.ids.extend(int(i) for i in args.prompt_ids.split(","))
-    elif args.chat:
-        request.chat.messages.add(role="user", content=args.prompt)
-    else:
-        request.prompt = args.prompt
-    return request
+def _certs_arguments(certs: argparse.ArgumentParser) -> None:
+    roles = ("registry", "coordinator", "stage", "client")  # shard.wire.certs.ROLES, without its import
+    sub = certs.add_subparsers(dest="certs_command", required=True, parser_class=_Parser)
+    p = sub.add_parser("init", help="create the deployment CA")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p = sub.add_parser("issue", help="issue a node certificate")
+    p.add_argument("dir")
+    p.add_argument("--role", required=True, choices=roles)
+    p.add_argument("--id", required=True, dest="node_id")
+    p.add_argument("--host", action="append", dest="hosts", metavar="HOST",
+                   help="DNS name or IP the node is reached at (repeatable; default: localhost and 127.0.0.1)")
+    p = sub.add_parser("secret", help="a new deployment secret for the AEAD layer (to roll one, write a "
+                       "new file and give nodes both, newest first)")
+    p.add_argument("file")
+    p.add_argument("--force", action="store_true", help="replace an existing secret file")
+    p = sub.add_parser("local", help="CA + registry, coordinator, N stages, a client and a secret")
+    p.add_argument("dir")
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--host", action="append", dest="hosts", metavar="HOST")
 
 
-def print_generation(generation, as_json: bool) -> None:
-    summary = generation.summary
-    if as_json:
-        fields = MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        fields["finish_reason"] = api_pb2.FinishReason.Name(summary.finish_reason)
-        print(json.dumps(fields))
-    else:
-        print(file=sys.stderr)
-        print(f"[{summary.tokens} tokens in {summary.seconds:.2f} s: {summary.tokens_per_second:.1f} tok/s, "
-              f"K={summary.spec_k} W={summary.in_flight}, acceptance {summary.acceptance_rate:.2f}, "
-              f"{summary.tokens_per_traversal:.2f} tokens per traversal, chunks sent/wasted/cancelled "
-              f"{summary.chunks_sent}/{summary.chunks_wasted}/{summary.chunks_cancelled}; time draft "
-              f"{summary.draft_seconds:.2f} s, ring {summary.ring_seconds:.2f} s, coordinator "
-              f"{summary.coordinator_seconds:.2f} s; "
-              f"{api_pb2.FinishReason.Name(summary.finish_reason)}]", file=sys.stderr)
+def config_of(args: argparse.Namespace):
+    """The typed configuration of a parsed command line: flags, then SHARD_* variables
+    (services only), then the dataclass defaults; validated on construction."""
+    values = dict(vars(args))
+    for dest, variable, convert in values.pop("_env", []):
+        if values.get(dest) is None and variable in os.environ:
+            try:
+                values[dest] = convert(os.environ[variable])
+            except ValueError as error:
+                raise ConfigError(f"{variable}: {error}") from None
+    kind = {**SERVICES, "generate": GenerateConfig, "up": UpConfig}[args.command]
+    return from_values(kind, values)
 
 
-async def _generate(args) -> int:
-    import grpc
+def node_config(argv: list[str]):
+    """A service's configuration from its command line (`["stage", "--model", ...]`)."""
+    return config_of(parser().parse_args(argv))
 
-    from shard.client import generate
-    from shard.wire.tls import NodeTLS
 
-    tls = None if args.insecure else NodeTLS.load(args.certs, args.node_id)
-    on_text = None if args.json else (lambda text: print(text, end="", flush=True))
+def _certs(args) -> int:
+    from pathlib import Path
+
+    from shard.wire import certs
+
+    directory = Path(args.dir) if "dir" in args else None
+    if args.certs_command == "local" and args.stages < 1:
+        raise ConfigError("--stages must be at least 1")
     try:
-        generation = await generate(args.coordinator, tls, build_request(args), on_text=on_text)
-    except grpc.aio.AioRpcError as error:
-        print(f"shard generate: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    print_generation(generation, args.json)
+        if args.certs_command == "init":
+            certs.create_ca(directory, overwrite=args.force)
+            written = [directory / certs.CA_CERT, directory / certs.CA_KEY]
+        elif args.certs_command == "issue":
+            written = list(certs.issue(directory, role=args.role, node_id=args.node_id, hosts=args.hosts))
+        elif args.certs_command == "secret":
+            from shard.wire.seal import write_secret
+
+            write_secret(Path(args.file), overwrite=args.force)
+            written = [Path(args.file)]
+        else:
+            written = certs.create_local_deployment(directory, args.stages, hosts=args.hosts)
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
+async def _generate(config: GenerateConfig) -> int:
+    import grpc
+
+    from shard.client import generate
+    from shard.config import node_tls
+    from shard.errors import ShardError
+    from shard.generation import build_request, print_generation
+
+    tls = node_tls(config)
+    on_text = None if config.json else (lambda text: print(text, end="", flush=True))
+    try:
+        generation = await generate(config.coordinator, tls, build_request(config), on_text=on_text)
+    except grpc.aio.AioRpcError as error:
+        raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
+    print_generation(generation, config.json)
+    return 0
+
+
+def _serve(command: str, config) -> int:
+    from shard.telemetry import configure_tracing
+
+    module = __import__(f"shard.services.{command}.main", fromlist=["serve"])
+    tracing = configure_tracing(f"shard-{command}")
+    try:
+        asyncio.run(module.serve(config))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # flushes the spans still batched
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "certs":
+        return _certs(args)
+    if args.command == "bench":
+        from shard.bench.main import main as bench
+
+        return bench(args)
+    config = config_of(args)
+    if args.command in SERVICES:
+        return _serve(args.command, config)
+    if args.command == "generate":
+        return asyncio.run(_generate(config))
+    from shard.local import up
+
+    return up(config)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.filename}: {error.strerror or 'not found'}"
+    return str(getattr(error, "message", None) or error)
+
+
 def _command(argv: list[str] | None) -> str | None:
-    """The subcommand named on the command line, before the full parser sees it."""
+    """The subcommand, before the full parse (which needs nothing beyond the base install)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--log-level")
     first.add_argument("command", nargs="?")
@@ -218,37 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
-    if args.command == "certs":
-        from shard.wire.certs import cli
+    from shard.errors import ShardError
+    from shard.local import SwarmError
 
-        return cli(args.rest)
-    if args.command in ("registry", "stage", "coordinator"):
-        if not args.insecure and not args.certs:
-            print(f"shard {args.command}: give --certs DIR (or --insecure for plaintext)", file=sys.stderr)
-            return 2
-        if getattr(args, "threads", None):
-            import torch
-
-            torch.set_num_threads(args.threads)
-        from shard.telemetry import configure_tracing
-
-        module = __import__(f"shard.services.{args.command}.main", fromlist=["serve"])
-        tracing = configure_tracing(f"shard-{args.command}")
-        try:
-            asyncio.run(module.serve(args))
-        finally:
-            if tracing is not None:
-                tracing.shutdown()  # flushes the spans still batched
-        return 0
-    if args.command == "generate":
-        if not args.insecure and not args.certs:
-            print("shard generate: give --certs DIR (or --insecure)", file=sys.stderr)
-            return 2
-        return asyncio.run(_generate(args))
-    if args.command == "bench":
-        from shard.bench.main import main as bench
-
-        return bench(args)
-    from shard.launcher import up
-
-    return up(args)
+    try:
+        return _run(args)
+    except (ConfigError, ShardError, SwarmError, FileNotFoundError, PermissionError) as error:
+        # What an operator can cause and fix: one line, no traceback.
+        print(f"shard {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,35 +1,287 @@
-"""From a node's command-line arguments to its security material."""
+"""One typed configuration per service, validated once at start-up, and from a node's
+configuration to its security material.
+
+The `shard` command fills these from flags and `SHARD_*` environment variables (the
+variable of `--memory-budget` is SHARD_MEMORY_BUDGET); library code only ever sees these
+dataclasses. Torch-free, so that `--help` stays fast."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
-from shard.wire.certs import SECRET_FILE
-from shard.wire.seal import load_secret
-from shard.wire.tls import NodeTLS
-
-
-def node_tls(args) -> NodeTLS | None:
-    """The node's mTLS identity; None only under the explicit --insecure."""
-    return None if args.insecure else NodeTLS.load(args.certs, args.node_id)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})")
 
 
-def node_secrets(args) -> list[bytes] | None:
+class ConfigError(ValueError):
+    """A configuration an operator can fix: said in one line, with no traceback."""
+
+
+def env_name(flag: str) -> str:
+    """The environment variable of a flag: --memory-budget -> SHARD_MEMORY_BUDGET."""
+    return "SHARD_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def byte_size(text: str | int) -> int:
+    """'24GiB', '512m', '1000000' -> bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+        scale = _SUFFIXES.get(cleaned[-1:], 1)
+        number = cleaned[:-1] if scale != 1 else cleaned
+        try:
+            value = int(float(number) * scale)
+        except ValueError:
+            raise ConfigError(f"not a size: {text!r} (e.g. 512MiB, 24GiB)") from None
+    if value <= 0:
+        raise ConfigError(f"a size must be positive, not {text!r}")
+    return value
+
+
+def check_address(address: str, flag: str, *, any_port: bool = True) -> None:
+    """HOST:PORT with a port in 0..65535 (0, any free port, only where `any_port`)."""
+    match = _ADDRESS.fullmatch(address)
+    port = int(match[2]) if match else -1
+    if not match or port > 65535 or (port == 0 and not any_port):
+        raise ConfigError(f"{flag} {address!r} is not HOST:PORT")
+
+
+def check_model_dir(path: Path, flag: str = "--model") -> None:
+    """A Hugging Face model folder: a config.json and safetensors weights."""
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: no config.json (not a Hugging Face model folder)")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{flag} {path}: no *.safetensors weights")
+
+
+def from_values(cls, values: Mapping[str, Any]):
+    """A config from a mapping that may hold more (a parsed command line); None means unset."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None})
+
+
+@dataclass
+class NodeConfig:
+    """What every node (registry, stage, coordinator) is configured with."""
+
+    model: Path | None = None  # required: checked below, so that the message names the flag
+    node_id: str = "node"
+    certs: Path | None = None
+    insecure: bool = False
+    listen: str = "0.0.0.0:0"
+    advertise_host: str = "127.0.0.1"
+    advertise: str | None = None
+    address_file: Path | None = None
+    region: str = ""
+    health_listen: str | None = None
+
+    def __post_init__(self) -> None:
+        from shard.wire.certs import check_node_id
+
+        if self.model is None:
+            raise ConfigError("give --model DIR (a Hugging Face model folder)")
+        self.model = Path(self.model)
+        check_model_dir(self.model)
+        try:
+            check_node_id(self.node_id)
+        except ValueError as error:
+            raise ConfigError(f"--node-id: {error}") from None
+        check_address(self.listen, "--listen")
+        if self.advertise:
+            check_address(self.advertise, "--advertise", any_port=False)
+        if self.health_listen:
+            check_address(self.health_listen, "--health-listen")
+        if self.insecure:
+            self.certs = None
+        elif not self.certs:
+            raise ConfigError("give --certs DIR (or --insecure for plaintext)")
+        else:
+            self.certs = Path(self.certs)
+            if not self.certs.is_dir():
+                raise ConfigError(f"--certs {self.certs}: no such folder (create one with `shard certs local`)")
+
+    def advertised_address(self, port: int) -> str:
+        """Where other nodes dial this one: --advertise, else --advertise-host and the bound port."""
+        return self.advertise or f"{self.advertise_host}:{port}"
+
+
+@dataclass
+class RegistryConfig(NodeConfig):
+    node_id: str = "registry"
+    stages: int = 1
+    lease_seconds: float = 5.0
+    pin_trusted_ends: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stages < 1:
+            raise ConfigError("--stages must be at least 1")
+        if self.lease_seconds <= 0:
+            raise ConfigError("--lease-seconds must be positive")
+
+
+@dataclass
+class JoiningConfig(NodeConfig):
+    """A node that joins a registry and carries sealed payloads (stage, coordinator)."""
+
+    registry: str = ""
+    secret: list[Path] = field(default_factory=list)
+    threads: int | None = None
+    join_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.registry:
+            raise ConfigError("give --registry HOST:PORT")
+        check_address(self.registry, "--registry", any_port=False)
+        self.secret = [Path(path) for path in self.secret]
+        for path in self.secret:
+            if not path.is_file():
+                raise ConfigError(f"--secret {path}: no such file")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        if self.join_timeout <= 0:
+            raise ConfigError("--join-timeout must be positive")
+
+
+@dataclass
+class StageConfig(JoiningConfig):
+    node_id: str = "stage-0"
+    device: str = "auto"  # a GPU where there is one
+    dtype: str = "auto"  # the checkpoint's
+    memory_budget: int | None = None  # bytes; default: 90% of what is free
+    max_sessions: int = 64
+    trust: str = ""
+    speed: float | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.memory_budget is not None:
+            self.memory_budget = byte_size(self.memory_budget)
+        if self.max_sessions < 1:
+            raise ConfigError("--max-sessions must be at least 1")
+        if self.speed is not None and not self.speed > 0:
+            raise ConfigError("--speed must be positive")
+
+
+@dataclass
+class CoordinatorConfig(JoiningConfig):
+    node_id: str = "coordinator"
+    draft: list[str] = field(default_factory=list)
+    spec_k: int | None = None
+    in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for spec in self.draft:
+            if spec != "ngram" and not (Path(spec) / "config.json").is_file():
+                raise ConfigError(f"--draft {spec!r} is neither 'ngram' nor a model folder with a config.json")
+
+
+@dataclass
+class RequestConfig:
+    """One generation, as `shard generate` and `shard up` ask for it."""
+
+    prompt: str = "Once upon a time"
+    chat: bool = False
+    prompt_ids: str | None = None  # comma-separated token ids instead of the prompt
+    max_tokens: int = 64
+    ignore_eos: bool = False
+    json: bool = False
+    draft: list[str] = field(default_factory=list)
+    spec_k: int | None = None
+    in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_ids is not None:
+            try:
+                [int(i) for i in self.prompt_ids.split(",")]
+            except ValueError:
+                raise ConfigError(f"--prompt-ids must be comma-separated integers, not {self.prompt_ids!r}") from None
+
+
+@dataclass
+class GenerateConfig(RequestConfig):
+    coordinator: str = ""
+    certs: Path | None = None
+    node_id: str = "client"
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.coordinator:
+            raise ConfigError("give --coordinator HOST:PORT")
+        check_address(self.coordinator, "--coordinator", any_port=False)
+        if self.insecure:
+            self.certs = None
+        elif not self.certs:
+            raise ConfigError("give --certs DIR (or --insecure)")
+        elif not Path(self.certs).is_dir():
+            raise ConfigError(f"--certs {self.certs}: no such folder")
+
+
+@dataclass
+class UpConfig(RequestConfig):
+    model: Path | None = None  # default: the shared tiny model
+    stages: int = 2
+    insecure: bool = False
+    dtype: str = "auto"
+    memory_budget: int | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model is not None:
+            self.model = Path(self.model)
+            check_model_dir(self.model)
+        if self.stages < 1:
+            raise ConfigError("--stages must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.memory_budget is not None:
+            self.memory_budget = byte_size(self.memory_budget)
+
+
+def node_tls(config: NodeConfig):
+    """The node's mTLS identity (a shard.wire.tls.NodeTLS); None only under --insecure."""
+    from shard.wire.tls import NodeTLS
+
+    if config.insecure:
+        return None
+    try:
+        return NodeTLS.load(config.certs, config.node_id)
+    except FileNotFoundError as error:
+        raise ConfigError(f"--certs: {error.filename} is missing (create it with `shard certs`)") from None
+    except ValueError as error:  # another CA's certificate, a key of another certificate...
+        raise ConfigError(f"--certs: {error}") from None
+
+
+def node_secrets(config: JoiningConfig) -> list[bytes] | None:
     """Deployment secrets for the AEAD layer: the node seals with the first and opens
     frames sealed with any (several while a new secret is rolled out).
     From --secret files, else <certs>/deployment.secret. Without one the payloads travel
     unsealed, which only --insecure allows."""
-    paths = list(args.secret or [])
-    if not paths and args.certs and (Path(args.certs) / SECRET_FILE).is_file():
-        paths = [Path(args.certs) / SECRET_FILE]
+    from shard.wire.certs import SECRET_FILE
+    from shard.wire.seal import load_secret
+
+    paths = list(config.secret)
+    if not paths and config.certs and (config.certs / SECRET_FILE).is_file():
+        paths = [config.certs / SECRET_FILE]
     if not paths:
-        if args.insecure:
+        if config.insecure:
             return None
-        raise SystemExit(f"shard {args.command}: no deployment secret: give --secret FILE "
-                         f"or put {SECRET_FILE} in the certs folder (shard certs local writes one)")
-    return [load_secret(path) for path in paths]
-
-
-def advertised_address(args, port: int) -> str:
-    """Where other nodes dial this one: --advertise, else --advertise-host and the bound port."""
-    return args.advertise or f"{args.advertise_host}:{port}"
+        raise ConfigError(f"no deployment secret: give --secret FILE or put {SECRET_FILE} in the certs "
+                          f"folder (shard certs local writes one)")
+    try:
+        return [load_secret(path) for path in paths]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -19,6 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
+# How a plan's problem begins when no placement fits the stages that joined (the registry
+# prefixes a PlacementError with it): nodes and `shard up` tell it from waiting.
+NO_FIT = "the model does not fit the stages"
+
+
 class PlacementError(ValueError):
     """The model cannot be placed on the nodes offered."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shard.model import checkpoint
-from shard.launcher import shared_model_dir
+from shard.local import shared_model_dir
 from shard.model.synthetic import ARCHS, build_tiny_model
 
 from support.swarm import inprocess_swarm

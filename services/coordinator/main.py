@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shard.config import advertised_address, node_secrets, node_tls
+from shard.config import ConfigError, CoordinatorConfig, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch, load_draft
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
@@ -16,39 +16,52 @@ from shard.wire.server import RunningNode, serve_until_signalled, start_server
 log = logging.getLogger(__name__)
 
 
-async def start(args) -> RunningNode:
-    tls = node_tls(args)
+async def start(config: CoordinatorConfig) -> RunningNode:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    tls = node_tls(config)
+    secrets = node_secrets(config)
     try:
-        drafts = [load_draft(spec, args.model) for spec in args.draft]
+        drafts = [load_draft(spec, config.model) for spec in config.draft]
     except DraftMismatch as error:
-        raise SystemExit(f"shard coordinator: {error}") from None
-    node = CoordinatorNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args),
-                           drafts=drafts, spec_k=4 if args.spec_k is None else args.spec_k,
-                           in_flight=4 if args.in_flight is None else args.in_flight)
+        raise ConfigError(str(error)) from None
+    node = CoordinatorNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=secrets,
+                           drafts=drafts, spec_k=4 if config.spec_k is None else config.spec_k,
+                           in_flight=4 if config.in_flight is None else config.in_flight)
 
     def add_servicers(server) -> None:
         api_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(node), server)
         return_pb2_grpc.add_ReturnServiceServicer_to_server(ReturnServicer(node), server)
 
-    server, port = await start_server(
-        args.listen, tls, add_servicers,
+    server, port, health = await start_server(
+        config.listen, tls, add_servicers,
         [api_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-         return_pb2.DESCRIPTOR.services_by_name["ReturnService"].full_name], args.node_id)
-    running = RunningNode(advertised_address(args, port), node)
+         return_pb2.DESCRIPTOR.services_by_name["ReturnService"].full_name], config.node_id)
+    running = RunningNode(config.advertised_address(port), node, health)
+    # Ready exactly while the ring is: Generate answers UNAVAILABLE otherwise.
+    node.ring.on_ready_change = health.set_serving
     # The tail's return stream never ends by itself: a short grace for in-flight results.
     running.on_stop(lambda: server.stop(grace=0.5))
     running.on_stop(node.ring.close)
+    await running.listen_for_health(config.health_listen)
     capabilities = registry_pb2.NodeCapabilities(
-        node_id=args.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
-        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=args.region,
+        node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
+        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=config.region,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
-    membership = Membership(args.registry, tls, capabilities, node.ring.apply_plan)
-    await membership.start()
+    membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
+                            join_timeout=config.join_timeout)
+    try:
+        await membership.start()
+    except BaseException:
+        await running.stop()
+        raise
     running.on_stop(membership.stop)
     await membership.report(registry_pb2.NODE_STATE_READY, 0)
-    log.info("coordinator %s listening on %s", args.node_id, running.address)
+    log.info("coordinator %s listening on %s", config.node_id, running.address)
     return running
 
 
-async def serve(args) -> None:
-    await serve_until_signalled(await start(args), args.address_file)
+async def serve(config: CoordinatorConfig) -> None:
+    await serve_until_signalled(await start(config), config.address_file)

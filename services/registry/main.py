@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shard.config import advertised_address, node_tls
+from shard.config import RegistryConfig, node_tls
 from shard.model.checkpoint import Checkpoint
 from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
@@ -22,22 +22,23 @@ def model_sizes(checkpoint: Checkpoint) -> ModelSizes:
         embed_bytes=checkpoint.embed_bytes, head_bytes=checkpoint.head_bytes)
 
 
-async def start(args) -> RunningNode:
-    tls = node_tls(args)
-    checkpoint = Checkpoint.open(args.model)
+async def start(config: RegistryConfig) -> RunningNode:
+    tls = node_tls(config)
+    checkpoint = Checkpoint.open(config.model)
     state = RegistryState(sizes=model_sizes(checkpoint), model_fingerprint=checkpoint.fingerprint,
-                          min_stages=args.stages, lease_seconds=args.lease_seconds,
-                          pin_trusted_ends=args.pin_trusted_ends)
-    server, port = await start_server(
-        args.listen, tls,
+                          min_stages=config.stages, lease_seconds=config.lease_seconds,
+                          pin_trusted_ends=config.pin_trusted_ends)
+    server, port, health = await start_server(
+        config.listen, tls,
         lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(state), s),
-        [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name], args.node_id)
-    running = RunningNode(advertised_address(args, port), state)
+        [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name], config.node_id)
+    running = RunningNode(config.advertised_address(port), state, health)
     running.on_stop(lambda: server.stop(grace=1.0))
+    await running.listen_for_health(config.health_listen)
 
     async def expire_forever() -> None:
         while True:
-            await asyncio.sleep(args.lease_seconds / 4)
+            await asyncio.sleep(config.lease_seconds / 4)
             state.expire()
 
     expiry = asyncio.create_task(expire_forever())
@@ -46,10 +47,11 @@ async def start(args) -> RunningNode:
         expiry.cancel()
 
     running.on_stop(stop_expiry)
+    await health.set_serving(True)  # the registry's job is to accept joins: it can from now on
     log.info("registry listening on %s for %s (%d layers, %d stages)",
-             running.address, args.model, checkpoint.num_layers, args.stages)
+             running.address, config.model, checkpoint.num_layers, config.stages)
     return running
 
 
-async def serve(args) -> None:
-    await serve_until_signalled(await start(args), args.address_file)
+async def serve(config: RegistryConfig) -> None:
+    await serve_until_signalled(await start(config), config.address_file)

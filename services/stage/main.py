@@ -5,62 +5,83 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shard.config import advertised_address, node_secrets, node_tls
+import torch
+
+from shard.config import StageConfig, node_secrets, node_tls
 from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
+from shard.placement import NO_FIT
 from shard.services.stage.servicer import StageServicer
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 
 log = logging.getLogger(__name__)
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-async def start(args) -> RunningNode:
-    tls = node_tls(args)
-    node = StageNode(node_id=args.node_id, model_dir=args.model, tls=tls, secrets=node_secrets(args), device=args.device,
-                     dtype=args.dtype, max_sessions=args.max_sessions, progress=not args.quiet)
-    server, port = await start_server(
-        args.listen, tls,
+async def start(config: StageConfig) -> RunningNode:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    tls = node_tls(config)
+    node = StageNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=node_secrets(config),
+                     device=device, dtype=_DTYPES[config.dtype], max_sessions=config.max_sessions,
+                     progress=not config.quiet)
+    server, port, health = await start_server(
+        config.listen, tls,
         lambda s: stage_pb2_grpc.add_StageServiceServicer_to_server(StageServicer(node), s),
-        [stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name], args.node_id)
-    running = RunningNode(advertised_address(args, port), node)
+        [stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name], config.node_id)
+    running = RunningNode(config.advertised_address(port), node, health)
     # Stopped in reverse: leave the registry, stop computing, close the edge downstream
     # (so the next stage's server sees its inbound stream end), then stop serving.
     running.on_stop(lambda: server.stop(grace=2.0))
     running.on_stop(node.close)
-    device_name, device_id = device_identity(args.device)
+    await running.listen_for_health(config.health_listen)
+    device_name, device_id = device_identity(device)
     capabilities = registry_pb2.NodeCapabilities(
-        node_id=args.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
+        node_id=config.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
         device_name=device_name, device_id=device_id,
-        memory_budget_bytes=args.memory_budget or default_memory_budget(args.device),
-        region=args.region, trust=args.trust, model_fingerprint=node.checkpoint.fingerprint,
-        speed=args.speed or measure_speed(node.checkpoint.hidden_size, args.device),
+        memory_budget_bytes=config.memory_budget or default_memory_budget(device),
+        region=config.region, trust=config.trust, model_fingerprint=node.checkpoint.fingerprint,
+        speed=config.speed or measure_speed(node.checkpoint.hidden_size, device),
         public_key=public_key_der(tls.cert_pem) if tls else b"")
+    problem = ""
 
     async def on_plan(plan: registry_pb2.Plan) -> None:
-        if plan.problem:
-            log.warning("registry cannot plan yet: %s", plan.problem)
-        if await node.apply_plan(plan):
+        nonlocal problem
+        if plan.problem and plan.problem != problem:
+            # Once per problem, not per plan; a model that does not fit is what an operator must fix.
+            log.log(logging.WARNING if plan.problem.startswith(NO_FIT) else logging.INFO,
+                    "registry cannot plan yet: %s", plan.problem)
+        problem = plan.problem
+        serving = await node.apply_plan(plan)
+        # Ready while this stage holds a block of the plan; a spare, or a stage left out, is not.
+        await health.set_serving(serving)
+        if serving:
             a = node.assignment
             membership.serving = registry_pb2.ServingBlock(
                 plan_version=plan.version, ring_index=a.index, ring_size=a.ring_size,
                 layer_start=a.start, layer_end=a.end, serving=True)
             await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
 
-    membership = Membership(args.registry, tls, capabilities, on_plan)
+    membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout)
     worker = asyncio.create_task(node.run())
 
     async def stop_worker() -> None:
         worker.cancel()
 
     running.on_stop(stop_worker)
-    await membership.start()
+    try:
+        await membership.start()
+    except BaseException:
+        await running.stop()
+        raise
     running.on_stop(membership.stop)
-    log.info("stage %s listening on %s", args.node_id, running.address)
+    log.info("stage %s listening on %s", config.node_id, running.address)
     return running
 
 
-async def serve(args) -> None:
-    await serve_until_signalled(await start(args), args.address_file)
+async def serve(config: StageConfig) -> None:
+    await serve_until_signalled(await start(config), config.address_file)

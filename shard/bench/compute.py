@@ -19,7 +19,7 @@ from pathlib import Path
 from shard.bench.bare_pipeline import BarePipeline
 from shard.bench.run import Mode, request_for, single_process, stage_infos
 from shard.client import generate
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 from shard.model.synthetic import build_compute_model
 
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]

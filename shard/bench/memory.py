@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from shard.client import generate
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 from shard.model.checkpoint import Checkpoint
 from shard.model.synthetic import build_compute_model
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc

@@ -15,7 +15,7 @@ from shard.bench.bound import Measured, bound_tokens_per_second
 from shard.bench.network import emulated_links
 from shard.bench.topology import TOPOLOGIES, Topology
 from shard.client import generate
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 

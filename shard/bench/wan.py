@@ -28,7 +28,7 @@ RESULTS, DOC, PLOT = "wan.json", "benchmarks.md", "benchmarks.png"
 
 
 def main(args) -> int:
-    from shard.launcher import default_model_dir
+    from shard.local import default_model_dir
 
     if args.from_json:
         payload = _merged([json.loads(Path(path).read_text()) for path in args.from_json])

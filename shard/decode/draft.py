@@ -98,7 +98,7 @@ class ModelDraftSession:
         ids = torch.tensor([tokens], device=self._draft.device)
         start = len(self._read)
         positions = torch.arange(start, start + len(tokens), device=self._draft.device)[None]
-        out = model(input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True)
+        out = model(input_ids=ids, position_ids=positions, cache=self._cache, use_cache=True)
         self._read.extend(tokens)
         return out.logits[0]
 

@@ -182,7 +182,7 @@ class Block:
         else:
             inputs = dict(inputs_embeds=hidden.to(self.device, self.dtype)[None])
         # The cache length now equals start_pos, so a cache_position derived from it is exact.
-        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = self.model(**inputs, position_ids=positions, cache=cache, use_cache=True)
         h = out.last_hidden_state[0]
         if not self.is_last:
             return h

@@ -11,8 +11,10 @@ import time
 from typing import Awaitable, Callable
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import (AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_delay,
+                      wait_exponential)
 
+from shard.errors import ShardError
 from shard.v1 import node_pb2, node_pb2_grpc, registry_pb2, registry_pb2_grpc
 from shard.wire.tls import NodeTLS, open_channel
 
@@ -32,8 +34,10 @@ class Membership:
         on_plan: Callable[[registry_pb2.Plan], Awaitable[None]],
         *,
         heartbeat_seconds: float | None = None,
+        join_timeout: float = 60.0,
     ):
-        """Heartbeats every `heartbeat_seconds`, by default a quarter of the registry's lease."""
+        """Heartbeats every `heartbeat_seconds`, by default a quarter of the registry's lease;
+        joining gives up after `join_timeout` seconds without an answer."""
         self.capabilities = capabilities
         self._on_plan = on_plan
         self._fixed_heartbeat = heartbeat_seconds
@@ -42,6 +46,7 @@ class Membership:
         # running plan instead of re-planning.
         self.serving = registry_pb2.ServingBlock()
         self._tls = tls
+        self._registry_address, self._join_timeout = registry_address, join_timeout
         # gRPC's default reconnect backoff grows to minutes; a restarted registry must
         # hear from its nodes within about a lease so that it can adopt the running ring.
         self._channel = open_channel(registry_address, tls, options=REGISTRY_RECONNECT)
@@ -79,13 +84,30 @@ class Membership:
         await self._heartbeat_once()
 
     async def _join(self) -> None:
-        async for attempt in AsyncRetrying(retry=_RETRYABLE, wait=wait_exponential(0.05, max=2.0)):
-            with attempt:
-                reply = await self._stub.Join(
-                    registry_pb2.JoinRequest(capabilities=self.capabilities, serving=self.serving),
-                    wait_for_ready=True,
-                    timeout=10.0,
-                )
+        """Join, retrying with backoff while the registry cannot be reached; each new reason
+        is logged once, and after `join_timeout` seconds the node gives up (ShardError)."""
+        said = None
+
+        def say(state: RetryCallState) -> None:
+            nonlocal said
+            reason = _in_words(state.outcome.exception())
+            if reason != said:
+                log.warning("registry %s unreachable (%s); retrying", self._registry_address, reason)
+                said = reason
+
+        try:
+            async for attempt in AsyncRetrying(retry=_RETRYABLE, wait=wait_exponential(0.05, max=2.0),
+                                               stop=stop_after_delay(self._join_timeout), before_sleep=say):
+                with attempt:
+                    reply = await self._stub.Join(
+                        registry_pb2.JoinRequest(capabilities=self.capabilities, serving=self.serving),
+                        timeout=10.0,
+                    )
+        except RetryError as error:
+            reason = _in_words(error.last_attempt.exception())
+            raise ShardError(grpc.StatusCode.UNAVAILABLE,
+                             f"registry {self._registry_address} unreachable ({reason}); gave up after "
+                             f"{self._join_timeout:g} s") from None
         if self._fixed_heartbeat is None:
             self._heartbeat_seconds = reply.lease_seconds / 4
 
@@ -158,3 +180,20 @@ class Membership:
                         await self._on_plan(plan)
                         await self._probe_new_members(plan)
             await asyncio.sleep(self._heartbeat_seconds)
+
+
+def _in_words(error: BaseException) -> str:
+    """Why a call to the registry failed, for an operator (gRPC's details are long)."""
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return str(error)
+    details = (error.details() or "").lower()
+    for needle, words in (("connection refused", "connection refused"),
+                          ("ssl", "TLS handshake failed: is its certificate from this deployment's CA?"),
+                          ("handshaker shutdown", "connection closed"),
+                          ("name resolution", "no such host"), ("dns", "no such host"),
+                          ("timeout", "no answer"), ("deadline", "no answer")):
+        if needle in details:
+            return words
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer"
+    return f"{error.code().name}: {error.details()}"

@@ -14,6 +14,7 @@ import grpc
 
 from shard.errors import ShardError
 from shard.placement import (
+    NO_FIT,
     ModelSizes,
     NodeOffer,
     PlacementError,
@@ -184,7 +185,7 @@ class RegistryState:
                 placement = place(self.sizes, offers, stages=min(self.min_stages, len(stages)),
                                   pin_trusted_ends=self.pin_trusted_ends)
             except PlacementError as error:
-                self.plan.problem = str(error)
+                self.plan.problem = f"{NO_FIT}: {error}"
             else:
                 addresses = {c.node_id: c.address for c in stages}
                 for stage in placement.stages:

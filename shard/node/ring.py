@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 import grpc
 from opentelemetry.trace import Status, StatusCode
 
 from shard.decode.speculative import RingChanged
 from shard.errors import ShardError
+from shard.placement import NO_FIT
 from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
@@ -36,6 +38,8 @@ class Ring:
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
         self.ready = asyncio.Event()
         self.problem = "no plan from the registry yet"  # why the ring is not ready, if it is not
+        # Told every time `ready` is set or cleared (the node's health follows it).
+        self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
 
     @property
     def tail_id(self) -> str | None:
@@ -46,8 +50,14 @@ class Ring:
         gathering its nodes) changes nothing: the data path does not need the registry.
         A plan that moves any block fails the chunks in flight with RingChanged, so their
         sessions replay into the new ring."""
+        if plan.problem and plan.problem != self.problem:
+            # Once per problem; a model that does not fit is what an operator must fix.
+            log.log(logging.WARNING if plan.problem.startswith(NO_FIT) else logging.INFO,
+                    "registry cannot serve the model yet: %s", plan.problem)
         self.problem = plan.problem
         if not plan.stages:
+            if plan.problem.startswith(NO_FIT):  # stages were lost and the rest cannot hold the model
+                await self._set_ready(False)
             return
         ring = _signature(plan)
         changed = self.plan is not None and self.plan.stages and ring != _signature(self.plan)
@@ -72,9 +82,19 @@ class Ring:
                 if not future.done():
                     future.set_exception(RingChanged(f"plan v{plan.version} moved the blocks"))
         if plan.ready:
-            self.ready.set()
+            await self._set_ready(True)
         elif changed:
+            await self._set_ready(False)
+
+    async def _set_ready(self, ready: bool) -> None:
+        if ready == self.ready.is_set():
+            return
+        if ready:
+            self.ready.set()
+        else:
             self.ready.clear()
+        if self.on_ready_change is not None:
+            await self.on_ready_change(ready)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         try:

@@ -6,12 +6,10 @@ a peer's role and id come from the verified TLS handshake, never from a request 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -214,53 +212,6 @@ def local_nodes(stages: int) -> list[tuple[str, str]]:
         *(("stage", f"stage-{i}") for i in range(stages)),
         ("client", "client"),
     ]
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``shard certs``: make the CA and node certificates of a deployment."""
-    parser = argparse.ArgumentParser(prog="shard certs", description=cli.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("init", help="create the deployment CA")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--force", action="store_true", help="replace an existing CA")
-    p = sub.add_parser("issue", help="issue a node certificate")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--id", required=True, dest="node_id")
-    p.add_argument("--host", action="append", dest="hosts", metavar="HOST",
-                   help="DNS name or IP the node is reached at (repeatable; "
-                   "default: localhost and 127.0.0.1)")
-    p = sub.add_parser("secret", help="a new deployment secret for the AEAD layer (to roll one, write a "
-                       "new file and give nodes both, newest first)")
-    p.add_argument("file", type=Path)
-    p.add_argument("--force", action="store_true", help="replace an existing secret file")
-    p = sub.add_parser("local", help="CA + registry, coordinator, N stages, a client and a secret")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--stages", type=int, required=True)
-    p.add_argument("--host", action="append", dest="hosts", metavar="HOST")
-    args = parser.parse_args(argv)
-    if args.command == "local" and args.stages < 1:
-        parser.error("--stages must be at least 1")
-
-    try:
-        if args.command == "init":
-            create_ca(args.dir, overwrite=args.force)
-            written = [args.dir / CA_CERT, args.dir / CA_KEY]
-        elif args.command == "issue":
-            written = list(issue(args.dir, role=args.role, node_id=args.node_id, hosts=args.hosts))
-        elif args.command == "secret":
-            from shard.wire.seal import write_secret
-
-            write_secret(args.file, overwrite=args.force)
-            written = [args.file]
-        else:
-            written = create_local_deployment(args.dir, args.stages, hosts=args.hosts)
-    except (OSError, ValueError) as e:
-        print(f"shard certs: error: {e}", file=sys.stderr)
-        return 1
-    for path in written:
-        print(f"wrote {path}")
-    return 0
 
 
 def _san(identity: Identity, hosts: Iterable[str]) -> x509.SubjectAlternativeName:

@@ -33,25 +33,59 @@ class PingServicer(node_pb2_grpc.NodeServiceServicer):
         return node_pb2.PingResponse(payload=request.payload, node_id=self.node_id)
 
 
+LIVENESS = "liveness"  # the health service name that only says the process and its loop answer
+
+
+class Health:
+    """The standard gRPC health service of one node. Readiness (service "" and each of the
+    node's own services) is NOT_SERVING until the node says it can do its job, and again
+    when it no longer can; liveness (service "liveness") is SERVING while the event loop
+    answers at all."""
+
+    def __init__(self, service_names: list[str]):
+        self.servicer = health.aio.HealthServicer()
+        self._names = ["", *service_names]
+        self.serving = False
+
+    async def start(self) -> None:
+        await self.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._names:
+            await self.servicer.set(name, status)
+
+
 async def start_server(
     listen: str,
     tls: NodeTLS | None,
     add_servicers: Callable[[grpc.aio.Server], None],
     service_names: list[str],
     node_id: str,
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[grpc.aio.Server, int, Health]:
+    """The node's server, started, with its health NOT_SERVING until the node sets it."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RoleInterceptor()])
     add_servicers(server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(PingServicer(node_id), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in service_names:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    node_health = Health(service_names)
+    await node_health.start()
+    health_pb2_grpc.add_HealthServicer_to_server(node_health.servicer, server)
     reflection.enable_server_reflection(
-        [*service_names, node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        [*service_names, node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     port = add_port(server, listen, tls)
+    await server.start()
+    return server, port, node_health
+
+
+async def start_health_listener(listen: str, node_health: Health) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with the health service alone (kubelet probes carry no client
+    certificate); any other RPC is UNIMPLEMENTED here."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(node_health.servicer, server)
+    port = add_port(server, listen, None)
     await server.start()
     return server, port
 
@@ -74,16 +108,28 @@ async def wait_for_shutdown_signal() -> None:
 
 
 class RunningNode:
-    """A started node: where it listens and how to stop it, in reverse order of starting."""
+    """A started node: where it listens, its health, and how to stop it, in reverse order
+    of starting."""
 
-    def __init__(self, address: str, node=None):
-        self.address, self.node = address, node
+    def __init__(self, address: str, node=None, health: Health | None = None):
+        self.address, self.node, self.health = address, node, health
+        self.health_address: str | None = None
         self._closers: list[Callable[[], Awaitable[object]]] = []
 
     def on_stop(self, closer: Callable[[], Awaitable[object]]) -> None:
         self._closers.append(closer)
 
+    async def listen_for_health(self, listen: str | None) -> None:
+        """Serve the health service alone, in plaintext, on `listen` (HOST:PORT), if given."""
+        if not listen:
+            return
+        server, port = await start_health_listener(listen, self.health)
+        self.health_address = f"{listen.rpartition(':')[0]}:{port}"
+        self.on_stop(lambda: server.stop(grace=0.5))
+
     async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.set_serving(False)  # probes see it going before it is gone
         for closer in reversed(self._closers):
             await closer()
 

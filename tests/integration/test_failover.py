@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shard.client import generate
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.tls import open_channel
 

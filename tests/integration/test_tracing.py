@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shard.client import generate
-from shard.launcher import LocalSwarm
+from shard.local import LocalSwarm
 from shard.v1 import api_pb2
 
 from support.reference import reference_greedy

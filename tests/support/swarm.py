@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard.cli import parser
 from shard.services.coordinator import main as coordinator_main
 from shard.services.registry import main as registry_main
 from shard.services.stage import main as stage_main
+from shard.cli import node_config
 from shard.wire.certs import create_local_deployment
 from shard.wire.server import RunningNode
 from shard.wire.tls import NodeTLS
@@ -29,10 +29,11 @@ class Swarm:
 
 
 def _args(command: str, model_dir, node_id: str, certs: Path | None, *extra: str, secrets=()):
+    """The node's typed configuration, from the flags an operator would give."""
     argv = [command, "--model", str(model_dir), "--node-id", node_id, "--listen", "127.0.0.1:0", *extra]
     argv += ["--certs", str(certs)] if certs else ["--insecure"]
     argv += [f"--secret={path}" for path in secrets]
-    return parser().parse_args(argv)
+    return node_config(argv)
 
 
 @asynccontextmanager

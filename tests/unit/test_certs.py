@@ -5,9 +5,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from shard.cli import main
 from shard.wire.certs import (
     Identity,
-    cli,
     create_ca,
     create_deployment,
     identity_from_pem,
@@ -102,7 +102,7 @@ def test_create_deployment_keeps_existing_ca(tmp_path):
 
 def test_cli_local_writes_a_whole_deployment(tmp_path, capsys):
     d = tmp_path / "certs"
-    assert cli(["local", str(d), "--stages", "2"]) == 0
+    assert main(["certs", "local", str(d), "--stages", "2"]) == 0
     nodes = ["registry", "coordinator", "stage-0", "stage-1", "client"]
     expected = {"ca.pem", "ca.key", "deployment.secret"} | {f"{n}.{ext}" for n in nodes for ext in ("pem", "key")}
     assert {p.name for p in d.iterdir()} == expected  # no temp files left behind
@@ -114,10 +114,10 @@ def test_cli_local_writes_a_whole_deployment(tmp_path, capsys):
 
 
 def test_cli_init_and_issue(tmp_path, capsys):
-    assert cli(["init", str(tmp_path)]) == 0
-    assert cli(["init", str(tmp_path)]) == 1
+    assert main(["certs", "init", str(tmp_path)]) == 0
+    assert main(["certs", "init", str(tmp_path)]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert cli(["issue", str(tmp_path), "--role", "stage", "--id", "s9", "--host", "10.1.2.3"]) == 0
+    assert main(["certs", "issue", str(tmp_path), "--role", "stage", "--id", "s9", "--host", "10.1.2.3"]) == 0
     san = _cert(tmp_path / "s9.pem").extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     ).value

@@ -11,12 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from shard.config import UpConfig
+from shard.placement import NO_FIT
 from shard.wire.certs import create_local_deployment
 from shard.wire.tls import NodeTLS
 
 
 class SwarmError(RuntimeError):
-    pass
+    """A local swarm that could not start or serve: said in one line."""
 
 
 class LocalSwarm:
@@ -158,20 +160,46 @@ def default_model_dir() -> Path:
     return build_demo_model(target)
 
 
-def up(args) -> int:
-    from shard.cli import build_request, print_generation
+def up(config: UpConfig) -> int:
+    """A swarm of `config.stages` processes, one generation, then shut down. The terminal
+    shows the prompt, the streamed text and one summary line; the nodes log into files
+    (named in the summary) unless `config.verbose`."""
     from shard.client import generate
+    from shard.generation import build_request, print_generation
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    speculation = [f"--draft={draft}" for draft in args.draft]
-    speculation += [] if args.spec_k is None else [f"--spec-k={args.spec_k}"]
-    speculation += [] if args.in_flight is None else [f"--in-flight={args.in_flight}"]
-    with LocalSwarm(model_dir, args.stages, insecure=args.insecure, dtype=args.dtype,
-                    coordinator_args=speculation) as swarm:
-        on_text = None if args.json else (lambda text: print(text, end="", flush=True))
-        if not args.json:
-            print(args.prompt, end="", flush=True)
-        generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), build_request(args),
+    model_dir = config.model or default_model_dir()
+    speculation = [f"--draft={draft}" for draft in config.draft]
+    speculation += [] if config.spec_k is None else [f"--spec-k={config.spec_k}"]
+    speculation += [] if config.in_flight is None else [f"--in-flight={config.in_flight}"]
+    budget = [] if config.memory_budget is None else [f"--memory-budget={config.memory_budget}"]
+    workdir = None if config.verbose else tempfile.mkdtemp(prefix="shard-up-")  # kept: it holds the logs
+    with LocalSwarm(model_dir, config.stages, workdir=workdir, insecure=config.insecure, dtype=config.dtype,
+                    logs_to_files=not config.verbose, coordinator_args=speculation, stage_args=budget) as swarm:
+        asyncio.run(_wait_ready(swarm))
+        on_text = None if config.json else (lambda text: print(text, end="", flush=True))
+        if not config.json:
+            print(config.prompt, end="", flush=True)
+        generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), build_request(config),
                                           on_text=on_text, wait_ready_seconds=300))
-        print_generation(generation, args.json)
+        print_generation(generation, config.json, note=f"; logs in {workdir}" if workdir else "")
     return 0
+
+
+async def _wait_ready(swarm: LocalSwarm, timeout: float = 300.0) -> None:
+    """Until the coordinator says its ring is ready; a model that does not fit the stages
+    fails at once (no stage is coming to help)."""
+    from shard.v1 import api_pb2, api_pb2_grpc
+    from shard.wire.tls import open_channel
+
+    deadline = time.monotonic() + timeout
+    async with open_channel(swarm.coordinator_address, swarm.client_tls()) as channel:
+        stub = api_pb2_grpc.InferenceServiceStub(channel)
+        while True:
+            status = await stub.GetStatus(api_pb2.GetStatusRequest(), timeout=10)
+            if status.ready:
+                return
+            if status.problem.startswith(NO_FIT):
+                raise SwarmError(status.problem)  # says it does not fit, and by how much
+            if time.monotonic() > deadline:
+                raise SwarmError(f"the ring was not ready within {timeout:.0f} s: {status.problem}")
+            await asyncio.sleep(0.2)
