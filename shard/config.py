@@ -131,6 +131,7 @@ class JoiningConfig(NodeConfig):
     """A node that joins a registry and carries sealed payloads (stage, coordinator)."""
 
     registry: str = ""
+    registry_id: str = "registry"  # the node id the registry's certificate must name
     secret: list[Path] = field(default_factory=list)
     threads: int | None = None
     join_timeout: float = 60.0
@@ -140,6 +141,12 @@ class JoiningConfig(NodeConfig):
         if not self.registry:
             raise ConfigError("give --registry HOST:PORT")
         check_address(self.registry, "--registry", any_port=False)
+        from shard.wire.certs import check_node_id
+
+        try:
+            check_node_id(self.registry_id)
+        except ValueError as error:
+            raise ConfigError(f"--registry-id: {error}") from None
         self.secret = [Path(path) for path in self.secret]
         for path in self.secret:
             if not path.is_file():
@@ -157,6 +164,7 @@ class StageConfig(JoiningConfig):
     dtype: str = "auto"  # the checkpoint's
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
+    session_idle_seconds: float = 300.0
     trust: str = ""
     speed: float | None = None
     quiet: bool = False
@@ -169,6 +177,8 @@ class StageConfig(JoiningConfig):
             self.memory_budget = byte_size(self.memory_budget)
         if self.max_sessions < 1:
             raise ConfigError("--max-sessions must be at least 1")
+        if not self.session_idle_seconds > 0:
+            raise ConfigError("--session-idle-seconds must be positive")
         if self.speed is not None and not self.speed > 0:
             raise ConfigError("--speed must be positive")
 
@@ -179,9 +189,20 @@ class CoordinatorConfig(JoiningConfig):
     draft: list[str] = field(default_factory=list)
     spec_k: int | None = None
     in_flight: int | None = None
+    max_prompt_chars: int = 262144
+    max_concurrent: int = 64
+    max_queued: int = 256
+    queue_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for flag, value in (("--max-prompt-chars", self.max_prompt_chars), ("--max-concurrent", self.max_concurrent)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1")
+        if self.max_queued < 0:
+            raise ConfigError("--max-queued must not be negative")
+        if not self.queue_timeout > 0:
+            raise ConfigError("--queue-timeout must be positive")
         for spec in self.draft:
             if spec != "ngram" and not (Path(spec) / "config.json").is_file():
                 raise ConfigError(f"--draft {spec!r} is neither 'ngram' nor a model folder with a config.json")

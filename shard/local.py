@@ -93,10 +93,18 @@ class LocalSwarm:
 
     def restart_registry(self) -> None:
         """SIGKILL the registry and start a new one on the same port (nodes keep its address)."""
-        host_port = self.registry_address
-        self.kill("registry")
-        self._addresses["registry"] = (host_port, None)
-        self._spawn("registry", "registry", "--stages", str(self.stages), *self._registry_args)
+        self._restart("registry", self.registry_address, "--stages", str(self.stages), *self._registry_args)
+
+    def restart_coordinator(self) -> None:
+        """SIGKILL the coordinator and start a new incarnation of it under the same id and
+        port (clients keep its address)."""
+        self._restart("coordinator", self.coordinator_address, "--registry", self.registry_address,
+                      *self._coordinator_args)
+
+    def _restart(self, node_id: str, host_port: str, *extra: str) -> None:
+        self.kill(node_id)
+        self._addresses[node_id] = (host_port, None)
+        self._spawn(node_id, node_id, *extra)
 
     def _wait_address(self, node_id: str) -> str:
         address_file = self.workdir / f"{node_id}.address"

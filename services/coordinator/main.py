@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from shard.config import ConfigError, CoordinatorConfig, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch, load_draft
@@ -29,7 +30,9 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         raise ConfigError(str(error)) from None
     node = CoordinatorNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=secrets,
                            drafts=drafts, spec_k=4 if config.spec_k is None else config.spec_k,
-                           in_flight=4 if config.in_flight is None else config.in_flight)
+                           in_flight=4 if config.in_flight is None else config.in_flight,
+                           max_prompt_chars=config.max_prompt_chars, max_concurrent=config.max_concurrent,
+                           max_queued=config.max_queued, queue_timeout=config.queue_timeout)
 
     def add_servicers(server) -> None:
         api_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(node), server)
@@ -49,9 +52,11 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=config.region,
+        incarnation=uuid.uuid4().hex,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
-                            join_timeout=config.join_timeout)
+                            join_timeout=config.join_timeout, registry_id=config.registry_id)
+    node.ring.on_unreachable = membership.report_unreachable
     try:
         await membership.start()
     except BaseException:

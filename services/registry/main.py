@@ -7,6 +7,7 @@ import logging
 
 from shard.config import RegistryConfig, node_tls
 from shard.model.checkpoint import Checkpoint
+from shard.node.probe import answers_ping
 from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
 from shard.services.registry.servicer import RegistryServicer
@@ -30,7 +31,7 @@ async def start(config: RegistryConfig) -> RunningNode:
                           pin_trusted_ends=config.pin_trusted_ends)
     server, port, health = await start_server(
         config.listen, tls,
-        lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(state), s),
+        lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(state, lambda member: answers_ping(member, tls)), s),
         [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name], config.node_id)
     running = RunningNode(config.advertised_address(port), state, health)
     running.on_stop(lambda: server.stop(grace=1.0))

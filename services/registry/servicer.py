@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 
 from shard.errors import ShardError
+from shard.node.probe import ROLE_NAMES
 from shard.node.registry import RegistryState
 from shard.v1 import registry_pb2, registry_pb2_grpc
 from shard.wire.tls import require_peer
 
-_ROLE_NAMES = {registry_pb2.ROLE_STAGE: "stage", registry_pb2.ROLE_COORDINATOR: "coordinator"}
-
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, state: RegistryState):
-        self.state = state
+    def __init__(self, state: RegistryState,
+                 answers: Callable[[registry_pb2.NodeCapabilities], Awaitable[bool]]):
+        """`answers(member)`: whether the member answers a probe now."""
+        self.state, self._answers = state, answers
 
     async def Join(self, request, context):
         capabilities = request.capabilities
-        role = _ROLE_NAMES.get(capabilities.role)
+        role = ROLE_NAMES.get(capabilities.role)
         if role is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be stage or coordinator")
         # A node may only join as the role and id its certificate names.
@@ -39,6 +42,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         await require_peer(context, "stage", "coordinator", node_ids=[request.node_id])
         self.state.leave(request.node_id)
         return registry_pb2.LeaveResponse()
+
+    async def ReportUnreachable(self, request, context):
+        await require_peer(context, "stage", "coordinator", node_ids=[request.reporter_id])
+        if not request.node_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
+        dropped = await self.state.report_unreachable(request.node_id, self._answers)
+        return registry_pb2.ReportUnreachableResponse(dropped=dropped)
 
     async def WatchPlan(self, request, context):
         queue = self.state.watch()

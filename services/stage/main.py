@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import torch
 
@@ -26,8 +27,10 @@ async def start(config: StageConfig) -> RunningNode:
         torch.set_num_threads(config.threads)
     device = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     tls = node_tls(config)
+    memory_budget = config.memory_budget or default_memory_budget(device)
     node = StageNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=node_secrets(config),
-                     device=device, dtype=_DTYPES[config.dtype], max_sessions=config.max_sessions,
+                     device=device, dtype=_DTYPES[config.dtype], memory_budget_bytes=memory_budget,
+                     max_sessions=config.max_sessions, session_idle_seconds=config.session_idle_seconds,
                      progress=not config.quiet)
     server, port, health = await start_server(
         config.listen, tls,
@@ -43,7 +46,7 @@ async def start(config: StageConfig) -> RunningNode:
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,
         device_name=device_name, device_id=device_id,
-        memory_budget_bytes=config.memory_budget or default_memory_budget(device),
+        memory_budget_bytes=memory_budget, incarnation=uuid.uuid4().hex,
         region=config.region, trust=config.trust, model_fingerprint=node.checkpoint.fingerprint,
         speed=config.speed or measure_speed(node.checkpoint.hidden_size, device),
         public_key=public_key_der(tls.cert_pem) if tls else b"")
@@ -66,7 +69,9 @@ async def start(config: StageConfig) -> RunningNode:
                 layer_start=a.start, layer_end=a.end, serving=True)
             await membership.report(registry_pb2.NODE_STATE_READY, plan.version)
 
-    membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout)
+    membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout,
+                            registry_id=config.registry_id)
+    node.on_unreachable = membership.report_unreachable
     worker = asyncio.create_task(node.run())
 
     async def stop_worker() -> None:

@@ -39,10 +39,9 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
     async def EndSession(self, request, context):
         try:
-            freed = self.node.end_session(request.session_id)
-        except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"{self.node.node_id} holds no session {request.session_id!r}")
+            freed = await self.node.end_session(request.session_id)
+        except ShardError as error:
+            await context.abort(error.code, error.message)
         return stage_pb2.EndSessionResponse(kv_bytes_freed=freed)
 
     async def Info(self, request, context):

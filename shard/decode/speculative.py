@@ -160,141 +160,183 @@ async def decode(
     if not prompt_ids or max_tokens < 1 or spec_k < 0 or in_flight < 1:
         raise ValueError("need a prompt, max_tokens >= 1, spec_k >= 0 and in_flight >= 1")
     draft = draft or _NoDraft()
-    run_draft = propose or (lambda sequence, n: _inline(draft, sequence, n))
-    stats = DecodeStats()
-    started = time.perf_counter()
-    prompt_len = len(prompt_ids)
-    stream = list(prompt_ids)      # committed tokens, then speculative ones
-    committed = prompt_len         # stream[:committed] is final
-    sent = 0                       # stream[:sent] has gone to the ring
-    epoch = 0
-    flight: deque[_Chunk] = deque()
-    lookahead = lookahead or Lookahead()
-    # The last position whose argmax is worth computing: it predicts the last allowed token.
-    last_useful = prompt_len + max_tokens - 2
-    if max_positions is not None:
-        last_useful = min(last_useful, max_positions - 2)
+    decoder = Decoder(ring, prompt_ids, max_tokens=max_tokens, eos_ids=eos_ids, emit=emit,
+                      propose=propose or (lambda sequence, n: _inline(draft, sequence, n)),
+                      spec_k=spec_k, in_flight=in_flight, max_positions=max_positions,
+                      lookahead=lookahead or Lookahead())
+    return await decoder.run()
 
-    async def fill() -> None:
-        nonlocal sent
-        while len(flight) < in_flight and sent <= last_useful and lookahead.allows(len(flight)):
-            # The next chunk verifies positions first_output..last: the drafted tokens up to
-            # `last` (the last one's argmax is the bonus, or checks the next chunk's guess).
-            first_output = max(sent, committed - 1)
-            last = min(first_output + spec_k, last_useful)
-            wanted = last + 1 - len(stream)
-            ran_dry = False  # the draft stopped short: it has nothing to propose past this chunk
-            if wanted > 0:
-                began = time.perf_counter()
-                proposal = (await run_draft(list(stream), wanted))[:wanted]
-                drafting = time.perf_counter() - began
-                lookahead.record_draft(drafting)
-                stats.draft_seconds += drafting
-                stats.proposed += len(proposal)
-                stream.extend(proposal)
-                ran_dry = len(proposal) < wanted
-            end = min(len(stream), last + 1)
-            if end <= sent:  # the draft had nothing to add: wait for results
-                if flight:
-                    flight[-1].draft_ran_dry = True
-                return
-            result = await ring.submit(start_pos=sent, tokens=stream[sent:end], epoch=epoch,
-                                       num_outputs=end - first_output)
-            chunk = _Chunk(sent, end, first_output, result, sent_at=time.perf_counter(), draft_ran_dry=ran_dry)
-            chunk.watch_arrival()
-            flight.append(chunk)
-            stats.chunks_sent += 1
-            sent = end
 
-    async def drop_in_flight() -> None:
-        nonlocal epoch
-        if flight:
-            stats.chunks_wasted += len(flight)
-            for chunk in flight:
-                _discard(chunk.result)
-            flight.clear()
-            epoch += 1
-            cancels.append(asyncio.ensure_future(ring.cancel(epoch)))
+class Decoder:
+    """One generation's state and its transitions.
 
-    async def replay() -> None:
-        """After a fail-over: drop what was in flight, wait for the new ring, and send the
-        committed sequence again from position 0 to rebuild every stage's KV."""
-        nonlocal sent, epoch
-        if stats.replays >= MAX_REPLAYS:
-            raise RingChanged(f"the ring changed {stats.replays} times during one generation")
-        stats.replays += 1
-        for chunk in flight:
-            _discard(chunk.result)
-        flight.clear()
-        del stream[committed:]
-        sent, epoch = 0, epoch + 1
-        await ring.wait_ready()
+    State: the token stream (committed tokens, then speculative ones), how much of it is
+    final (`committed`) and how much has gone to the ring (`sent`), the epoch the stages
+    accept, the chunks in flight (oldest first) and the statistics. The loop: fill the
+    window (draft ahead, submit), take the oldest chunk's result, accept its tokens up to
+    the first mismatch (reject: cut the stream, drop what is in flight, bump the epoch),
+    emit, fill again. A RingChanged anywhere replays the committed tokens into the new ring."""
 
-    async def refill() -> None:
+    def __init__(self, ring: Ring, prompt_ids: list[int], *, max_tokens: int, eos_ids: frozenset[int],
+                 emit: Callable[[list[int]], Awaitable[None]], propose: Propose, spec_k: int, in_flight: int,
+                 max_positions: int | None, lookahead: Lookahead):
+        self.ring, self.emit, self.propose, self.lookahead = ring, emit, propose, lookahead
+        self.max_tokens, self.eos_ids, self.spec_k, self.in_flight = max_tokens, eos_ids, spec_k, in_flight
+        self.prompt_len = len(prompt_ids)
+        self.stream = list(prompt_ids)  # committed tokens, then speculative ones
+        self.committed = self.prompt_len  # stream[:committed] is final
+        self.sent = 0                     # stream[:sent] has gone to the ring
+        self.epoch = 0
+        self.flight: deque[_Chunk] = deque()
+        self.cancels: list[asyncio.Future] = []  # CancelEpoch calls, counted at the end
+        self.stats = DecodeStats()
+        # The last position whose argmax is worth computing: it predicts the last allowed token.
+        self.last_useful = self.prompt_len + max_tokens - 2
+        if max_positions is not None:
+            self.last_useful = min(self.last_useful, max_positions - 2)
+
+    async def run(self) -> DecodeStats:
+        started = time.perf_counter()
+        try:
+            await self.fill()
+            while self.flight:
+                chunk = self.flight.popleft()
+                try:
+                    argmaxes = await self.result_of(chunk)
+                except RingChanged:
+                    await self.replay()
+                    await self.fill()
+                    continue
+                new, finished = self.verify(chunk, argmaxes)
+                self.stats.output_ids += new
+                await self.emit(new)
+                if finished:
+                    self.stats.finish = finished
+                    self.drop_in_flight()
+                    break
+                await self.fill()
+            if self.cancels:
+                self.stats.chunks_cancelled = sum(await asyncio.gather(*self.cancels))
+        finally:
+            self.discard_in_flight()
+            for pending in self.cancels:
+                pending.cancel()
+        self.stats.seconds = time.perf_counter() - started
+        return self.stats
+
+    async def fill(self) -> None:
+        """Keep the window as full as the Lookahead allows, replaying after a ring change."""
         while True:
             try:
-                return await fill()
+                while (len(self.flight) < self.in_flight and self.sent <= self.last_useful
+                       and self.lookahead.allows(len(self.flight))):
+                    if not await self.send_next_chunk():
+                        return
+                return
             except RingChanged:
-                await replay()
+                await self.replay()
 
-    cancels: list[asyncio.Future] = []
-    try:
-        await refill()
-        while flight:
-            chunk = flight.popleft()
-            began = time.perf_counter()
-            try:
-                argmaxes = await chunk.result
-            except RingChanged:
-                await replay()
-                await refill()
-                continue
-            stats.ring_seconds += time.perf_counter() - began
-            stats.traversals += 1
-            lookahead.record_traversal(chunk.traversal_seconds)
-            new: list[int] = []
-            finished = None
-            drafted_before, rejected = stats.drafted, False
-            for position in range(chunk.first_output, chunk.end):
-                target = argmaxes[position - chunk.first_output]
-                speculative = position + 1 < len(stream)
+    async def send_next_chunk(self) -> bool:
+        """Draft ahead as far as the next chunk needs and submit it; False when the draft
+        had nothing to add, so only results can move the stream on."""
+        # The chunk verifies positions first_output..last: the drafted tokens up to `last`
+        # (the last one's argmax is the bonus, or checks the next chunk's guess).
+        first_output = max(self.sent, self.committed - 1)
+        last = min(first_output + self.spec_k, self.last_useful)
+        wanted = last + 1 - len(self.stream)
+        ran_dry = wanted > 0 and len(await self.draft_ahead(wanted)) < wanted
+        end = min(len(self.stream), last + 1)
+        if end <= self.sent:
+            if self.flight:
+                self.flight[-1].draft_ran_dry = True
+            return False
+        result = await self.ring.submit(start_pos=self.sent, tokens=self.stream[self.sent:end], epoch=self.epoch,
+                                        num_outputs=end - first_output)
+        chunk = _Chunk(self.sent, end, first_output, result, sent_at=time.perf_counter(), draft_ran_dry=ran_dry)
+        chunk.watch_arrival()
+        self.flight.append(chunk)
+        self.stats.chunks_sent += 1
+        self.sent = end
+        return True
+
+    async def draft_ahead(self, wanted: int) -> list[int]:
+        began = time.perf_counter()
+        proposal = (await self.propose(list(self.stream), wanted))[:wanted]
+        drafting = time.perf_counter() - began
+        self.lookahead.record_draft(drafting)
+        self.stats.draft_seconds += drafting
+        self.stats.proposed += len(proposal)
+        self.stream.extend(proposal)
+        return proposal
+
+    async def result_of(self, chunk: _Chunk) -> list[int]:
+        began = time.perf_counter()
+        argmaxes = await chunk.result
+        self.stats.ring_seconds += time.perf_counter() - began
+        self.stats.traversals += 1
+        self.lookahead.record_traversal(chunk.traversal_seconds)
+        return argmaxes
+
+    def verify(self, chunk: _Chunk, argmaxes: list[int]) -> tuple[list[int], Finish | None]:
+        """Commit the chunk's tokens up to its first rejected guess (the target's token
+        replaces it) or its bonus token; the tokens committed and whether that finished."""
+        new: list[int] = []
+        finished = None
+        drafted_before, rejected = self.stats.drafted, False
+        for position in range(chunk.first_output, chunk.end):
+            target = argmaxes[position - chunk.first_output]
+            speculative = position + 1 < len(self.stream)
+            if speculative:
+                self.stats.drafted += 1
+            accepted = speculative and self.stream[position + 1] == target
+            if accepted:
+                self.stats.accepted += 1
+            else:
                 if speculative:
-                    stats.drafted += 1
-                accepted = speculative and stream[position + 1] == target
-                if accepted:
-                    stats.accepted += 1
-                else:
-                    if speculative:  # rejected: everything after it is stale
-                        rejected = True
-                        del stream[position + 1:]
-                        sent = min(sent, position + 1)
-                        await drop_in_flight()
-                    stream.append(target)  # the correction, or the bonus token
-                committed = position + 2
-                new.append(target)
-                finished = _finished(target, eos_ids, committed - prompt_len, max_tokens)
-                if finished or not accepted:
-                    break  # later positions of this chunk followed a token that is not final
-            if stats.drafted > drafted_before:
-                lookahead.record_chunk(fully_accepted=not rejected)
-            if (rejected or chunk.draft_ran_dry) and not finished:
-                stats.pipeline_breaks += 1
-            stats.output_ids += new
-            await emit(new)
-            if finished:
-                stats.finish = finished
-                await drop_in_flight()
-                break
-            await refill()
-        if cancels:
-            stats.chunks_cancelled = sum(await asyncio.gather(*cancels))
-    finally:
-        for chunk in flight:
+                    rejected = True
+                    self.reject_after(position)
+                self.stream.append(target)  # the correction, or the bonus token
+            self.committed = position + 2
+            new.append(target)
+            finished = _finished(target, self.eos_ids, self.committed - self.prompt_len, self.max_tokens)
+            if finished or not accepted:
+                break  # later positions of this chunk followed a token that is not final
+        if self.stats.drafted > drafted_before:
+            self.lookahead.record_chunk(fully_accepted=not rejected)
+        if (rejected or chunk.draft_ran_dry) and not finished:
+            self.stats.pipeline_breaks += 1
+        return new, finished
+
+    def reject_after(self, position: int) -> None:
+        """The guess after `position` was wrong: everything after it is stale."""
+        del self.stream[position + 1:]
+        self.sent = min(self.sent, position + 1)
+        self.drop_in_flight()
+
+    def drop_in_flight(self) -> None:
+        """Give up the chunks in flight and tell the stages to skip their frames."""
+        if not self.flight:
+            return
+        self.stats.chunks_wasted += len(self.flight)
+        self.discard_in_flight()
+        self.epoch += 1
+        self.cancels.append(asyncio.ensure_future(self.ring.cancel(self.epoch)))
+
+    async def replay(self) -> None:
+        """After a fail-over: drop what was in flight, wait for the new ring, and send the
+        committed sequence again from position 0 to rebuild every stage's KV."""
+        if self.stats.replays >= MAX_REPLAYS:
+            raise RingChanged(f"the ring changed {self.stats.replays} times during one generation")
+        self.stats.replays += 1
+        self.discard_in_flight()
+        del self.stream[self.committed:]
+        self.sent, self.epoch = 0, self.epoch + 1
+        await self.ring.wait_ready()
+
+    def discard_in_flight(self) -> None:
+        for chunk in self.flight:
             _discard(chunk.result)
-        for pending in cancels:
-            pending.cancel()
-    stats.seconds = time.perf_counter() - started
-    return stats
+        self.flight.clear()
 
 
 def _finished(token: int, eos_ids: frozenset[int], produced: int, max_tokens: int) -> Finish | None:

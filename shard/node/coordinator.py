@@ -17,17 +17,16 @@ import grpc
 from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, NgramDraft
-from shard.decode.speculative import Finish, Lookahead, RingChanged, decode
-from shard.model.checkpoint import config_fingerprint
+from shard.decode.speculative import Lookahead, RingChanged, decode
 from shard.errors import ShardError
+from shard.model.checkpoint import config_fingerprint
+from shard.node.admission import Admission
+from shard.node.generation import GenerationRequest, GenerationResult, TokenDelta
 from shard.node.ring import Ring
 from shard.telemetry import in_span, tracer
-from shard.v1 import api_pb2
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
-
-_FINISH = {Finish.LENGTH: api_pb2.FINISH_REASON_LENGTH, Finish.EOS: api_pb2.FINISH_REASON_EOS}
 
 
 def _eos_ids(model_dir: Path, config) -> frozenset[int]:
@@ -67,6 +66,7 @@ class TextStream:
 
 MAX_SPEC_K = 64
 MAX_IN_FLIGHT = 64
+DEFAULT_MAX_PROMPT_CHARS = 262144
 
 
 @dataclass
@@ -74,6 +74,15 @@ class Prepared:
     prompt_ids: list[int]
     max_tokens: int
     stop_at_eos: bool
+    draft: Draft | None
+    spec_k: int
+    in_flight: int
+
+
+@dataclass
+class _Settings:
+    """What a request asks for besides its prompt, checked."""
+
     draft: Draft | None
     spec_k: int
     in_flight: int
@@ -100,7 +109,9 @@ class SessionRing:
 
 class CoordinatorNode:
     def __init__(self, *, node_id: str, model_dir: str, tls: NodeTLS | None, secrets: list[bytes] | None,
-                 drafts: list[Draft] = (), spec_k: int = 4, in_flight: int = 4, chunk_timeout: float = 120.0):
+                 drafts: list[Draft] = (), spec_k: int = 4, in_flight: int = 4, chunk_timeout: float = 120.0,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, max_concurrent: int = 64,
+                 max_queued: int = 256, queue_timeout: float = 30.0):
         self.node_id = node_id
         # The first draft given is the default; n-gram lookup is always there, "none" is plain decode.
         self.drafts: dict[str, Draft | None] = {d.name: d for d in drafts}
@@ -108,8 +119,15 @@ class CoordinatorNode:
         self.drafts.setdefault("ngram", NgramDraft())
         self.drafts["none"] = None
         self.default_spec_k, self.default_in_flight = spec_k, in_flight
+        self.max_prompt_chars = max_prompt_chars
+        self.admission = Admission(max_running=max_concurrent, max_queued=max_queued,
+                                   max_wait_seconds=queue_timeout)
         # One thread runs every draft step, off the event loop that moves frames.
         self._draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
+        # Tokenizing and chat templating take time in proportion to the prompt: off the event
+        # loop, so other sessions' frames keep moving. One thread: the tokenizer is shared,
+        # and the prompt limits bound each job.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         # A draft's record (per K) carries over between sessions: each starts well judged.
         self._lookaheads: dict[tuple[str, int], Lookahead] = {}
         path = Path(model_dir)
@@ -119,68 +137,101 @@ class CoordinatorNode:
         self.eos_ids = _eos_ids(path, self.config)
         self.context_length = getattr(self.config, "max_position_embeddings", None) or 1 << 20
         self.ring = Ring(node_id, tls, secrets, chunk_timeout=chunk_timeout)
-        self.active_sessions = 0
 
-    def prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
-        which = request.WhichOneof("input")
-        if which is None:
-            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "give a prompt, chat messages or prompt_ids")
-        if which != "prompt_ids" and self.tokenizer is None:
-            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this model has no tokenizer: send prompt_ids")
-        if which == "prompt":
+    def check(self, request: GenerationRequest) -> _Settings:
+        """Everything that can be checked before any work (no tokenizing): a request that
+        fails here costs microseconds, however large its prompt."""
+        inputs = [form for form in ("prompt", "chat", "prompt_ids") if getattr(request, form) is not None]
+        if len(inputs) != 1:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "give one of a prompt, chat messages or prompt_ids")
+        if inputs[0] != "prompt_ids" and self.tokenizer is None:
+            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer: send prompt_ids")
+        if request.prompt is not None:
             if not request.prompt:
                 raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
-            prompt_ids = self.tokenizer(request.prompt)["input_ids"]
-        elif which == "chat":
-            if not request.chat.messages:
+            self._check_chars(len(request.prompt))
+        elif request.chat is not None:
+            if not request.chat:
                 raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ShardError(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template")
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            prompt_ids = list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            self._check_chars(sum(len(m.role) + len(m.content) for m in request.chat))
         else:
-            prompt_ids = list(request.prompt_ids.ids)
-            if any(i >= self.config.vocab_size for i in prompt_ids):
+            if len(request.prompt_ids) >= self.context_length:
                 raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"prompt_ids must lie in [0, {self.config.vocab_size})")
+                                 f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                                 f"{self.context_length}")
+            if any(i >= self.config.vocab_size for i in request.prompt_ids):
+                raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"prompt_ids must lie in [0, {self.config.vocab_size})")
+        if request.max_tokens <= 0:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+        draft_name = request.draft or self.default_draft
+        if draft_name not in self.drafts:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"unknown draft {draft_name!r}; this coordinator has {sorted(self.drafts)}")
+        draft = self.drafts[draft_name]
+        spec_k = request.spec_k if request.spec_k is not None else (self.default_spec_k if draft else 0)
+        in_flight = request.in_flight if request.in_flight is not None else (self.default_in_flight if draft else 1)
+        if not 0 <= spec_k <= MAX_SPEC_K or not 1 <= in_flight <= MAX_IN_FLIGHT:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"spec_k must lie in [0, {MAX_SPEC_K}] and in_flight in [1, {MAX_IN_FLIGHT}]")
+        return _Settings(draft, spec_k, in_flight)
+
+    def _check_chars(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"the prompt has {chars} characters; this coordinator takes at most "
+                             f"{self.max_prompt_chars}")
+
+    async def prepare(self, request: GenerationRequest, settings: _Settings) -> Prepared:
+        """Tokenize (in the tokenizer's thread) and check the prompt against the context."""
+        if request.prompt_ids is not None:
+            prompt_ids = list(request.prompt_ids)
+        else:
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread, self._tokenize, request)
         if not prompt_ids:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
         if len(prompt_ids) >= self.context_length:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
-        if request.max_tokens <= 0:
-            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+                             f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
         if len(prompt_ids) + request.max_tokens > self.context_length:
             raise ShardError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(prompt_ids)} prompt tokens + max_tokens {request.max_tokens} exceed the context "
                 f"of {self.context_length}")
-        stop_at_eos = request.stop_at_eos if request.HasField("stop_at_eos") else True
-        draft_name = request.draft or self.default_draft
-        if draft_name not in self.drafts:
-            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown draft {draft_name!r}; this coordinator has {sorted(self.drafts)}")
-        draft = self.drafts[draft_name]
-        spec_k = request.spec_k if request.HasField("spec_k") else (self.default_spec_k if draft else 0)
-        in_flight = request.in_flight if request.HasField("in_flight") else (self.default_in_flight if draft else 1)
-        if spec_k > MAX_SPEC_K or not 1 <= in_flight <= MAX_IN_FLIGHT:
-            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"spec_k must lie in [0, {MAX_SPEC_K}] and in_flight in [1, {MAX_IN_FLIGHT}]")
-        return Prepared(prompt_ids, request.max_tokens, stop_at_eos, draft, spec_k, in_flight)
+        return Prepared(prompt_ids, request.max_tokens, request.stop_at_eos, settings.draft,
+                        settings.spec_k, settings.in_flight)
 
-    async def generate(self, request: api_pb2.GenerateRequest
-                       ) -> AsyncIterator[api_pb2.GenerateResponse]:
-        """Stream TokenDeltas as tokens are committed, then one GenerationSummary."""
-        prepared = self.prepare(request)
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.prompt is not None:
+            return self.tokenizer(request.prompt)["input_ids"]
+        messages = [{"role": m.role, "content": m.content} for m in request.chat]
+        return list(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def _check_ready(self) -> None:
         if not self.ring.ready.is_set():
             problem = self.ring.problem
             raise ShardError(grpc.StatusCode.UNAVAILABLE,
-                                f"the ring is not ready: {problem or 'stages are still loading'}")
+                             f"the ring is not ready: {problem or 'stages are still loading'}")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Stream TokenDeltas as tokens are committed, then one GenerationResult. Waits in
+        the admission queue for a slot first."""
+        settings = self.check(request)
+        self._check_ready()
+        async with self.admission.slot():
+            prepared = await self.prepare(request, settings)
+            async for event in self._run(prepared):
+                yield event
+
+    async def _run(self, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationResult]:
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
-        committed: asyncio.Queue[list[int]] = asyncio.Queue()
+        # What decoding commits, then None once it has finished.
+        committed: asyncio.Queue[list[int] | None] = asyncio.Queue()
         draft_session = prepared.draft.session() if prepared.draft else None
 
         async def emit(ids: list[int]) -> None:
@@ -201,52 +252,27 @@ class CoordinatorNode:
             draft=draft_session, propose=propose if draft_session else None,
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
             lookahead=self._lookaheads.setdefault((draft_name, prepared.spec_k), Lookahead()))))
-        self.active_sessions += 1
+        decoding.add_done_callback(lambda _: committed.put_nowait(None))
         try:
-            async for ids in _until_done(committed, decoding):
-                yield api_pb2.GenerateResponse(
-                    delta=api_pb2.TokenDelta(ids=ids, text=text.push(ids)))
+            while (ids := await committed.get()) is not None:
+                yield TokenDelta(ids=ids, text=text.push(ids))
             try:
                 stats = decoding.result()
             except RingChanged as error:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             span.set_attributes({"shard.tokens": len(stats.output_ids), "shard.traversals": stats.traversals,
                                  "shard.acceptance": stats.acceptance_rate})
-            yield api_pb2.GenerateResponse(summary=self._summary(session_id, prepared, stats))
+            yield GenerationResult(
+                session_id=session_id, prompt_ids=prepared.prompt_ids,
+                text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
+                spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats)
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
         finally:
+            # A cancelled stream lands here too: wait for decoding to wind down (its chunks
+            # discarded, its cancels cancelled) so no task of it outlives the session.
             decoding.cancel()
+            await asyncio.gather(decoding, return_exceptions=True)
             span.end()
-            self.active_sessions -= 1
             await self.ring.end_session(session_id)
-
-    def _summary(self, session_id: str, prepared: Prepared, stats) -> api_pb2.GenerationSummary:
-        tokens, seconds = len(stats.output_ids), stats.seconds
-        return api_pb2.GenerationSummary(
-            session_id=session_id, prompt_ids=prepared.prompt_ids, output_ids=stats.output_ids,
-            text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
-            finish_reason=_FINISH[stats.finish], tokens=tokens, seconds=seconds,
-            tokens_per_second=tokens / seconds if seconds else 0.0,
-            acceptance_rate=stats.acceptance_rate, tokens_per_traversal=stats.tokens_per_traversal,
-            traversals=stats.traversals, chunks_sent=stats.chunks_sent, chunks_wasted=stats.chunks_wasted,
-            chunks_cancelled=stats.chunks_cancelled, draft_seconds=stats.draft_seconds,
-            ring_seconds=stats.ring_seconds,
-            coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
-            spec_k=prepared.spec_k, in_flight=prepared.in_flight, draft_tokens=stats.proposed,
-            replays=stats.replays, pipeline_breaks=stats.pipeline_breaks)
-
-
-async def _until_done(queue: asyncio.Queue, task: asyncio.Task):
-    """Yield queued items until `task` finishes, then whatever it queued last."""
-    while True:
-        getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            yield getter.result()
-            continue
-        getter.cancel()
-        while not queue.empty():
-            yield queue.get_nowait()
-        return

@@ -1,7 +1,10 @@
-"""A node's side of the registry: join, keep the lease alive, follow the plan.
+"""A node's side of the registry: join, keep the lease alive, follow the plan, and tell
+it at once about a member this node could not reach.
 
 The registry is not on the data path: if it restarts, the node keeps serving, re-joins
-when a heartbeat says it is unknown, and re-opens its plan watch with backoff."""
+when a heartbeat says it is unknown, and re-opens its plan watch with backoff. The
+registry and every member are dialled as the identity they must have (the registry's
+id, a member's role and id from the plan)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,16 @@ from tenacity import (AsyncRetrying, RetryCallState, RetryError, retry_if_except
                       wait_exponential)
 
 from shard.errors import ShardError
+from shard.node.probe import ROLE_NAMES
 from shard.v1 import node_pb2, node_pb2_grpc, registry_pb2, registry_pb2_grpc
+from shard.wire.certs import Identity
 from shard.wire.tls import NodeTLS, open_channel
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE = retry_if_exception_type(grpc.aio.AioRpcError)
+# One report per unreachable member this often at most: a broken edge retries quickly.
+_REPORT_INTERVAL = 1.0
 REGISTRY_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                       ("grpc.max_reconnect_backoff_ms", 500))
 
@@ -35,6 +42,7 @@ class Membership:
         *,
         heartbeat_seconds: float | None = None,
         join_timeout: float = 60.0,
+        registry_id: str = "registry",
     ):
         """Heartbeats every `heartbeat_seconds`, by default a quarter of the registry's lease;
         joining gives up after `join_timeout` seconds without an answer."""
@@ -49,8 +57,10 @@ class Membership:
         self._registry_address, self._join_timeout = registry_address, join_timeout
         # gRPC's default reconnect backoff grows to minutes; a restarted registry must
         # hear from its nodes within about a lease so that it can adopt the running ring.
-        self._channel = open_channel(registry_address, tls, options=REGISTRY_RECONNECT)
-        self._peer_channels: dict[str, grpc.aio.Channel] = {}
+        self._channel = open_channel(registry_address, tls, expect=Identity("registry", registry_id),
+                                     options=REGISTRY_RECONNECT)
+        self._peer_channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._reported: dict[str, float] = {}  # member id -> when last reported unreachable
         self._probed: set[tuple[str, str]] = set()
         self.rtts: dict[str, float] = {}
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
@@ -64,6 +74,29 @@ class Membership:
             asyncio.create_task(self._heartbeat_forever()),
             asyncio.create_task(self._watch_forever()),
         ]
+
+    def report_unreachable(self, node_id: str, detail: str) -> None:
+        """Tell the registry, without waiting, that `node_id` could not be reached; it
+        probes that member itself and re-plans if the member does not answer."""
+        now = time.monotonic()
+        if now - self._reported.get(node_id, -_REPORT_INTERVAL) < _REPORT_INTERVAL:
+            return
+        self._reported[node_id] = now
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._report_unreachable(node_id, detail)))
+
+    async def _report_unreachable(self, node_id: str, detail: str) -> None:
+        try:
+            reply = await self._stub.ReportUnreachable(
+                registry_pb2.ReportUnreachableRequest(
+                    reporter_id=self.capabilities.node_id, node_id=node_id, detail=detail[:1000]),
+                timeout=5.0)
+        except grpc.aio.AioRpcError as error:
+            log.warning("could not report %s unreachable to the registry: %s %s",
+                        node_id, error.code().name, error.details())
+            return
+        log.info("reported %s unreachable; the registry %s", node_id,
+                 "dropped it" if reply.dropped else "still reaches it")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -142,9 +175,11 @@ class Membership:
             log.debug("could not report round trips: %s", error.code().name)
 
     async def _round_trip(self, member: registry_pb2.Member, tries: int = 3) -> float | None:
-        channel = self._peer_channels.get(member.address)
+        key = (member.node_id, member.address)
+        channel = self._peer_channels.get(key)
         if channel is None:
-            channel = self._peer_channels[member.address] = open_channel(member.address, self._tls)
+            channel = self._peer_channels[key] = open_channel(
+                member.address, self._tls, expect=Identity(ROLE_NAMES[member.role], member.node_id))
         stub = node_pb2_grpc.NodeServiceStub(channel)
         call = lambda: stub.Ping(node_pb2.PingRequest(), timeout=2.0)  # noqa: E731
         best = None

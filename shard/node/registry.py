@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,6 +66,11 @@ class RegistryState:
     # that their ring is adopted whole rather than re-planned.
     _adopt_until: float = field(default_factory=lambda: time.monotonic())
     _watchers: set[asyncio.Queue] = field(default_factory=set)
+    # The coordinator's lease ended and none has joined since: its sessions are void.
+    _coordinator_lost: bool = False
+    # One probe per member reported unreachable, shared by every report that comes in
+    # while it runs.
+    _probes: dict[str, asyncio.Task] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._adopt_until = time.monotonic() + 3 * self.lease_seconds
@@ -86,11 +92,22 @@ class RegistryState:
             if current and current != capabilities.node_id and current in self.nodes:
                 raise ShardError(grpc.StatusCode.ALREADY_EXISTS,
                                     f"coordinator {current} already drives this ring")
+        previous = self.nodes.get(capabilities.node_id)
+        if capabilities.role == registry_pb2.ROLE_COORDINATOR:
+            self._coordinator_lost = False
         self.nodes[capabilities.node_id] = NodeRecord(
             capabilities, time.monotonic() + self.lease_seconds, serving=serving or registry_pb2.ServingBlock())
         log.info("%s joined as %s at %s", capabilities.node_id,
                  registry_pb2.Role.Name(capabilities.role), capabilities.address)
-        self._replan_if_needed()
+        if previous is not None and self._lost_its_block(capabilities.node_id, previous):
+            # Restarted before its lease ran out: what the plan gives it is gone.
+            self._assign()
+        elif self._capacity_back():
+            log.info("%s brings the ring back towards %d stages: re-placing", capabilities.node_id,
+                     self.min_stages)
+            self._assign()
+        else:
+            self._replan_if_needed()
 
     def heartbeat(self, node_id: str, state: int, plan_version: int,
                   rtts: dict[str, float] | None = None) -> bool:
@@ -108,16 +125,43 @@ class RegistryState:
         return True
 
     def leave(self, node_id: str) -> None:
-        if self.nodes.pop(node_id, None) is not None:
+        record = self.nodes.pop(node_id, None)
+        if record is not None:
             log.info("%s left", node_id)
-            self._replan_if_needed(lost=node_id)
+            self._lost(record)
+
+    async def report_unreachable(self, node_id: str,
+                                 answers: Callable[[registry_pb2.NodeCapabilities], Awaitable[bool]]) -> bool:
+        """A member says `node_id` cannot be reached: probe it with `answers` and drop it
+        at once (re-planning) if it does not answer. One reporter cannot evict a live
+        node: the probe decides. Returns whether the node is out of the swarm."""
+        record = self.nodes.get(node_id)
+        if record is None:
+            return True
+        probe = self._probes.get(node_id)
+        if probe is None:
+            probe = self._probes[node_id] = asyncio.ensure_future(answers(record.capabilities))
+            probe.add_done_callback(lambda _: self._probes.pop(node_id, None))
+        alive = await asyncio.shield(probe)
+        if alive:
+            return False
+        if self.nodes.get(node_id) is not record:
+            return node_id not in self.nodes  # left, or re-joined as a new process, meanwhile
+        log.warning("%s does not answer a probe after a member could not reach it: dropped", node_id)
+        del self.nodes[node_id]
+        self._replan_if_needed(lost=node_id)
+        return True
 
     def expire(self) -> None:
         now = time.monotonic()
         for node_id in [n for n, r in self.nodes.items() if r.lease_deadline < now]:
             log.warning("%s missed its lease", node_id)
-            del self.nodes[node_id]
-            self._replan_if_needed(lost=node_id)
+            self._lost(self.nodes.pop(node_id))
+
+    def _lost(self, record: NodeRecord) -> None:
+        if record.capabilities.role == registry_pb2.ROLE_COORDINATOR:
+            self._coordinator_lost = True
+        self._replan_if_needed(lost=record.capabilities.node_id)
 
     # ---- planning -----------------------------------------------------------------
 
@@ -129,6 +173,23 @@ class RegistryState:
     def _coordinator(self) -> registry_pb2.NodeCapabilities | None:
         return next((r.capabilities for r in self.nodes.values()
                      if r.capabilities.role == registry_pb2.ROLE_COORDINATOR), None)
+
+    def _lost_its_block(self, node_id: str, previous: NodeRecord) -> bool:
+        """Whether a re-joining node that the plan assigns a block no longer serves it
+        (a new process, or one at another address)."""
+        assigned = next((s for s in self.plan.stages if s.node_id == node_id), None)
+        if assigned is None:
+            return False
+        serving = self.nodes[node_id].serving
+        return (previous.capabilities.address != self.nodes[node_id].capabilities.address
+                or not serving.serving
+                or (serving.layer_start, serving.layer_end) != (assigned.layer_start, assigned.layer_end))
+
+    def _capacity_back(self) -> bool:
+        """Whether a ring smaller than --stages (survivors re-split after a loss) could
+        grow again: more stages have joined than it uses."""
+        return (self._planned_once and 0 < len(self.plan.stages) < self.min_stages
+                and len(self._stages()) > len(self.plan.stages))
 
     def _replan_if_needed(self, lost: str | None = None) -> None:
         assigned = {s.node_id for s in self.plan.stages}
@@ -263,6 +324,8 @@ class RegistryState:
         coordinator = self._coordinator()
         self.plan.coordinator_id = coordinator.node_id if coordinator else ""
         self.plan.coordinator_address = coordinator.address if coordinator else ""
+        self.plan.coordinator_incarnation = coordinator.incarnation if coordinator else ""
+        self.plan.coordinator_lost = self._coordinator_lost
         self.plan.model_fingerprint = self.model_fingerprint
         del self.plan.members[:]
         for record in sorted(self.nodes.values(), key=lambda r: r.capabilities.node_id):

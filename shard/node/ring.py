@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from opentelemetry.trace import Status, StatusCode
@@ -16,6 +16,7 @@ from shard.errors import ShardError
 from shard.placement import NO_FIT
 from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
+from shard.wire.certs import Identity
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
 from shard.wire.edge import Edge
 from shard.wire.inbound import Inbound
@@ -28,6 +29,8 @@ class Ring:
     def __init__(self, node_id: str, tls: NodeTLS | None, secrets: list[bytes] | None, *,
                  chunk_timeout: float = 120.0):
         self.node_id, self._tls, self._chunk_timeout = node_id, tls, chunk_timeout
+        # Told (stage id, detail) when the edge to the head cannot reach it.
+        self.on_unreachable: Callable[[str, str], None] | None = None
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
         self.plan: registry_pb2.Plan | None = None
@@ -67,11 +70,11 @@ class Ring:
             if self.head_edge is not None:
                 await self.head_edge.close()
             self.head_edge = Edge(sender=self.node_id, receiver=head.node_id, address=head.address,
-                                  tls=self._tls, secret=self._secret)
+                                  tls=self._tls, secret=self._secret, on_unreachable=self.on_unreachable)
         self.plan = plan
         for stage in plan.stages:
             if stage.node_id not in self._stage_stubs or self._stage_addresses.get(stage.node_id) != stage.address:
-                channel = open_channel(stage.address, self._tls)
+                channel = open_channel(stage.address, self._tls, expect=Identity("stage", stage.node_id))
                 self._channels.append(channel)
                 self._stage_stubs[stage.node_id] = stage_pb2_grpc.StageServiceStub(channel)
                 self._stage_addresses[stage.node_id] = stage.address

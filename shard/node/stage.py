@@ -1,32 +1,28 @@
-"""A stage's runtime: follow the plan, hold one block, run chunks in arrival order and
-push each result to the next node on the ring.
+"""A stage's serving side: follow the plan, validate inbound frames, and push what the
+compute thread (shard.node.stage_compute) produces to the next node on the ring.
 
-Lifecycle: join → receive plan → load block → serve. Frames are validated as they arrive
-(a malformed frame is the sender's bug and is rejected on its edge); problems that belong
-to one session (a KV gap, too many sessions) travel on to the coordinator as an ERROR
-frame, so only that session fails and the edge keeps flowing."""
+Lifecycle: join -> receive plan -> load block -> allocate KV -> serve. Frames are validated
+as they arrive (a malformed frame is the sender's bug and is rejected on its edge);
+problems that belong to one session (a KV gap, no KV room) travel on to the coordinator as
+an ERROR frame, so only that session fails and the edge keeps flowing. Sessions never
+outlive their coordinator: a plan that names a new coordinator incarnation, or says the
+coordinator was lost, frees the sessions of the one before."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import torch
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from shard.errors import ShardError
-from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
-from shard.node.serial_thread import SerialThread
-from shard.node.sessions import SessionStore, TooManySessions
-from shard.telemetry import context_of, tracer
+from shard.node.stage_compute import BlockSpec, StageCompute
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
-from shard.wire.codec import CodecError, WireTensor, encode_tensor, parse_tensor
+from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
 from shard.wire.inbound import Inbound, InboundError
 from shard.wire.tls import NodeTLS
@@ -34,13 +30,6 @@ from shard.wire.tls import NodeTLS
 log = logging.getLogger(__name__)
 
 K = frame_pb2  # frame kinds, shorter at the call sites
-
-# Most specific first: CacheGapError may well be a ValueError too.
-_SESSION_ERROR_CODES = (
-    (CacheGapError, grpc.StatusCode.FAILED_PRECONDITION),
-    (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-)
 
 
 @dataclass(frozen=True)
@@ -56,6 +45,11 @@ class Assignment:
     downstream_address: str
     coordinator_id: str
     coordinator_address: str
+    coordinator_incarnation: str
+
+    @property
+    def block(self) -> BlockSpec:
+        return BlockSpec(self.start, self.end, self.first, self.last)
 
 
 def assignment_from_plan(plan: registry_pb2.Plan, node_id: str,
@@ -64,11 +58,12 @@ def assignment_from_plan(plan: registry_pb2.Plan, node_id: str,
     index = next((i for i, s in enumerate(stages) if s.node_id == node_id), None)
     if index is None:
         return None
-    coordinator_id, coordinator_address = plan.coordinator_id, plan.coordinator_address
-    if not coordinator_id and previous is not None:
+    coordinator = plan.coordinator_id, plan.coordinator_address, plan.coordinator_incarnation
+    if not plan.coordinator_id and not plan.coordinator_lost and previous is not None:
         # A plan made before the coordinator (re)joined, e.g. by a restarted registry that
         # adopted the ring: the coordinator is not known yet, which is not the same as gone.
-        coordinator_id, coordinator_address = previous.coordinator_id, previous.coordinator_address
+        coordinator = previous.coordinator_id, previous.coordinator_address, previous.coordinator_incarnation
+    coordinator_id, coordinator_address, coordinator_incarnation = coordinator
     last = index == len(stages) - 1
     nxt = None if last else stages[index + 1]
     return Assignment(
@@ -83,16 +78,9 @@ def assignment_from_plan(plan: registry_pb2.Plan, node_id: str,
         downstream_address=coordinator_address if last else nxt.address,
         coordinator_id=coordinator_id,
         coordinator_address=coordinator_address,
+        coordinator_incarnation=coordinator_incarnation,
     )
 
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 class StageNode:
@@ -103,32 +91,41 @@ class StageNode:
         model_dir: str,
         tls: NodeTLS | None,
         secrets: list[bytes] | None,
+        memory_budget_bytes: int,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         max_sessions: int = 64,
-        idle_seconds: float = 600.0,
+        session_idle_seconds: float = 300.0,
         progress: bool = True,
     ):
+        """`memory_budget_bytes` holds the block's weights and every session's KV cache;
+        a session idle for `session_idle_seconds` is freed."""
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
-        self._model_dir, self._tls, self._device, self._dtype = model_dir, tls, device, dtype
+        self._tls = tls
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
-        self._max_sessions, self._idle_seconds, self._progress = max_sessions, idle_seconds, progress
-        self.block: Block | None = None
+        self._idle_seconds = session_idle_seconds
         self.assignment: Assignment | None = None
-        self.sessions: SessionStore | None = None
         self.plan_version = 0
         self._downstream: Edge | None = None
-        self._min_epoch: dict[str, int] = {}
-        # Frames are computed (and blocks loaded) in order on one thread; what it produces
-        # goes out through `_outbox`, in the same order, from the event loop.
-        self._compute = SerialThread(f"{node_id}-compute")
+        # Told (receiver id, detail) when the edge downstream cannot reach its receiver.
+        self.on_unreachable: Callable[[str, str], None] | None = None
+        # What the compute thread produces goes out through `_outbox`, in order, from the loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[frame_pb2.Frame] = asyncio.Queue()
-        self.frames_processed = 0
-        self.frames_dropped_stale = 0
-        self.compute_seconds = 0.0
+        self.compute = StageCompute(
+            node_id, model_dir=model_dir, device=device, dtype=dtype, memory_budget_bytes=memory_budget_bytes,
+            max_sessions=max_sessions, session_idle_seconds=session_idle_seconds, progress=progress,
+            send=self._emit, call_on_loop=self._call_on_loop)
+
+    @property
+    def block(self):
+        return self.compute.block
+
+    @property
+    def frames_processed(self) -> int:
+        return self.compute.frames_processed
 
     # ---- plan ---------------------------------------------------------------------
 
@@ -139,14 +136,15 @@ class StageNode:
         if assignment is None:
             return False
         old = self.assignment
-        block_changed = old is None or (old.start, old.end, old.first, old.last) != (
-            assignment.start, assignment.end, assignment.first, assignment.last)
         self._loop = asyncio.get_running_loop()  # where the compute thread sends its frames
-        if block_changed:
-            self.block = None
-            self.block = await asyncio.wrap_future(self._compute.post(self._load_block, assignment))
-            self.sessions = SessionStore(
-                self.block.new_cache, max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+        if old is None or old.block != assignment.block:
+            await self.compute.load(assignment.block)
+        # A chunk of the new coordinator that arrives before its plan does is filed under
+        # the old incarnation and freed here: the coordinator then replays it (a KV gap).
+        if old is None or old.coordinator_incarnation != assignment.coordinator_incarnation:
+            dropped = await self.compute.follow_coordinator(assignment.coordinator_incarnation)
+            if dropped:
+                log.info("%s freed %d sessions of a coordinator that is gone", self.node_id, len(dropped))
         if old is None or (old.downstream_id, old.downstream_address) != (
                 assignment.downstream_id, assignment.downstream_address):
             if self._downstream is not None:
@@ -154,23 +152,17 @@ class StageNode:
             self._downstream = Edge(
                 sender=self.node_id, receiver=assignment.downstream_id,
                 address=assignment.downstream_address, tls=self._tls, secret=self._secret,
-                to_coordinator=assignment.last)
+                to_coordinator=assignment.last, on_unreachable=self.on_unreachable)
         self.assignment = assignment
         return True
-
-    def _load_block(self, a: Assignment) -> Block:
-        log.info("%s loading layers [%d, %d)%s%s", self.node_id, a.start, a.end,
-                 " + embedding" if a.first else "", " + head" if a.last else "")
-        return Block.load(self._model_dir, a.start, a.end, first=a.first, last=a.last,
-                          device=self._device, dtype=self._dtype, progress=self._progress)
 
     # ---- inbound ------------------------------------------------------------------
 
     def check_upstream(self, node_id: str | None) -> None:
         if node_id is not None and self.assignment and node_id != self.assignment.upstream_id:
             raise ShardError(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{node_id} is not the upstream of {self.node_id} "
-                                f"(expected {self.assignment.upstream_id})")
+                             f"{node_id} is not the upstream of {self.node_id} "
+                             f"(expected {self.assignment.upstream_id})")
 
     def accept(self, frame: frame_pb2.Frame, peer_id: str | None,
                on_done: Callable[[frame_pb2.FrameHeader], None] = lambda header: None) -> None:
@@ -194,8 +186,8 @@ class StageNode:
             body = payload
         else:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
-        self._compute.post(self._run_frame, header, body, on_done, time.time_ns())
+                             f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
+        self.compute.submit(header, body, on_done)
 
     def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
@@ -203,7 +195,7 @@ class StageNode:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
         if header.num_outputs > n:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"num_outputs {header.num_outputs} exceeds the chunk's {n} tokens")
+                             f"num_outputs {header.num_outputs} exceeds the chunk's {n} tokens")
         try:
             tensor = parse_tensor(payload)
         except CodecError as error:
@@ -219,39 +211,38 @@ class StageNode:
                 f"got {tensor.dtype} {tensor.shape}")
         if block.is_first and not all(0 <= i < block.vocab_size for i in tensor.ints()):
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"token ids must lie in [0, {block.vocab_size})")
+                             f"token ids must lie in [0, {block.vocab_size})")
         return tensor
 
     # ---- out of band --------------------------------------------------------------
 
     def cancel_epoch(self, session_id: str, epoch: int) -> int:
-        self._min_epoch[session_id] = max(epoch, self._min_epoch.get(session_id, 0))
-        queued = [args[0] for fn, args in self._compute.queued() if fn == self._run_frame]
-        return sum(1 for h in queued
-                   if h.session_id == session_id and h.kind == K.FRAME_KIND_FORWARD and h.epoch < epoch)
+        return self.compute.cancel_epoch(session_id, epoch)
 
-    def end_session(self, session_id: str) -> int:
-        """Free a session's KV cache; KeyError if this stage does not hold it."""
-        session = self.sessions.pop(session_id) if self.sessions else None
-        self._min_epoch.pop(session_id, None)
-        if session is None:
-            raise KeyError(session_id)
-        return cache_bytes(session.cache)
+    async def end_session(self, session_id: str) -> int:
+        """Free a session's KV cache; NOT_FOUND if this stage does not hold it."""
+        freed = await self.compute.end_session(session_id)
+        if freed is None:
+            raise ShardError(grpc.StatusCode.NOT_FOUND, f"{self.node_id} holds no session {session_id!r}")
+        return freed
 
     def info(self) -> stage_pb2.InfoResponse:
+        compute = self.compute
         info = stage_pb2.InfoResponse(
             node_id=self.node_id, num_layers=self.checkpoint.num_layers,
-            plan_version=self.plan_version, frames_processed=self.frames_processed,
-            frames_dropped_stale=self.frames_dropped_stale, compute_seconds=self.compute_seconds)
-        if self.block is not None:
-            info.layer_start, info.layer_end = self.block.start, self.block.end
-            info.weight_bytes = self.block.weight_bytes
-        for session_id, session in (self.sessions.items() if self.sessions else []):
-            info.sessions.add(session_id=session_id, kv_length=self.block.cache_length(session.cache),
-                              kv_bytes=cache_bytes(session.cache))
+            plan_version=self.plan_version, frames_processed=compute.frames_processed,
+            frames_dropped_stale=compute.frames_dropped_stale, compute_seconds=compute.compute_seconds)
+        block, kv = compute.block, compute.kv
+        if block is not None:
+            info.layer_start, info.layer_end = block.start, block.end
+            info.weight_bytes = block.weight_bytes
+        if kv is not None:
+            info.kv_bytes, info.kv_budget_bytes = kv.total_bytes, kv.budget_bytes
+            for session_id, session in kv.items():
+                info.sessions.add(session_id=session_id, kv_length=session.positions, kv_bytes=kv.bytes_of(session))
         return info
 
-    # ---- the worker ---------------------------------------------------------------
+    # ---- the outbound edge --------------------------------------------------------
 
     async def run(self) -> None:
         """Send what the compute thread produces, in order; expire idle sessions."""
@@ -268,98 +259,19 @@ class StageNode:
 
     async def _expire_idle_sessions(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
-            # On the compute thread, which is the one that touches sessions.
-            for session_id in await asyncio.wrap_future(self._compute.post(self._expire_idle)):
+            # Often enough that no session outlives its idle time by more than a fifth.
+            await asyncio.sleep(min(5.0, self._idle_seconds / 5))
+            for session_id in await self.compute.expire_idle():
                 log.info("%s freed idle session %s", self.node_id, session_id)
-
-    def _expire_idle(self) -> list[str]:
-        return self.sessions.expire_idle() if self.sessions else []
 
     def _emit(self, frame: frame_pb2.Frame) -> None:
         """From the compute thread: hand a frame to the loop for sending downstream."""
         self._loop.call_soon_threadsafe(self._outbox.put_nowait, frame)
 
-    def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None],
-                   arrived_ns: int) -> None:
-        """On the compute thread: one queued frame, in arrival order. A frame that carries a
-        trace context gets a span from its arrival to its output's hand-off to the loop."""
-        context = context_of(header)
-        span = trace.INVALID_SPAN if context is None else tracer.start_span(
-            "shard.stage", context=context, start_time=arrived_ns, attributes={
-                "shard.node": self.node_id, "shard.session": header.session_id, "shard.chunk": header.chunk_id,
-                "shard.start_pos": header.start_pos, "shard.tokens": header.num_tokens,
-                "shard.frame_kind": K.FrameKind.Name(header.kind),
-                "shard.layers": f"[{self.assignment.start}, {self.assignment.end})"})
-        try:
-            try:
-                out = self._process(header, body, span)
-            finally:
-                span.end()  # before the hand-off: the traversal may end right after it
-            if out is not None:
-                self._emit(out)
-        finally:
-            self._loop.call_soon_threadsafe(on_done, header)
-
-    def _process(self, header, body, span: trace.Span) -> frame_pb2.Frame | None:
-        """What to send on for one frame, if anything."""
-        if header.kind == K.FRAME_KIND_END:
-            if self.sessions:
-                self.sessions.pop(header.session_id)
-            self._min_epoch.pop(header.session_id, None)
-            if not self.assignment.last:
-                return frame_pb2.Frame(header=header)
-            return None
-        if header.kind == K.FRAME_KIND_ERROR:
-            return frame_pb2.Frame(header=header, payload=body)
-        if header.epoch < self._min_epoch.get(header.session_id, 0):
-            self.frames_dropped_stale += 1
-            span.set_attribute("shard.dropped", True)  # cancelled out of band
-            return None
-        began = time.perf_counter()
-        try:
-            output = encode_tensor(self._compute_chunk(header, body))
-        except Exception as error:
-            if not isinstance(error, (CacheGapError, TooManySessions, ValueError)):
-                # A bug: it must cost one session, not the node.
-                log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
-            span.set_status(Status(StatusCode.ERROR, str(error)))
-            return self._error_frame(header, error)
-        seconds = time.perf_counter() - began
-        self.frames_processed += 1
-        self.compute_seconds += seconds
-        span.set_attribute("shard.compute_seconds", seconds)
-        out = frame_pb2.FrameHeader()
-        out.CopyFrom(header)
-        if self.assignment.last:
-            out.kind = K.FRAME_KIND_RESULT
-        return frame_pb2.Frame(header=out, payload=output)
-
-    def _compute_chunk(self, header, wire: WireTensor) -> torch.Tensor:
-        session = self.sessions.get(header.session_id)
-        if session is None and header.start_pos > 0:
-            raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
-                                f"to continue at position {header.start_pos}")
-        session = session or self.sessions.get_or_create(header.session_id)
-        block = self.block
-        tensor = wire.to_torch().to(block.device)
-        if block.is_first:
-            return block.forward(session.cache, header.start_pos, input_ids=tensor,
-                                 num_outputs=header.num_outputs)
-        return block.forward(session.cache, header.start_pos, hidden=tensor,
-                             num_outputs=header.num_outputs)
-
-    def _error_frame(self, header, error: Exception) -> frame_pb2.Frame:
-        code = next((c for kind, c in _SESSION_ERROR_CODES if isinstance(error, kind)),
-                    grpc.StatusCode.INTERNAL)
-        detail = frame_pb2.ErrorDetail(code=code.value[0], message=f"{self.node_id}: {error}",
-                                       node_id=self.node_id)
-        out = frame_pb2.FrameHeader()
-        out.CopyFrom(header)
-        out.kind = K.FRAME_KIND_ERROR
-        return frame_pb2.Frame(header=out, payload=detail.SerializeToString())
+    def _call_on_loop(self, fn: Callable[..., None], *args) -> None:
+        self._loop.call_soon_threadsafe(fn, *args)
 
     async def close(self) -> None:
         if self._downstream is not None:
             await self._downstream.close()
-        self._compute.close()
+        self.compute.close()

@@ -2,10 +2,23 @@
 
 A node's identity is the URI SAN ``shard://<role>/<node_id>`` of its certificate, so
 a peer's role and id come from the verified TLS handshake, never from a request field.
+
+The certificate also names the identity as a DNS SAN, ``Identity.dns_name``, so that a
+node dialling another can make the TLS handshake itself check who answered (the dialler
+verifies that name instead of the host it dialled):
+
+    <label>.<role>.shard.internal
+
+where <label> is the node id itself when it is a lowercase DNS label ([a-z0-9-], no
+leading or trailing hyphen, not starting with "x--"), and otherwise the unpadded,
+lowercase base32 of the id's UTF-8 bytes in pieces of 60 characters, each piece a label
+prefixed with "x--". DNS names compare case-insensitively, so ids that differ only in case (or
+use "_" or ".") get the encoded, exact form; readable ids stay readable.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import os
@@ -27,6 +40,8 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DNS_LABEL = re.compile(r"(?!x--)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+IDENTITY_DOMAIN = "shard.internal"
 _IDENTITY_URI = re.compile(r"shard://([a-z]+)/([A-Za-z0-9._-]{1,64})")
 # Tolerate small clock differences between machines of one deployment.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -51,6 +66,16 @@ class Identity:
     @property
     def uri(self) -> str:
         return f"shard://{self.role}/{self.node_id}"
+
+    @property
+    def dns_name(self) -> str:
+        """The DNS SAN naming this identity (the form is in the module's docstring)."""
+        if _DNS_LABEL.fullmatch(self.node_id):
+            label = self.node_id
+        else:
+            encoded = base64.b32encode(self.node_id.encode()).decode().rstrip("=").lower()
+            label = ".".join("x--" + encoded[i:i + 60] for i in range(0, len(encoded), 60))
+        return f"{label}.{self.role}.{IDENTITY_DOMAIN}"
 
     def __str__(self) -> str:
         return f"{self.role}/{self.node_id}"
@@ -124,6 +149,11 @@ def issue(
     """Sign a node certificate with the CA in ``directory``; returns (cert, key) paths."""
     d = Path(directory)
     identity = Identity(role, node_id)
+    hosts = list(DEFAULT_HOSTS if hosts is None else hosts)
+    for host in hosts:
+        # A host name in the identity domain would let this certificate pass as another node.
+        if host.lower().rstrip(".").endswith("." + IDENTITY_DOMAIN) or host.lower() == IDENTITY_DOMAIN:
+            raise ValueError(f"host {host!r} lies in {IDENTITY_DOMAIN}, which names node identities")
     ca_cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
     ca_key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -141,7 +171,7 @@ def issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(not_after)
-        .add_extension(_san(identity, DEFAULT_HOSTS if hosts is None else hosts), critical=False)
+        .add_extension(_san(identity, hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -215,7 +245,8 @@ def local_nodes(stages: int) -> list[tuple[str, str]]:
 
 
 def _san(identity: Identity, hosts: Iterable[str]) -> x509.SubjectAlternativeName:
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri),
+                                     x509.DNSName(identity.dns_name)]
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))

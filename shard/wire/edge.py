@@ -5,13 +5,20 @@ counter (the AEAD nonce) and the sealing. Each stream it opens is a fresh sealed
 (new stream id, counter from 1). Frames are kept until the receiver acknowledges them;
 if the stream breaks (network, restart, a frame the receiver refused) the edge re-opens
 it with backoff (tenacity) and sends the unacknowledged frames again. Re-sending is safe
-because chunks carry absolute positions: a chunk computed twice gives the same result."""
+because chunks carry absolute positions: a chunk computed twice gives the same result.
+
+The edge dials the receiver by the identity the plan gives it (a stage, or the
+coordinator for the tail's edge): a node at that address with another certificate fails
+the handshake. A stream that breaks because the receiver cannot be reached is told to
+`on_unreachable` at once, so that the registry can confirm and re-plan without waiting
+for the receiver's lease to run out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 from tenacity import (
@@ -23,7 +30,8 @@ from tenacity import (
 
 from shard.v1 import frame_pb2, return_pb2_grpc, stage_pb2_grpc
 from shard.wire.seal import EdgeSealer
-from shard.wire.tls import NodeTLS, open_channel
+from shard.wire.certs import Identity
+from shard.wire.tls import NodeTLS, is_identity_mismatch, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,12 @@ class Edge:
         secret: bytes | None,
         to_coordinator: bool = False,
         retry_seconds: float = 10.0,
+        on_unreachable: Callable[[str, str], None] | None = None,
     ):
+        """`on_unreachable(receiver, detail)` is called when a stream to the receiver
+        breaks for want of a connection (not when the receiver refuses a frame)."""
         self.sender, self.receiver, self.address = sender, receiver, address
+        self._on_unreachable = on_unreachable
         self._tls, self._secret = tls, secret
         self._to_coordinator = to_coordinator
         self._retry_seconds = retry_seconds
@@ -67,6 +79,12 @@ class Edge:
         self._closed = False
         self.frames_sent = 0
         self.reconnects = 0
+
+    @property
+    def expect(self) -> Identity:
+        """Who the receiver's certificate must name (a plan without a coordinator yet
+        gives the tail an edge without a receiver: it fails only when used)."""
+        return Identity("coordinator" if self._to_coordinator else "stage", self.receiver)
 
     async def send(self, frame: frame_pb2.Frame) -> None:
         """Queue `frame` (plaintext payload) on the edge; it is sealed per stream."""
@@ -98,7 +116,7 @@ class Edge:
                      self.sender, self.receiver, len(self._unacked))
         await self._close_call()
         if self._channel is None:
-            self._channel = open_channel(self.address, self._tls)
+            self._channel = open_channel(self.address, self._tls, expect=self.expect)
         if self._to_coordinator:
             call = return_pb2_grpc.ReturnServiceStub(self._channel).Return()
         else:
@@ -121,8 +139,9 @@ class Edge:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED:
                 return
-            log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
-                        error.code().name, error.details())
+            self._log_closed(error)
+            if error.code() == grpc.StatusCode.UNAVAILABLE and self._on_unreachable and not self._closed:
+                self._on_unreachable(self.receiver, f"edge from {self.sender}: {error.details()}")
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._rejections_in_a_row += 1
             # A stream the receiver retired is fixed by a fresh stream; a frame refused
@@ -136,6 +155,16 @@ class Edge:
                 log.warning("dropped a refused frame of session %s", dropped.header.session_id)
             if self._unacked and self._call is call:
                 asyncio.create_task(self._recover())
+
+    def _log_closed(self, error: grpc.aio.AioRpcError) -> None:
+        if is_identity_mismatch(error):
+            log.error("edge %s -> %s: the node at %s is not %s (its certificate does not name "
+                      "%s; certificates from before identity names must be issued again); "
+                      "refusing to send to it", self.sender, self.receiver, self.address,
+                      self.expect, self.expect.dns_name)
+        else:
+            log.warning("edge %s -> %s closed: %s %s", self.sender, self.receiver,
+                        error.code().name, error.details())
 
     async def _recover(self) -> None:
         """Re-open a broken stream that still has frames in flight, without waiting for

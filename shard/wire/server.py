@@ -1,6 +1,7 @@
 """Start a node's gRPC server with the standard health and reflection services, so any
 gRPC client (in any language) can probe and discover it, the node-to-node Ping every
-node answers, and the role table of `shard.wire.authz` in front of everything."""
+node answers, the role table of `shard.wire.authz` in front of everything, and malformed
+requests answered INVALID_ARGUMENT (`shard.wire.requests`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shard.v1 import node_pb2, node_pb2_grpc
 from shard.wire.authz import RoleInterceptor
+from shard.wire.requests import RequestInterceptor
 from shard.wire.tls import SERVER_OPTIONS, NodeTLS, add_port
 
 
@@ -66,7 +68,8 @@ async def start_server(
     node_id: str,
 ) -> tuple[grpc.aio.Server, int, Health]:
     """The node's server, started, with its health NOT_SERVING until the node sets it."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RoleInterceptor()])
+    # The role check runs first: an unknown caller learns nothing about its request.
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RoleInterceptor(), RequestInterceptor()])
     add_servicers(server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(PingServicer(node_id), server)
     node_health = Health(service_names)

@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives import serialization
 
 from shard.wire.certs import CA_CERT, ROLES, Identity, check_node_id, identity_from_pem
 
+# What gRPC says when a server's certificate does not name the host (here: the identity)
+# the channel verifies.
+_MISMATCH = "Hostname Verification Check failed"
 _MAX_MESSAGE = 256 * 1024 * 1024  # activation frames of long prompts are large
 
 # Keepalive pings so a silently dead WAN peer (no FIN/RST) is noticed in ~30 s.
@@ -104,15 +107,30 @@ def add_port(server: grpc.aio.Server, address: str, tls: NodeTLS | None) -> int:
 
 
 def open_channel(
-    target: str, tls: NodeTLS | None, *, options: Sequence[tuple[str, Any]] = ()
+    target: str, tls: NodeTLS | None, *, expect: Identity | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """A channel to ``target`` presenting this node's certificate; ``options`` override
-    CHANNEL_OPTIONS."""
-    merged = list({**dict(CHANNEL_OPTIONS), **dict(options)}.items())
+    CHANNEL_OPTIONS.
+
+    With ``expect``, the handshake fails unless the server's certificate names exactly
+    that identity (its DNS SAN ``expect.dns_name``): a node that dials a peer from the
+    plan talks to that peer, not to whoever answers at its address. Without it, the
+    server's certificate must name the host dialled (what clients of the public API do)."""
+    merged = {**dict(CHANNEL_OPTIONS), **dict(options)}
+    if tls is not None and expect is not None:
+        merged["grpc.ssl_target_name_override"] = expect.dns_name
+    merged = list(merged.items())
     if tls is None:
         return grpc.aio.insecure_channel(target, options=merged)
     creds = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
     return grpc.aio.secure_channel(target, creds, options=merged)
+
+
+def is_identity_mismatch(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call means the server's certificate names another identity than
+    the one expected (gRPC reports only a failed handshake, UNAVAILABLE)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and _MISMATCH in (error.details() or "")
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> Identity | None:

@@ -1,5 +1,7 @@
-"""Fault tolerance with real processes: a stage killed with SIGKILL mid-generation, and a
-registry restarted mid-generation, do not change a single token of the answer."""
+"""Fault tolerance with real processes: a stage killed with SIGKILL mid-generation, a
+registry restarted mid-generation, and a killed stage that comes back do not change a
+single token of the answer. Stage kills run at the default settings (default lease): the
+node whose edge breaks tells the registry, which probes and re-plans at once."""
 
 import asyncio
 import time
@@ -9,8 +11,8 @@ import pytest
 
 from shard.client import generate
 from shard.local import LocalSwarm
-from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
-from shard.wire.tls import open_channel
+from shard.v1 import api_pb2, registry_pb2, registry_pb2_grpc, stage_pb2, stage_pb2_grpc
+from shard.wire.tls import NodeTLS, open_channel
 
 from support.reference import reference_greedy
 
@@ -46,26 +48,87 @@ def wait_for_line(log: Path, line: str, seconds: float) -> None:
         time.sleep(0.1)
 
 
+def node_tls(swarm: LocalSwarm) -> NodeTLS:
+    """Stage.Info and the plan are for nodes only: ask with the coordinator's certificate."""
+    return NodeTLS.load(swarm.certs, "coordinator")
+
+
 async def blocks(swarm: LocalSwarm, node_ids) -> dict:
     ranges = {}
     for node_id in node_ids:
-        async with open_channel(swarm.address_of(node_id), swarm.client_tls()) as channel:
+        async with open_channel(swarm.address_of(node_id), node_tls(swarm)) as channel:
             info = await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest())
         ranges[node_id] = (info.layer_start, info.layer_end)
     return ranges
 
 
+async def current_plan(swarm: LocalSwarm) -> registry_pb2.Plan:
+    async with open_channel(swarm.registry_address, node_tls(swarm)) as channel:
+        watch = registry_pb2_grpc.RegistryServiceStub(channel).WatchPlan(registry_pb2.WatchPlanRequest())
+        plan = (await watch.read()).plan
+        watch.cancel()
+        return plan
+
+
+def wait_for_ring(swarm: LocalSwarm, size: int, seconds: float) -> registry_pb2.Plan:
+    deadline = time.monotonic() + seconds
+    while True:
+        plan = asyncio.run(current_plan(swarm))
+        if plan.ready and len(plan.stages) == size:
+            return plan
+        assert time.monotonic() < deadline, f"no ready ring of {size} stages after {seconds:.0f} s: {plan}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("stages, spares, victim", [(2, 1, "stage-1"), (3, 0, "stage-1"), (2, 1, "stage-0")],
                          ids=["spare-takes-the-tail", "survivors-resplit", "spare-takes-the-head"])
-def test_a_killed_stage_costs_no_token(tinystories_dir, tmp_path, stages, spares, victim):
-    with LocalSwarm(tinystories_dir, stages, spares=spares, workdir=tmp_path, logs_to_files=True,
-                    registry_args=LEASE) as swarm:
-        generation, recovery = asyncio.run(generate_through(swarm, lambda: swarm.kill(victim), 0.3))
+def test_a_killed_stage_costs_no_token_and_no_lease(tinystories_dir, tmp_path, stages, spares, victim):
+    with LocalSwarm(tinystories_dir, stages, spares=spares, workdir=tmp_path, logs_to_files=True) as swarm:
+        generation, stall = asyncio.run(generate_through(swarm, lambda: swarm.kill(victim), 0.3))
     summary = generation.summary
     assert list(summary.output_ids) == reference_greedy(tinystories_dir, PROMPT, 300)
     assert generation.streamed_ids == list(summary.output_ids)
     assert summary.replays >= 1
-    print(f"\n{victim} killed ({spares} spare): recovered in {recovery:.2f} s, {summary.replays} replay(s)")
+    # The default lease is 5 s: a recovery that waited for it would take longer. (The
+    # benchmark goal is under 2 s; docs/failover.md has measurements.)
+    assert stall < 5.0, f"generation stalled {stall:.2f} s: fail-over waited for the lease"
+    assert "does not answer a probe" in (tmp_path / "registry.log").read_text()
+    print(f"\n{victim} killed with SIGKILL ({spares} spare, default lease): generation stalled "
+          f"{stall:.2f} s, {summary.replays} replay(s)")
+
+
+def test_a_killed_stage_that_comes_back_is_used_again(tinystories_dir, tmp_path):
+    expected = reference_greedy(tinystories_dir, PROMPT, 300)
+    with LocalSwarm(tinystories_dir, 2, workdir=tmp_path, logs_to_files=True) as swarm:
+        asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request(2), wait_ready_seconds=60))
+        swarm.kill("stage-1")
+        survivors = wait_for_ring(swarm, 1, seconds=30)
+        assert [s.node_id for s in survivors.stages] == ["stage-0"]
+        swarm.start_stage("stage-1", wait=False)
+
+        async def generate_until_the_ring_grows():
+            """Generations back to back while stage-1 starts and rejoins, so that the
+            re-plan lands in the middle of one (and its tokens are replayed)."""
+            generations = []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                generations.append(await generate(swarm.coordinator_address, swarm.client_tls(), request(),
+                                                  wait_ready_seconds=60))
+                plan = await current_plan(swarm)
+                if plan.ready and len(plan.stages) == 2:
+                    return generations
+            raise AssertionError("stage-1 was not used again within 120 s")
+
+        generations = asyncio.run(generate_until_the_ring_grows())
+        grown = wait_for_ring(swarm, 2, seconds=30)
+        after = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request()))
+    assert sorted(s.node_id for s in grown.stages) == ["stage-0", "stage-1"]
+    assert "brings the ring back" in (tmp_path / "registry.log").read_text()
+    for generation in [*generations, after]:
+        assert list(generation.summary.output_ids) == expected
+        assert generation.streamed_ids == expected
+    print(f"\nstage-1 rejoined: ring of {len(grown.stages)} again after {len(generations)} generations, "
+          f"{sum(g.summary.replays for g in generations)} replay(s)")
 
 
 def test_a_registry_restart_changes_nothing(tinystories_dir, tmp_path):

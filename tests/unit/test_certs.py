@@ -32,7 +32,8 @@ def test_issue_puts_identity_and_hosts_in_sans(tmp_path):
     cert = _cert(cert_path)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["shard://stage/stage-0"]
-    assert san.get_values_for_type(x509.DNSName) == ["gpu1.example"]
+    # The identity as a DNS name too, which a dialling node verifies (open_channel(expect=)).
+    assert san.get_values_for_type(x509.DNSName) == ["stage-0.stage.shard.internal", "gpu1.example"]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("::1")
     ]
@@ -47,7 +48,7 @@ def test_default_hosts_are_loopback(tmp_path):
     create_ca(tmp_path)
     cert_path, _ = issue(tmp_path, role="client", node_id="client")
     san = _cert(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["client.client.shard.internal", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
 
 
@@ -122,4 +123,30 @@ def test_cli_init_and_issue(tmp_path, capsys):
         x509.SubjectAlternativeName
     ).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
-    assert san.get_values_for_type(x509.DNSName) == []
+    assert san.get_values_for_type(x509.DNSName) == ["s9.stage.shard.internal"]
+
+
+@pytest.mark.parametrize("identity, name", [
+    (Identity("stage", "stage-1"), "stage-1.stage.shard.internal"),
+    (Identity("registry", "registry"), "registry.registry.shard.internal"),
+    # Not a lowercase DNS label: encoded, so that ids differing only in case stay apart.
+    (Identity("stage", "Stage-1"), "x--kn2gcz3ffuyq.stage.shard.internal"),
+    (Identity("stage", "stage_1"), "x--on2gcz3fl4yq.stage.shard.internal"),
+    (Identity("coordinator", "x--a"), "x--paws2yi.coordinator.shard.internal"),
+])
+def test_identity_dns_name(identity, name):
+    assert identity.dns_name == name
+
+
+def test_a_long_odd_id_gives_valid_dns_labels():
+    name = Identity("stage", "A" * 64).dns_name
+    labels = name.split(".")
+    assert len(name) <= 253 and all(0 < len(label) <= 63 for label in labels)
+    assert labels[-3:] == ["stage", "shard", "internal"]
+
+
+@pytest.mark.parametrize("host", ["stage-1.stage.shard.internal", "*.stage.shard.internal", "SHARD.INTERNAL"])
+def test_a_host_in_the_identity_domain_is_refused(tmp_path, host):
+    create_ca(tmp_path)
+    with pytest.raises(ValueError, match="names node identities"):
+        issue(tmp_path, role="stage", node_id="stage-0", hosts=[host])

@@ -1,6 +1,8 @@
 """The registry's bookkeeping without a network: planning from joins, heartbeats and
 measured round trips; fail-over plans; adoption of a running ring after a restart."""
 
+import asyncio
+
 import pytest
 
 from shard.node.registry import RegistryState
@@ -99,3 +101,93 @@ def test_a_restarted_registry_adopts_the_running_ring():
     join(registry, "a", serving=serving(1, 6, 8))
     assert ring(registry) == [("b", 0, 6), ("a", 6, 8)]
     assert registry.plan.version > 7
+
+
+def test_the_plan_names_the_coordinator_incarnation_and_says_when_it_is_lost():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    assert not registry.plan.coordinator_lost  # none has joined yet: nothing to drop
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:1", model_fingerprint="f", incarnation="one"))
+    assert (registry.plan.coordinator_id, registry.plan.coordinator_incarnation) == ("coordinator", "one")
+    # Restarted under the same id before its lease ran out: the new incarnation is named.
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:2", model_fingerprint="f", incarnation="two"))
+    assert registry.plan.coordinator_incarnation == "two" and not registry.plan.coordinator_lost
+    registry.nodes["coordinator"].lease_deadline = 0  # its lease ran out
+    registry.expire()
+    assert (registry.plan.coordinator_id, registry.plan.coordinator_incarnation) == ("", "")
+    assert registry.plan.coordinator_lost
+    registry.join(registry_pb2.NodeCapabilities(node_id="coordinator", role=registry_pb2.ROLE_COORDINATOR,
+                                                address="c:3", model_fingerprint="f", incarnation="three"))
+    assert registry.plan.coordinator_incarnation == "three" and not registry.plan.coordinator_lost
+
+
+def test_a_stage_that_comes_back_grows_the_ring_again():
+    registry = state(3, rtt_wait_seconds=0)
+    for node in ("a", "b", "c"):
+        join(registry, node)
+    registry.leave("b")
+    assert [node for node, *_ in ring(registry)] == ["a", "c"]
+    join(registry, "b")
+    after = ring(registry)
+    assert [node for node, *_ in after] == ["a", "b", "c"]
+    assert after[0][1] == 0 and after[-1][2] == 8 and not registry.plan.ready  # b loads first
+
+
+def test_a_spare_beyond_the_wanted_ring_stays_spare():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    before = ring(registry)
+    join(registry, "spare")
+    assert ring(registry) == before
+
+
+def test_a_stage_restarted_within_its_lease_is_given_its_block_again():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    version = registry.assigned_version
+    # b's new process joins at a new address, serving nothing: its block must be reloaded.
+    registry.join(registry_pb2.NodeCapabilities(node_id="b", role=registry_pb2.ROLE_STAGE, address="b:2",
+                                                memory_budget_bytes=10_000, speed=1.0, model_fingerprint="f"))
+    assert registry.assigned_version > version
+    assert {s.node_id: s.address for s in registry.plan.stages}["b"] == "b:2"
+
+
+def probe(alive: bool, calls: list):
+    async def answers(member):
+        calls.append(member.node_id)
+        await asyncio.sleep(0.01)
+        return alive
+
+    return answers
+
+
+def test_a_reported_node_that_answers_the_probe_stays():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    before, calls = ring(registry), []
+    assert asyncio.run(registry.report_unreachable("b", probe(True, calls))) is False
+    assert ring(registry) == before and "b" in registry.nodes and calls == ["b"]
+
+
+def test_a_reported_node_that_does_not_answer_is_dropped_at_once():
+    registry = state(2, rtt_wait_seconds=0)
+    join(registry, "a")
+    join(registry, "b")
+    join(registry, "spare")
+    calls = []
+
+    async def two_reports():
+        return await asyncio.gather(registry.report_unreachable("b", probe(False, calls)),
+                                    registry.report_unreachable("b", probe(False, calls)))
+
+    assert asyncio.run(two_reports()) == [True, True]
+    assert calls == ["b"]  # reports while a probe runs share it
+    assert "b" not in registry.nodes and [node for node, *_ in ring(registry)] == ["a", "spare"]
+    assert asyncio.run(registry.report_unreachable("b", probe(False, calls))) is True  # already out
+    assert calls == ["b"]

@@ -31,3 +31,14 @@ def test_a_plan_without_the_coordinator_keeps_the_one_the_stage_knows():
     assert (tail.downstream_id, tail.downstream_address) == ("coordinator", "10.0.0.9:1")
     # Before any coordinator ever joined there is none to keep.
     assert assignment_from_plan(plan(None), "stage-1").downstream_address == ""
+
+
+def test_a_lost_coordinator_is_forgotten_and_a_new_incarnation_named():
+    known = assignment_from_plan(plan(("coordinator", "10.0.0.9:1")), "stage-1")
+    lost = plan(None)
+    lost.coordinator_lost = True
+    forgotten = assignment_from_plan(lost, "stage-1", known)
+    assert (forgotten.downstream_id, forgotten.coordinator_incarnation) == ("", "")
+    restarted = plan(("coordinator", "10.0.0.9:2"))
+    restarted.coordinator_incarnation = "new"
+    assert assignment_from_plan(restarted, "stage-1", known).coordinator_incarnation == "new"

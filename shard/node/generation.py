@@ -1,0 +1,50 @@
+"""What a front (the gRPC servicer today, an HTTP front tomorrow) asks the coordinator for
+and what it gets back: plain values, no wire format. Fronts translate to and from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shard.decode.speculative import DecodeStats
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Exactly one of prompt, chat and prompt_ids. None for spec_k, in_flight or an empty
+    draft: the coordinator's default."""
+
+    max_tokens: int
+    prompt: str | None = None
+    chat: tuple[ChatMessage, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    spec_k: int | None = None
+    in_flight: int | None = None
+    stop_at_eos: bool = True
+    draft: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens committed since the previous delta and the text they add."""
+
+    ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation; the last event of its stream."""
+
+    session_id: str
+    prompt_ids: list[int]
+    text: str
+    spec_k: int
+    in_flight: int
+    stats: DecodeStats
+

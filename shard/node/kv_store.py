@@ -1,0 +1,95 @@
+"""A stage's KV caches, one per session, measured in bytes against the stage's budget.
+
+A session belongs to the coordinator incarnation that was current when it was created:
+when that coordinator is gone (a new incarnation registered, or its lease ended) nothing
+can continue its sessions, so they are dropped at once rather than left to idle out.
+
+Only the compute thread changes the store; others may read its counters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from shard.errors import ShardError
+
+
+@dataclass
+class Session:
+    cache: Any
+    incarnation: str
+    positions: int = 0  # positions its cache holds after the last chunk
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class KVStore:
+    def __init__(self, new_cache: Callable[[], Any], *, bytes_per_position: int, budget_bytes: int,
+                 max_sessions: int, idle_seconds: float):
+        self._new_cache = new_cache
+        self.bytes_per_position = bytes_per_position
+        self.budget_bytes = budget_bytes
+        self._max_sessions, self.idle_seconds = max_sessions, idle_seconds
+        self._sessions: dict[str, Session] = {}
+        self.total_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def items(self) -> list[tuple[str, Session]]:
+        return list(self._sessions.items())
+
+    def bytes_of(self, session: Session) -> int:
+        return session.positions * self.bytes_per_position
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def reserve(self, session_id: str, incarnation: str, end_pos: int) -> Session:
+        """The session (created under `incarnation` if new), with room for its cache to
+        hold `end_pos` positions. RESOURCE_EXHAUSTED when that would take the sessions
+        past the byte budget or the session cap; nothing changes then."""
+        session = self._sessions.get(session_id)
+        if session is None and len(self._sessions) >= self._max_sessions:
+            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"this stage already holds {self._max_sessions} sessions")
+        held = self.bytes_of(session) if session else 0
+        total = self.total_bytes - held + end_pos * self.bytes_per_position
+        if total > self.budget_bytes:
+            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{end_pos} positions of KV cache would take this stage's KV to {total} bytes, "
+                             f"over its budget of {self.budget_bytes} bytes")
+        if session is None:
+            session = self._sessions[session_id] = Session(self._new_cache(), incarnation)
+        session.last_used = time.monotonic()
+        return session
+
+    def record(self, session: Session, positions: int) -> None:
+        """The session's cache now holds `positions` positions."""
+        self.total_bytes += (positions - session.positions) * self.bytes_per_position
+        session.positions = positions
+
+    def pop(self, session_id: str) -> int | None:
+        """Free a session; the bytes it held, None when there was no such session."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return None
+        freed = self.bytes_of(session)
+        self.total_bytes -= freed
+        return freed
+
+    def drop_other_incarnations(self, incarnation: str) -> list[str]:
+        """Free every session not created under `incarnation` (all of them for "")."""
+        return self._drop([sid for sid, s in self._sessions.items() if not incarnation or s.incarnation != incarnation])
+
+    def expire_idle(self) -> list[str]:
+        deadline = time.monotonic() - self.idle_seconds
+        return self._drop([sid for sid, s in self._sessions.items() if s.last_used < deadline])
+
+    def _drop(self, session_ids: list[str]) -> list[str]:
+        for session_id in session_ids:
+            self.pop(session_id)
+        return session_ids

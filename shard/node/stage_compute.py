@@ -1,0 +1,218 @@
+"""A stage's compute: one thread that loads the block, allocates its KV store and runs
+validated frames in arrival order, fencing stale epochs, and hands each output frame to
+the stage's outbound edge. The one place a batcher (many sessions' frames in one forward)
+or a graphed forward replaces.
+
+Lifecycle, as in vLLM: load the block -> allocate the KV store -> serve frames. Everything
+that touches the block or the KV store runs on the compute thread, in order, so neither
+needs a lock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from shard.errors import ShardError
+from shard.model.block import Block, CacheGapError
+from shard.node.kv_store import KVStore
+from shard.node.serial_thread import SerialThread
+from shard.telemetry import context_of, tracer
+from shard.v1 import frame_pb2
+from shard.wire.codec import WireTensor, encode_tensor
+
+log = logging.getLogger(__name__)
+
+K = frame_pb2  # frame kinds, shorter at the call sites
+
+# Errors that belong to one session (it fails, the stage goes on), most specific first:
+# CacheGapError may well be a ValueError too. A ShardError carries its own code.
+_SESSION_ERROR_CODES = (
+    (CacheGapError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Which block to load: decoder layers [start, end), with the embedding and the head
+    where the block is first or last."""
+
+    start: int
+    end: int
+    first: bool
+    last: bool
+
+
+class StageCompute:
+    def __init__(self, node_id: str, *, model_dir: str, device: str, dtype: torch.dtype | None,
+                 memory_budget_bytes: int, max_sessions: int, session_idle_seconds: float, progress: bool,
+                 send: Callable[[frame_pb2.Frame], None], call_on_loop: Callable[..., None]):
+        """`send(frame)` and `call_on_loop(fn, *args)` are called from the compute thread and
+        hand over to the event loop (thread-safe, no wait)."""
+        self.node_id = node_id
+        self._model_dir, self._device, self._dtype, self._progress = model_dir, device, dtype, progress
+        self._memory_budget = memory_budget_bytes
+        self._max_sessions, self._idle_seconds = max_sessions, session_idle_seconds
+        self._send, self._call_on_loop = send, call_on_loop
+        self.block: Block | None = None
+        self.kv: KVStore | None = None
+        self.spec: BlockSpec | None = None
+        # New sessions belong to this coordinator incarnation.
+        self._incarnation = ""
+        self._min_epoch: dict[str, int] = {}
+        self._thread = SerialThread(f"{node_id}-compute")
+        self.frames_processed = 0
+        self.frames_dropped_stale = 0
+        self.compute_seconds = 0.0
+
+    # ---- lifecycle: load -> allocate KV -> serve ----------------------------------
+
+    async def load(self, spec: BlockSpec) -> None:
+        """Load the block and allocate a fresh KV store for it (the old block's KV is void)."""
+        self.block = None
+        await asyncio.wrap_future(self._thread.post(self._load, spec))
+
+    def _load(self, spec: BlockSpec) -> None:
+        log.info("%s loading layers [%d, %d)%s%s", self.node_id, spec.start, spec.end,
+                 " + embedding" if spec.first else "", " + head" if spec.last else "")
+        block = Block.load(self._model_dir, spec.start, spec.end, first=spec.first, last=spec.last,
+                           device=self._device, dtype=self._dtype, progress=self._progress)
+        self.kv = self._allocate_kv(block)
+        self.block, self.spec = block, spec
+        self._min_epoch.clear()
+
+    def _allocate_kv(self, block: Block) -> KVStore:
+        budget = max(self._memory_budget - block.weight_bytes, 0)
+        if block.kv_bytes_per_position and budget < block.kv_bytes_per_position:
+            log.warning("%s: the block's %d bytes of weights leave no room for KV in a budget of %d bytes",
+                        self.node_id, block.weight_bytes, self._memory_budget)
+        return KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
+                       max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+
+    def submit(self, header: frame_pb2.FrameHeader, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
+        """Queue a validated frame; `on_done(header)` runs on the loop once it is through."""
+        self._thread.post(self._run_frame, header, body, on_done, time.time_ns())
+
+    # ---- sessions -----------------------------------------------------------------
+
+    async def follow_coordinator(self, incarnation: str) -> list[str]:
+        """Sessions of any other coordinator incarnation (every one for "", no coordinator)
+        are void: free them; new sessions belong to `incarnation`. Returns the freed ids."""
+        return await asyncio.wrap_future(self._thread.post(self._follow_coordinator, incarnation))
+
+    def _follow_coordinator(self, incarnation: str) -> list[str]:
+        self._incarnation = incarnation
+        dropped = self.kv.drop_other_incarnations(incarnation) if self.kv else []
+        for session_id in dropped:
+            self._min_epoch.pop(session_id, None)
+        return dropped
+
+    def cancel_epoch(self, session_id: str, epoch: int) -> int:
+        """Skip this session's queued frames of an epoch below `epoch`; how many are queued."""
+        self._min_epoch[session_id] = max(epoch, self._min_epoch.get(session_id, 0))
+        queued = [args[0] for fn, args in self._thread.queued() if fn == self._run_frame]
+        return sum(1 for h in queued
+                   if h.session_id == session_id and h.kind == K.FRAME_KIND_FORWARD and h.epoch < epoch)
+
+    async def end_session(self, session_id: str) -> int | None:
+        """Free a session's KV cache; the bytes freed, None if this stage does not hold it."""
+        return await asyncio.wrap_future(self._thread.post(self._end_session, session_id))
+
+    def _end_session(self, session_id: str) -> int | None:
+        self._min_epoch.pop(session_id, None)
+        return self.kv.pop(session_id) if self.kv else None
+
+    async def expire_idle(self) -> list[str]:
+        """Free the sessions idle past their time; returns their ids."""
+        return await asyncio.wrap_future(self._thread.post(self._expire_idle))
+
+    def _expire_idle(self) -> list[str]:
+        return self.kv.expire_idle() if self.kv else []
+
+    # ---- frames -------------------------------------------------------------------
+
+    def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None],
+                   arrived_ns: int) -> None:
+        """One queued frame, in arrival order. A frame that carries a trace context gets a
+        span from its arrival to its output's hand-off to the loop."""
+        context = context_of(header)
+        span = trace.INVALID_SPAN if context is None else tracer.start_span(
+            "shard.stage", context=context, start_time=arrived_ns, attributes={
+                "shard.node": self.node_id, "shard.session": header.session_id, "shard.chunk": header.chunk_id,
+                "shard.start_pos": header.start_pos, "shard.tokens": header.num_tokens,
+                "shard.frame_kind": K.FrameKind.Name(header.kind),
+                "shard.layers": f"[{self.spec.start}, {self.spec.end})"})
+        try:
+            try:
+                out = self._process(header, body, span)
+            finally:
+                span.end()  # before the hand-off: the traversal may end right after it
+            if out is not None:
+                self._send(out)
+        finally:
+            self._call_on_loop(on_done, header)
+
+    def _process(self, header, body, span: trace.Span) -> frame_pb2.Frame | None:
+        """What to send on for one frame, if anything."""
+        if header.kind == K.FRAME_KIND_END:
+            self._end_session(header.session_id)
+            return None if self.spec.last else frame_pb2.Frame(header=header)
+        if header.kind == K.FRAME_KIND_ERROR:
+            return frame_pb2.Frame(header=header, payload=body)
+        if header.epoch < self._min_epoch.get(header.session_id, 0):
+            self.frames_dropped_stale += 1
+            span.set_attribute("shard.dropped", True)  # cancelled out of band
+            return None
+        began = time.perf_counter()
+        try:
+            output = encode_tensor(self._forward(header, body))
+        except Exception as error:
+            if not isinstance(error, (ShardError, CacheGapError, ValueError)):
+                # A bug: it must cost one session, not the node.
+                log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+            return self._error_frame(header, error)
+        seconds = time.perf_counter() - began
+        self.frames_processed += 1
+        self.compute_seconds += seconds
+        span.set_attribute("shard.compute_seconds", seconds)
+        out = frame_pb2.FrameHeader()
+        out.CopyFrom(header)
+        if self.spec.last:
+            out.kind = K.FRAME_KIND_RESULT
+        return frame_pb2.Frame(header=out, payload=output)
+
+    def _forward(self, header, wire: WireTensor) -> torch.Tensor:
+        kv, block = self.kv, self.block
+        if kv.get(header.session_id) is None and header.start_pos > 0:
+            raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
+                                f"to continue at position {header.start_pos}")
+        # Reserved before computing, so that a chunk over the budget costs nothing.
+        session = kv.reserve(header.session_id, self._incarnation, header.start_pos + header.num_tokens)
+        tensor = wire.to_torch().to(block.device)
+        inputs = {"input_ids": tensor} if block.is_first else {"hidden": tensor}
+        try:
+            return block.forward(session.cache, header.start_pos, **inputs, num_outputs=header.num_outputs)
+        finally:
+            kv.record(session, block.cache_length(session.cache))
+
+    def _error_frame(self, header, error: Exception) -> frame_pb2.Frame:
+        code = error.code if isinstance(error, ShardError) else next(
+            (c for kind, c in _SESSION_ERROR_CODES if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+        detail = frame_pb2.ErrorDetail(code=code.value[0], message=f"{self.node_id}: {error}",
+                                       node_id=self.node_id)
+        out = frame_pb2.FrameHeader()
+        out.CopyFrom(header)
+        out.kind = K.FRAME_KIND_ERROR
+        return frame_pb2.Frame(header=out, payload=detail.SerializeToString())
+
+    def close(self) -> None:
+        self._thread.close()
