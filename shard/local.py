@@ -46,7 +46,11 @@ class LocalSwarm:
         return self.workdir / "certs"
 
     def client_tls(self) -> NodeTLS | None:
-        return None if self.insecure else NodeTLS.load(self.certs, "client")
+        return self.node_tls("client")
+
+    def node_tls(self, node_id: str) -> NodeTLS | None:
+        """A certificate of this swarm's deployment (node-to-node RPCs refuse the client's)."""
+        return None if self.insecure else NodeTLS.load(self.certs, node_id)
 
     def __enter__(self) -> "LocalSwarm":
         try:

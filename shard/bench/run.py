@@ -112,12 +112,12 @@ def request_for(ids: list[int], max_tokens: int, mode: Mode, drafts: dict[str, s
         draft=drafts.get(mode.draft, "none"), spec_k=mode.k, in_flight=mode.w)
 
 
-async def _run_mode(client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens):
+async def _run_mode(client_address, tls, stage_addresses, stage_tls, mode, drafts, prompts_ids, max_tokens):
     await generate(client_address, tls, request_for(prompts_ids[0], 8, mode, drafts))  # warm-up
-    before = await stage_infos(stage_addresses, tls)
+    before = await stage_infos(stage_addresses, stage_tls)
     summaries = [(await generate(client_address, tls, request_for(ids, max_tokens, mode, drafts))).summary
                  for ids in prompts_ids]
-    after = await stage_infos(stage_addresses, tls)
+    after = await stage_infos(stage_addresses, stage_tls)
     stage_seconds = [
         (a.compute_seconds - b.compute_seconds) / max(a.frames_processed - b.frames_processed, 1)
         for a, b in zip(after, before)]
@@ -135,6 +135,7 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
             model_dir, topology.stages, addresses=addresses, logs_to_files=True, device="cpu",
             coordinator_args=coordinator_args, stage_args=["--threads=1"]) as swarm:
         tls = swarm.client_tls()
+        stage_tls = swarm.node_tls("coordinator")  # a stage's Info is for nodes, not clients
         # The benchmark client talks to the coordinator directly: its link is not a ring edge.
         client_address = addresses.get("coordinator", (swarm.coordinator_address,))[0]
         stage_addresses = [addresses.get(f"stage-{i}", (None,))[0] or swarm.address_of(f"stage-{i}")
@@ -143,7 +144,7 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
                              wait_ready_seconds=300))
         for mode in modes:
             summaries, stage_seconds = asyncio.run(_run_mode(
-                client_address, tls, stage_addresses, mode, drafts, prompts_ids, max_tokens))
+                client_address, tls, stage_addresses, stage_tls, mode, drafts, prompts_ids, max_tokens))
             rows.append(_row(topology, mode, summaries, stage_seconds, expected))
     _add_bounds(rows, topology)
     return rows

@@ -27,7 +27,7 @@ def request(max_tokens: int, stop_at_eos: bool = True) -> api_pb2.GenerateReques
 
 
 async def stage_infos(swarm: LocalSwarm) -> list[stage_pb2.InfoResponse]:
-    tls = NodeTLS.load(swarm.certs, "coordinator")  # Info is for nodes, not clients
+    tls = swarm.node_tls("coordinator")  # Info is for nodes, not clients
     infos = []
     for node_id in ("stage-0", "stage-1"):
         async with open_channel(swarm.address_of(node_id), tls) as channel:

@@ -48,22 +48,17 @@ def wait_for_line(log: Path, line: str, seconds: float) -> None:
         time.sleep(0.1)
 
 
-def node_tls(swarm: LocalSwarm) -> NodeTLS:
-    """Stage.Info and the plan are for nodes only: ask with the coordinator's certificate."""
-    return NodeTLS.load(swarm.certs, "coordinator")
-
-
 async def blocks(swarm: LocalSwarm, node_ids) -> dict:
     ranges = {}
     for node_id in node_ids:
-        async with open_channel(swarm.address_of(node_id), node_tls(swarm)) as channel:
+        async with open_channel(swarm.address_of(node_id), swarm.node_tls("coordinator")) as channel:
             info = await stage_pb2_grpc.StageServiceStub(channel).Info(stage_pb2.InfoRequest())
         ranges[node_id] = (info.layer_start, info.layer_end)
     return ranges
 
 
 async def current_plan(swarm: LocalSwarm) -> registry_pb2.Plan:
-    async with open_channel(swarm.registry_address, node_tls(swarm)) as channel:
+    async with open_channel(swarm.registry_address, swarm.node_tls("coordinator")) as channel:
         watch = registry_pb2_grpc.RegistryServiceStub(channel).WatchPlan(registry_pb2.WatchPlanRequest())
         plan = (await watch.read()).plan
         watch.cancel()

@@ -40,7 +40,7 @@ async def run_all(model_dir, stages, workdir, drafts: dict[str, str], settings):
                 results[name, k, in_flight] = await generate(swarm.coordinator.address, swarm.tls(), request)
         await asyncio.sleep(0.3)
         held = sum(len(s.node.info().sessions) for s in swarm.stages)
-        dropped = sum(s.node.frames_dropped_stale for s in swarm.stages)
+        dropped = sum(s.node.info().frames_dropped_stale for s in swarm.stages)
     return results, held, dropped
 
 
