@@ -12,7 +12,7 @@ import pytest
 from shard.client import generate
 from shard.local import LocalSwarm
 from shard.v1 import api_pb2, registry_pb2, registry_pb2_grpc, stage_pb2, stage_pb2_grpc
-from shard.wire.tls import NodeTLS, open_channel
+from shard.wire.tls import open_channel
 
 from support.reference import reference_greedy
 
