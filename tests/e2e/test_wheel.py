@@ -102,10 +102,10 @@ def test_server_install_runs_a_swarm_from_outside_the_repository(dists, tinystor
     assert run(bin_dir / "shard", "--version", cwd=elsewhere).stdout.strip() == "shard 0.1.0"
     where = run(bin_dir / "python", "-c", "import shard, shard.client, shard.services.stage.main; "
                 "from importlib.resources import files; "
-                "print(shard.__file__); print(sorted(p.name for p in (files('shard') / 'protos/shard/v1').iterdir()))",
+                "print(shard.__file__); print(' '.join(sorted(p.name for p in (files('shard') / 'protos/shard/v1').iterdir())))",
                 cwd=elsewhere).stdout.splitlines()
     assert Path(where[0]).is_relative_to(tmp_path / "venv"), where
-    assert "coordinator.proto" in where[1]
+    assert where[1].split() == sorted(path.name for path in (REPO / "protos/shard/v1").glob("*.proto"))
 
     done = run(bin_dir / "shard", "up", "--model", tinystories_dir, "--stages", "2", "--max-tokens", "8",
                "--ignore-eos", "--json", cwd=elsewhere, timeout=240)
