@@ -18,7 +18,7 @@ from tenacity import (AsyncRetrying, RetryCallState, RetryError, retry_if_except
                       wait_exponential)
 
 from shard.errors import ShardError
-from shard.node.probe import ROLE_NAMES
+from shard.node.probe import PROBE_SECONDS, identity_of
 from shard.v1 import node_pb2, node_pb2_grpc, registry_pb2, registry_pb2_grpc
 from shard.wire.certs import Identity
 from shard.wire.tls import NodeTLS, open_channel
@@ -178,10 +178,10 @@ class Membership:
         key = (member.node_id, member.address)
         channel = self._peer_channels.get(key)
         if channel is None:
-            channel = self._peer_channels[key] = open_channel(
-                member.address, self._tls, expect=Identity(ROLE_NAMES[member.role], member.node_id))
+            channel = self._peer_channels[key] = open_channel(member.address, self._tls,
+                                                              expect=identity_of(member))
         stub = node_pb2_grpc.NodeServiceStub(channel)
-        call = lambda: stub.Ping(node_pb2.PingRequest(), timeout=2.0)  # noqa: E731
+        call = lambda: stub.Ping(node_pb2.PingRequest(), timeout=PROBE_SECONDS)  # noqa: E731
         best = None
         try:
             await call()  # the first call also sets up the connection: not a round trip

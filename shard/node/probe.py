@@ -19,9 +19,14 @@ PROBE_SECONDS = 2.0
 ROLE_NAMES = {registry_pb2.ROLE_STAGE: "stage", registry_pb2.ROLE_COORDINATOR: "coordinator"}
 
 
+def identity_of(member: registry_pb2.Member | registry_pb2.NodeCapabilities) -> Identity:
+    """The identity a member's certificate must name, as the registry knows it."""
+    return Identity(ROLE_NAMES[member.role], member.node_id)
+
+
 async def answers_ping(member: registry_pb2.NodeCapabilities, tls: NodeTLS | None,
                        timeout: float = PROBE_SECONDS) -> bool:
-    expect = Identity(ROLE_NAMES[member.role], member.node_id)
+    expect = identity_of(member)
     async with open_channel(member.address, tls, expect=expect) as channel:
         try:
             await node_pb2_grpc.NodeServiceStub(channel).Ping(node_pb2.PingRequest(), timeout=timeout)
