@@ -41,6 +41,10 @@ _BROKEN = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 _REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                       grpc.StatusCode.FAILED_PRECONDITION})
 _MAX_REJECTIONS = 3
+# A receiver that has not taken a new stream by then is unreachable: a peer that vanished
+# without a reset (a killed container, a dropped link) would otherwise hold the dial for
+# as long as TCP keeps trying. Generous for a TLS handshake across a continent.
+CONNECT_SECONDS = 5.0
 
 
 class EdgeBroken(ConnectionError):
@@ -71,6 +75,8 @@ class Edge:
         self._channel: grpc.aio.Channel | None = None
         self._call = None
         self._reader: asyncio.Task | None = None
+        # Held here: the loop keeps only a weak reference to a task.
+        self._recovering: asyncio.Task | None = None
         self._sealer: EdgeSealer | None = None
         self._counter = 0  # of the last frame written on the current stream
         self._acked = 0    # every frame up to this counter on the current stream was dealt with
@@ -124,8 +130,28 @@ class Edge:
         self._call, self._counter, self._acked = call, 0, 0
         self._sealer = EdgeSealer(self._secret, self.sender, self.receiver) if self._secret else None
         self._reader = asyncio.create_task(self._read_acks(call))
+        await self._connected(call)
         for frame in list(self._unacked):
             await self._write(frame)
+
+    async def _connected(self, call) -> None:
+        """Wait until the new stream is open, at most CONNECT_SECONDS. gRPC's own wait (and
+        so a first write) is not woken when the call is cancelled before it connects, so
+        it is raced against the call's end."""
+        ended = asyncio.get_running_loop().create_future()
+        call.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+        connecting = asyncio.ensure_future(call.wait_for_connection())
+        done, _ = await asyncio.wait({connecting, ended}, timeout=CONNECT_SECONDS,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if connecting in done:
+            connecting.result()  # the call's error, if it failed
+            return
+        connecting.cancel()
+        call.cancel()
+        if not done and self._on_unreachable and not self._closed:
+            self._on_unreachable(self.receiver, f"edge from {self.sender}: no connection within "
+                                                f"{CONNECT_SECONDS:g} s")
+        raise asyncio.InvalidStateError(f"edge {self.sender} -> {self.receiver}: the stream did not open")
 
     async def _read_acks(self, call) -> None:
         try:
@@ -153,8 +179,8 @@ class Edge:
                 # again would be refused again. The chunk's owner learns by its timeout.
                 dropped = self._unacked.popleft()
                 log.warning("dropped a refused frame of session %s", dropped.header.session_id)
-            if self._unacked and self._call is call:
-                asyncio.create_task(self._recover())
+            if self._unacked and self._call is call and not self._closed:
+                self._recovering = asyncio.create_task(self._recover())
 
     def _log_closed(self, error: grpc.aio.AioRpcError) -> None:
         if is_identity_mismatch(error):
@@ -202,11 +228,14 @@ class Edge:
             self._reader = None
 
     async def close(self) -> None:
+        """Stop for good, at once. It does not wait for the lock: a send or a re-open in
+        progress may be waiting on a peer that vanished without a reset (a killed container,
+        a dropped link), which no gRPC timeout ends soon; closing the channel fails it."""
         self._closed = True
-        if self._call is not None:
-            self._call.cancel()  # wakes a send blocked on a dead receiver
-        async with self._lock:
-            await self._close_call()
-            if self._channel is not None:
-                await self._channel.close()
-                self._channel = None
+        if self._recovering is not None:
+            self._recovering.cancel()
+            self._recovering = None
+        await self._close_call()
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
