@@ -228,20 +228,32 @@ class StaticBlock:
                     for _ in range(warmup):
                         self._step(self._pool[0], shape)
                 side.synchronize()
-                # capture_begin/end rather than torch.cuda.graph(), which empties the cache
-                # and collects garbage before every one of these many captures.
-                for cache in self._pool:
+                try:
+                    self._capture_all(memory_pool)
+                except RuntimeError as error:
+                    # A layer that syncs with the host (GptOss's expert loop asks which experts
+                    # were hit) cannot be captured: the same static path runs eagerly instead.
                     for shape in self._shapes.values():
-                        graph = torch.cuda.CUDAGraph()
-                        graph.capture_begin(pool=memory_pool)
-                        try:
-                            self._step(cache, shape)
-                        finally:
-                            graph.capture_end()
-                        shape.graphs[cache.slot] = graph
+                        shape.graphs.clear()
+                    log.warning("layers of %s cannot be captured as CUDA graphs, running eagerly: %s",
+                                type(self.block.model).__name__, str(error).splitlines()[0])
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
-        self.graphed = True
+        self.graphed = all(shape.graphs for shape in self._shapes.values())
+
+    def _capture_all(self, memory_pool) -> None:
+        # capture_begin/end rather than torch.cuda.graph(), which empties the cache and
+        # collects garbage before every one of these many captures.
+        for cache in self._pool:
+            for shape in self._shapes.values():
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the stage's other threads may use CUDA meanwhile.
+                graph.capture_begin(pool=memory_pool, capture_error_mode="thread_local")
+                try:
+                    self._step(cache, shape)
+                finally:
+                    graph.capture_end()
+                shape.graphs[cache.slot] = graph
 
     # ---- buffers ------------------------------------------------------------------
 
