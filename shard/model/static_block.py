@@ -2,9 +2,9 @@
 
 A chunk of n tokens runs in the smallest configured size T >= n (`chunk_sizes`, e.g.
 5, 16, 64, 256), its n real rows first and T - n padding rows after; a chunk longer than
-the largest size runs as pieces of that size (so no other shape ever runs). Rows are independent in every op but
-attention, and there a row sees only slots up to its own position (static_kv), so
-padding changes no real row's inputs. With a chunk size of K+1 a one-token decode step
+the largest size runs as pieces of that size, so no other shape ever runs. Rows are
+independent in every op but attention, and there a row sees only slots up to its own
+position (static_kv), so padding changes no real row's inputs. With a chunk size of K+1 a one-token decode step
 and a (K+1)-token verify chunk are the same computation for every row: on a GPU, where
 a kernel's arithmetic depends on the shapes it is given, this is what makes speculative
 decoding emit exactly the tokens of plain decoding (docs/gpu.md; with chunk sizes

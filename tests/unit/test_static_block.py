@@ -112,3 +112,26 @@ def test_a_pool_hands_out_each_cache_once_and_takes_it_back(tiny_model_dirs):
     again = static.new_cache()
     assert again is a and again.length == 0  # a new session starts empty
     assert static.bytes_per_session(block, 8) == a.nbytes == 9 * block.kv_bytes_per_position
+
+
+def test_a_random_block_made_in_memory_runs_like_a_loaded_one():
+    """Block.random (the GPU benchmark's 8B-shaped blocks, here small) on both paths."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                  max_position_embeddings=256)
+    block = Block.random(config, 3, device="cpu", dtype=torch.float32)
+    assert block.num_layers == 3 and not (block.is_first or block.is_last) and block.fingerprint == ""
+    assert block.weight_bytes == 3 * 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256 + 2 * 128)  # q o, k v, mlp, norms
+    generator = torch.Generator().manual_seed(0)
+    prefix, chunk = torch.randn(20, 128, generator=generator), torch.randn(9, 128, generator=generator)
+    static = StaticBlock(block, capacity=64, chunk_sizes=(9, 16))
+    cache, dynamic = static.new_cache(), block.new_cache()
+    static.forward(cache, 0, hidden=prefix)
+    block.forward(dynamic, 0, hidden=prefix)
+    torch.testing.assert_close(static.forward(cache, 20, hidden=chunk), block.forward(dynamic, 20, hidden=chunk))
+    ends = StaticBlock(Block.random(config, 2, first=True, last=True, dtype=torch.float32), capacity=8,
+                       chunk_sizes=(4,))
+    ids = ends.forward(ends.new_cache(), 0, input_ids=torch.tensor([1, 2, 3]), num_outputs=0)
+    assert ids.shape == (3,) and ids.dtype == torch.int64
