@@ -108,7 +108,7 @@ class StageCompute:
     def _load(self, spec: BlockSpec) -> None:
         log.info("%s loading layers [%d, %d)%s%s", self.node_id, spec.start, spec.end,
                  " + embedding" if spec.first else "", " + head" if spec.last else "")
-        self.runner = None  # the old block's graphs and caches go before the new block comes
+        self.runner = self.kv = None  # the old block's graphs and caches go before the new block comes
         block = Block.load(self._model_dir, spec.start, spec.end, first=spec.first, last=spec.last,
                            device=self._device, dtype=self._dtype, progress=self._progress)
         self.kv = self._allocate_kv(block)
@@ -125,8 +125,11 @@ class StageCompute:
             return KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
                            max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
         layout = self.kv_layout
-        capacity = layout.session_positions or min(block.max_positions or DEFAULT_SESSION_POSITIONS,
-                                                   DEFAULT_SESSION_POSITIONS)
+        context = block.max_positions or DEFAULT_SESSION_POSITIONS
+        capacity = min(layout.session_positions or DEFAULT_SESSION_POSITIONS, context)
+        if layout.session_positions and layout.session_positions > context:
+            log.warning("%s: sessions hold at most the model's %d positions, not %d", self.node_id, context,
+                        layout.session_positions)
         graphs = layout.graphs and block.device.type == "cuda"
         session_bytes = StaticBlock.bytes_per_session(block, capacity)
         # Graphs are captured on caches at fixed addresses: as many as the budget holds, made now.
