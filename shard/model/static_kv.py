@@ -66,3 +66,19 @@ def chunk_mask(positions: torch.Tensor, kv_index: torch.Tensor, window: int | No
         return allowed
     blocked = torch.full_like(allowed, torch.finfo(additive_dtype).min, dtype=additive_dtype)
     return blocked.masked_fill(allowed, 0.0)
+
+
+def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """SDPA over a static cache that reads each KV head once. With a mask, transformers'
+    SDPA path copies every KV head to each of its query heads (`repeat_kv`): over a whole
+    static cache, every step. Here the query heads of one KV head become rows instead
+    ([1, heads, T, d] -> [1, kv_heads, groups * T, d], the mask repeated to match), which
+    needs no copy of the cache; every row is still attended on its own. Same signature and
+    result layout ([1, T, heads, d], None) as transformers' attention functions."""
+    batch, heads, rows, dim = query.shape
+    groups = heads // key.shape[1]
+    query = query.reshape(batch, heads // groups, groups * rows, dim)
+    mask = attention_mask.expand(batch, 1, rows, -1).repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous(), None

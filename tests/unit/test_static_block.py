@@ -135,3 +135,22 @@ def test_a_random_block_made_in_memory_runs_like_a_loaded_one():
                        chunk_sizes=(4,))
     ids = ends.forward(ends.new_cache(), 0, input_ids=torch.tensor([1, 2, 3]), num_outputs=0)
     assert ids.shape == (3,) and ids.dtype == torch.int64
+
+
+def test_grouped_sdpa_is_transformers_sdpa_without_copying_kv_heads(tiny_model_dirs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from shard.model.static_kv import chunk_mask, grouped_sdpa
+
+    block = Block.load(tiny_model_dirs["llama"], 0, 2, last=False, progress=False)
+    static = StaticBlock(block, capacity=32, chunk_sizes=(5,))
+    assert static._attention == "shard_grouped_sdpa"  # what the static path's layers use for Llama
+    attention = block.model.layers[0].self_attn  # 4 query heads over 2 KV heads
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 5, 16, generator=generator)
+    key, value = torch.randn(2, 1, 2, 33, 16, generator=generator)
+    mask = chunk_mask(torch.tensor([7, 8, 9, 32, 32]), torch.arange(33), None, None)
+    ours, _ = grouped_sdpa(attention, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(ours, theirs)
+    assert block.model.config._attn_implementation == "sdpa"  # the block's own path keeps its own
