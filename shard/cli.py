@@ -109,6 +109,13 @@ def parser() -> argparse.ArgumentParser:
     flags.add("--max-sessions", "sessions held at most; their KV bytes are capped too (default 64)", type=int)
     flags.add("--session-idle-seconds", "free a session's KV cache after this long without a chunk (default 300)",
               type=float, metavar="SECONDS")
+    flags.add("--kv", "static: each session's KV preallocated, chunks padded to fixed sizes (CUDA graphs on a "
+              "GPU); dynamic: caches that grow (default auto: static on CUDA)", choices=("auto", "static", "dynamic"))
+    flags.add("--session-positions", "positions a session may hold with static KV (default: the model's "
+              "context, at most 4096)", type=int)
+    flags.add("--chunk-sizes", "static KV: the chunk shapes, comma-separated, the decode size (spec K + 1) "
+              "first (default 5,16,64,256)", metavar="N,N,...")
+    flags.add("--eager", "static KV without CUDA graphs", action="store_true")
     flags.add("--trust", "trust label; 'trusted' may hold the first and last blocks")
     flags.add("--speed", "relative speed to report instead of the one measured at start-up", type=float)
     flags.add("--quiet", "no progress bar", action="store_true")

@@ -165,6 +165,10 @@ class StageConfig(JoiningConfig):
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
     session_idle_seconds: float = 300.0
+    kv: str = "auto"  # static on CUDA
+    session_positions: int | None = None
+    chunk_sizes: str = "5,16,64,256"
+    eager: bool = False
     trust: str = ""
     speed: float | None = None
     quiet: bool = False
@@ -173,6 +177,16 @@ class StageConfig(JoiningConfig):
         super().__post_init__()
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.kv not in ("auto", "static", "dynamic"):
+            raise ConfigError(f"--kv must be auto, static or dynamic, not {self.kv!r}")
+        if self.session_positions is not None and self.session_positions < 1:
+            raise ConfigError("--session-positions must be at least 1")
+        try:
+            sizes = [int(size) for size in str(self.chunk_sizes).split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"--chunk-sizes must be positive integers separated by commas, not {self.chunk_sizes!r}")
         if self.memory_budget is not None:
             self.memory_budget = byte_size(self.memory_budget)
         if self.max_sessions < 1:

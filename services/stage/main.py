@@ -12,6 +12,7 @@ from shard.config import StageConfig, node_secrets, node_tls
 from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
+from shard.node.stage_compute import KVLayout
 from shard.placement import NO_FIT
 from shard.services.stage.servicer import StageServicer
 from shard.v1 import registry_pb2, stage_pb2, stage_pb2_grpc
@@ -31,7 +32,7 @@ async def start(config: StageConfig) -> RunningNode:
     node = StageNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=node_secrets(config),
                      device=device, dtype=_DTYPES[config.dtype], memory_budget_bytes=memory_budget,
                      max_sessions=config.max_sessions, session_idle_seconds=config.session_idle_seconds,
-                     progress=not config.quiet)
+                     progress=not config.quiet, kv_layout=_kv_layout(config, device))
     server, port, health = await start_server(
         config.listen, tls,
         lambda s: stage_pb2_grpc.add_StageServiceServicer_to_server(StageServicer(node), s),
@@ -86,6 +87,12 @@ async def start(config: StageConfig) -> RunningNode:
     running.on_stop(membership.stop)
     log.info("stage %s listening on %s", config.node_id, running.address)
     return running
+
+
+def _kv_layout(config: StageConfig, device: str) -> KVLayout:
+    static = config.kv == "static" or (config.kv == "auto" and device.startswith("cuda"))
+    return KVLayout(static=static, session_positions=config.session_positions, graphs=not config.eager,
+                    chunk_sizes=tuple(int(size) for size in config.chunk_sizes.split(",")))
 
 
 async def serve(config: StageConfig) -> None:

@@ -34,7 +34,7 @@ class PositionCount:
 class Block:
     def __init__(
         self,
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint | None,
         start: int,
         end: int,
         model: nn.Module,
@@ -49,9 +49,10 @@ class Block:
         self.start, self.end = start, end
         self.num_layers = end - start
         self.is_first, self.is_last = first, last
-        self.hidden_size = checkpoint.hidden_size
-        self.vocab_size = checkpoint.vocab_size
-        self.fingerprint = checkpoint.fingerprint
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+        # A block built in memory (benchmarks) has no checkpoint to name.
+        self.fingerprint = checkpoint.fingerprint if checkpoint is not None else ""
         self.model = model
         self.lm_head = lm_head
         params = {id(p): p for m in (model, lm_head) if m is not None for p in m.parameters()}
@@ -80,19 +81,8 @@ class Block:
         dtype = dtype or getattr(ckpt.config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-        config = copy.deepcopy(ckpt.config)
-        config.num_hidden_layers = end - start
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = config.layer_types[start:end]
-        with torch.device("meta"):
-            # from_config picks the attention implementation the same way from_pretrained does.
-            # Its layers are numbered 0..n-1: exactly their index in the block-local cache.
-            model = AutoModel.from_config(config, dtype=dtype)
-            lm_head = nn.Linear(ckpt.hidden_size, ckpt.vocab_size, bias="lm_head.bias" in ckpt.files, dtype=dtype)
-        if not first:
-            model.set_input_embeddings(None)
-        if not last:
-            model.norm = nn.Identity()
+        config, model, lm_head = _meta_block(ckpt.config, start, end, first, last, dtype,
+                                             head_bias="lm_head.bias" in ckpt.files)
 
         # Checkpoint name -> names in this block ("lm_head." ones address lm_head). A tied
         # matrix in a one-block model is both the embedding and lm_head.
@@ -129,11 +119,7 @@ class Block:
         except RuntimeError as e:
             raise ValueError(f"{ckpt.path}: block [{start},{end}) does not fit {type(model).__name__}: {e}") from e
         model.requires_grad_(False)
-        # inv_freq is a computed buffer, not in the checkpoint: rebuild rotary modules for real,
-        # on CPU as from_pretrained does, then move them.
-        for child_name, child in model.named_children():
-            if "RotaryEmbedding" in type(child).__name__:
-                setattr(model, child_name, type(child)(config=child.config).to(device))
+        _rebuild_rotary(model, device)
         if last:
             lm_head.load_state_dict(head_state, strict=True, assign=True)
             lm_head.requires_grad_(False)
@@ -146,6 +132,32 @@ class Block:
         if on_meta:
             raise ValueError(f"{ckpt.path}: block [{start},{end}) has tensors not in the checkpoint: {on_meta[:8]}")
         return cls(ckpt, start, end, model.eval(), lm_head, dtype, device, first=first, last=last)
+
+    @classmethod
+    def random(cls, config, num_layers: int, *, first: bool = False, last: bool = False, device="cpu",
+               dtype=torch.bfloat16, seed: int = 0, std: float = 0.02) -> Block:
+        """A block of `num_layers` layers shaped by `config`, with random weights made on the
+        device itself: benchmarks of large shapes without writing (or reading) a checkpoint."""
+        device = torch.device(device)
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = num_layers
+        config, model, lm_head = _meta_block(config, 0, num_layers, first, last, dtype, head_bias=False)
+        model.to_empty(device=device)
+        lm_head = lm_head.to_empty(device=device) if last else None
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in [*model.named_parameters(), *((lm_head.named_parameters()) if lm_head else ())]:
+                if "norm" in name:
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, std, generator=generator)
+        model.requires_grad_(False)
+        if lm_head is not None:
+            lm_head.requires_grad_(False)
+        _rebuild_rotary(model, device)
+        return cls(None, 0, num_layers, model.eval(), lm_head, dtype, device, first=first, last=last)
 
     def new_cache(self) -> DynamicCache | PositionCount:
         if not self.num_layers:
@@ -172,7 +184,7 @@ class Block:
         Returns hidden states [n, hidden_size], or on the last block the int64 argmax ids of
         the last `num_outputs` positions (all n when num_outputs == 0).
         """
-        n = self._check(start_pos, input_ids, hidden, num_outputs)
+        n = self.check_chunk(start_pos, input_ids, hidden, num_outputs)
         have = self.cache_length(cache)
         if have < start_pos:
             raise CacheGapError(f"cache holds {have} positions, chunk starts at {start_pos}")
@@ -199,7 +211,8 @@ class Block:
         h = self.model.norm(hidden.to(self.device, self.dtype))
         return self.lm_head(h[-num_outputs:] if num_outputs else h).argmax(-1)
 
-    def _check(self, start_pos, input_ids, hidden, num_outputs) -> int:
+    def check_chunk(self, start_pos, input_ids, hidden, num_outputs) -> int:
+        """The chunk's length; ValueError for anything this block cannot take."""
         if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
             raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
         if self.is_first:
@@ -225,3 +238,30 @@ class Block:
         if self.max_positions is not None and start_pos + n > self.max_positions:
             raise ValueError(f"positions up to {start_pos + n} exceed max_position_embeddings={self.max_positions}")
         return n
+
+
+def _meta_block(full_config, start: int, end: int, first: bool, last: bool, dtype, *, head_bias: bool):
+    """The block's config, its model and head on the meta device (no memory), without the
+    embedding unless first and without the final norm unless last."""
+    config = copy.deepcopy(full_config)
+    config.num_hidden_layers = end - start
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[start:end]
+    with torch.device("meta"):
+        # from_config picks the attention implementation the same way from_pretrained does.
+        # Its layers are numbered 0..n-1: exactly their index in the block-local cache.
+        model = AutoModel.from_config(config, dtype=dtype)
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=head_bias, dtype=dtype)
+    if not first:
+        model.set_input_embeddings(None)
+    if not last:
+        model.norm = nn.Identity()
+    return config, model, lm_head
+
+
+def _rebuild_rotary(model: nn.Module, device: torch.device) -> None:
+    """inv_freq is a computed buffer, not in the checkpoint: rebuild rotary modules for real,
+    on CPU as from_pretrained does, then move them."""
+    for child_name, child in model.named_children():
+        if "RotaryEmbedding" in type(child).__name__:
+            setattr(model, child_name, type(child)(config=child.config).to(device))

@@ -1,5 +1,10 @@
 """A stage's KV caches, one per session, measured in bytes against the stage's budget.
 
+A store is dynamic (a session holds the bytes of the positions its cache holds, growing
+and shrinking with them) or static (`session_positions` set: every session's cache is
+preallocated to that many positions, so it holds `session_bytes` from its creation to its
+end, and no chunk may take it past them).
+
 A session belongs to the coordinator incarnation that was current when it was created:
 when that coordinator is gone (a new incarnation registered, or its lease ended) nothing
 can continue its sessions, so they are dropped at once rather than left to idle out.
@@ -28,8 +33,15 @@ class Session:
 
 class KVStore:
     def __init__(self, new_cache: Callable[[], Any], *, bytes_per_position: int, budget_bytes: int,
-                 max_sessions: int, idle_seconds: float):
-        self._new_cache = new_cache
+                 max_sessions: int, idle_seconds: float, session_positions: int | None = None,
+                 session_bytes: int | None = None, release: Callable[[Any], None] = lambda cache: None):
+        """`session_bytes` (static stores) defaults to `session_positions` positions' bytes;
+        `release(cache)` is called for the cache of every session freed."""
+        self._new_cache, self._release = new_cache, release
+        self.session_positions = session_positions
+        if session_positions is not None and session_bytes is None:
+            session_bytes = session_positions * bytes_per_position
+        self.session_bytes = session_bytes
         self.bytes_per_position = bytes_per_position
         self.budget_bytes = budget_bytes
         self._max_sessions, self.idle_seconds = max_sessions, idle_seconds
@@ -43,7 +55,11 @@ class KVStore:
         return list(self._sessions.items())
 
     def bytes_of(self, session: Session) -> int:
-        return session.positions * self.bytes_per_position
+        return self._bytes_at(session.positions)
+
+    def _bytes_at(self, positions: int) -> int:
+        """What a session holds when its cache holds `positions` positions."""
+        return positions * self.bytes_per_position if self.session_bytes is None else self.session_bytes
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -53,23 +69,28 @@ class KVStore:
         hold `end_pos` positions. RESOURCE_EXHAUSTED when that would take the sessions
         past the byte budget or the session cap; nothing changes then."""
         session = self._sessions.get(session_id)
+        if self.session_positions is not None and end_pos > self.session_positions:
+            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{end_pos} positions of KV cache exceed the {self.session_positions} positions "
+                             f"a session may hold on this stage")
         if session is None and len(self._sessions) >= self._max_sessions:
             raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"this stage already holds {self._max_sessions} sessions")
         held = self.bytes_of(session) if session else 0
-        total = self.total_bytes - held + end_pos * self.bytes_per_position
+        total = self.total_bytes - held + self._bytes_at(end_pos)
         if total > self.budget_bytes:
             raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"{end_pos} positions of KV cache would take this stage's KV to {total} bytes, "
                              f"over its budget of {self.budget_bytes} bytes")
         if session is None:
             session = self._sessions[session_id] = Session(self._new_cache(), incarnation)
+            self.total_bytes += self.bytes_of(session)  # a static cache's, from now on; else none yet
         session.last_used = time.monotonic()
         return session
 
     def record(self, session: Session, positions: int) -> None:
         """The session's cache now holds `positions` positions."""
-        self.total_bytes += (positions - session.positions) * self.bytes_per_position
+        self.total_bytes += self._bytes_at(positions) - self.bytes_of(session)
         session.positions = positions
 
     def pop(self, session_id: str) -> int | None:
@@ -79,6 +100,7 @@ class KVStore:
             return None
         freed = self.bytes_of(session)
         self.total_bytes -= freed
+        self._release(session.cache)
         return freed
 
     def drop_other_incarnations(self, incarnation: str) -> list[str]:

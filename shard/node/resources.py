@@ -39,3 +39,23 @@ def measure_speed(hidden_size: int, device: str, repeats: int = 20) -> float:
             (chunk @ up @ down).sum().item()
         seconds = time.perf_counter() - began
     return 2 * 2 * 9 * hidden_size * 4 * hidden_size * repeats / seconds / 1e12
+
+
+def memory_report(device: torch.device | str, weight_bytes: int, kv_budget_bytes: int,
+                  kv_allocated_bytes: int) -> dict:
+    """A stage's peak device memory against what it is meant to hold: its block's weights
+    plus its KV (the budget, and what is preallocated of it). Ratios over 1 are overhead:
+    activations, graph pools, the CUDA context's allocator slack. Empty off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "max_memory_allocated": peak,
+        "max_memory_reserved": torch.cuda.max_memory_reserved(device),
+        "weight_bytes": weight_bytes,
+        "kv_budget_bytes": kv_budget_bytes,
+        "kv_allocated_bytes": kv_allocated_bytes,
+        "peak_over_weights_and_kv_allocated": peak / max(weight_bytes + kv_allocated_bytes, 1),
+        "peak_over_weights_and_kv_budget": peak / max(weight_bytes + kv_budget_bytes, 1),
+    }

@@ -20,7 +20,7 @@ import torch
 
 from shard.errors import ShardError
 from shard.model.checkpoint import Checkpoint
-from shard.node.stage_compute import BlockSpec, StageCompute
+from shard.node.stage_compute import BlockSpec, KVLayout, StageCompute
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
@@ -97,9 +97,11 @@ class StageNode:
         max_sessions: int = 64,
         session_idle_seconds: float = 300.0,
         progress: bool = True,
+        kv_layout: KVLayout = KVLayout(),
     ):
         """`memory_budget_bytes` holds the block's weights and every session's KV cache;
-        a session idle for `session_idle_seconds` is freed."""
+        a session idle for `session_idle_seconds` is freed; `kv_layout` says whether the
+        caches grow with their sessions or are preallocated (and graphed on CUDA)."""
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
         self._tls = tls
@@ -117,7 +119,7 @@ class StageNode:
         self.compute = StageCompute(
             node_id, model_dir=model_dir, device=device, dtype=dtype, memory_budget_bytes=memory_budget_bytes,
             max_sessions=max_sessions, session_idle_seconds=session_idle_seconds, progress=progress,
-            send=self._emit, call_on_loop=self._call_on_loop)
+            send=self._emit, call_on_loop=self._call_on_loop, kv_layout=kv_layout)
 
     @property
     def block(self):

@@ -3,9 +3,9 @@ validated frames in arrival order, fencing stale epochs, and hands each output f
 the stage's outbound edge. The one place a batcher (many sessions' frames in one forward)
 or a graphed forward replaces.
 
-Lifecycle, as in vLLM: load the block -> allocate the KV store -> serve frames. Everything
-that touches the block or the KV store runs on the compute thread, in order, so neither
-needs a lock."""
+Lifecycle, as in vLLM: load the block -> allocate the KV store (static: preallocate the
+sessions' caches and capture the CUDA graphs) -> serve frames. Everything that touches
+the block or the KV store runs on the compute thread, in order, so neither needs a lock."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from shard.errors import ShardError
 from shard.model.block import Block, CacheGapError
+from shard.model.static_block import StaticBlock
 from shard.node.kv_store import KVStore
+from shard.node.resources import memory_report
 from shard.node.serial_thread import SerialThread
 from shard.telemetry import context_of, tracer
 from shard.v1 import frame_pb2
@@ -40,6 +42,26 @@ _SESSION_ERROR_CODES = (
 )
 
 
+# The decode size first: 5 = the coordinator's default spec_k 4 plus one, so that a plain
+# decode step and a verify chunk run in the same shape; then prefill buckets.
+DEFAULT_CHUNK_SIZES = (5, 16, 64, 256)
+DEFAULT_SESSION_POSITIONS = 4096
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the stage keeps sessions' KV. Dynamic: caches that grow and shrink with their
+    positions (the CPU default, what CI tests against transformers). Static: each session's
+    cache preallocated to `session_positions` (default: the model's context, at most
+    DEFAULT_SESSION_POSITIONS), chunks run padded to `chunk_sizes`, as CUDA graphs on a GPU
+    unless not `graphs` (the CUDA default)."""
+
+    static: bool = False
+    session_positions: int | None = None
+    chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES
+    graphs: bool = True
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """Which block to load: decoder layers [start, end), with the embedding and the head
@@ -54,7 +76,8 @@ class BlockSpec:
 class StageCompute:
     def __init__(self, node_id: str, *, model_dir: str, device: str, dtype: torch.dtype | None,
                  memory_budget_bytes: int, max_sessions: int, session_idle_seconds: float, progress: bool,
-                 send: Callable[[frame_pb2.Frame], None], call_on_loop: Callable[..., None]):
+                 send: Callable[[frame_pb2.Frame], None], call_on_loop: Callable[..., None],
+                 kv_layout: KVLayout = KVLayout()):
         """`send(frame)` and `call_on_loop(fn, *args)` are called from the compute thread and
         hand over to the event loop (thread-safe, no wait)."""
         self.node_id = node_id
@@ -62,7 +85,9 @@ class StageCompute:
         self._memory_budget = memory_budget_bytes
         self._max_sessions, self._idle_seconds = max_sessions, session_idle_seconds
         self._send, self._call_on_loop = send, call_on_loop
+        self.kv_layout = kv_layout
         self.block: Block | None = None
+        self.runner: Block | StaticBlock | None = None  # what runs chunks: the block, or it over static KV
         self.kv: KVStore | None = None
         self.spec: BlockSpec | None = None
         # New sessions belong to this coordinator incarnation.
@@ -83,6 +108,7 @@ class StageCompute:
     def _load(self, spec: BlockSpec) -> None:
         log.info("%s loading layers [%d, %d)%s%s", self.node_id, spec.start, spec.end,
                  " + embedding" if spec.first else "", " + head" if spec.last else "")
+        self.runner = self.kv = None  # the old block's graphs and caches go before the new block comes
         block = Block.load(self._model_dir, spec.start, spec.end, first=spec.first, last=spec.last,
                            device=self._device, dtype=self._dtype, progress=self._progress)
         self.kv = self._allocate_kv(block)
@@ -94,8 +120,31 @@ class StageCompute:
         if block.kv_bytes_per_position and budget < block.kv_bytes_per_position:
             log.warning("%s: the block's %d bytes of weights leave no room for KV in a budget of %d bytes",
                         self.node_id, block.weight_bytes, self._memory_budget)
-        return KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
-                       max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+        if not self.kv_layout.static:
+            self.runner = block
+            return KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
+                           max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+        layout = self.kv_layout
+        context = block.max_positions or DEFAULT_SESSION_POSITIONS
+        capacity = min(layout.session_positions or DEFAULT_SESSION_POSITIONS, context)
+        if layout.session_positions and layout.session_positions > context:
+            log.warning("%s: sessions hold at most the model's %d positions, not %d", self.node_id, context,
+                        layout.session_positions)
+        graphs = layout.graphs and block.device.type == "cuda"
+        session_bytes = StaticBlock.bytes_per_session(block, capacity)
+        # Graphs are captured on caches at fixed addresses: as many as the budget holds, made now.
+        pool = min(self._max_sessions, budget // session_bytes) if graphs and block.num_layers else 0
+        runner = StaticBlock(block, capacity=capacity, chunk_sizes=layout.chunk_sizes, pool_size=pool)
+        began = time.perf_counter()
+        runner.capture()
+        if runner.graphed:
+            log.info("%s captured %d CUDA graphs (%d caches x chunk sizes %s) in %.1f s; %s", self.node_id,
+                     pool * len(runner.chunk_sizes), pool, runner.chunk_sizes, time.perf_counter() - began,
+                     memory_report(block.device, block.weight_bytes, budget, pool * session_bytes))
+        self.runner = runner
+        return KVStore(runner.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
+                       max_sessions=self._max_sessions, idle_seconds=self._idle_seconds,
+                       session_positions=capacity, session_bytes=session_bytes, release=runner.release)
 
     def submit(self, header: frame_pb2.FrameHeader, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
         """Queue a validated frame; `on_done(header)` runs on the loop once it is through."""
@@ -191,18 +240,20 @@ class StageCompute:
         return frame_pb2.Frame(header=out, payload=output)
 
     def _forward(self, header, wire: WireTensor) -> torch.Tensor:
-        kv, block = self.kv, self.block
+        kv, block, runner = self.kv, self.block, self.runner
         if kv.get(header.session_id) is None and header.start_pos > 0:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
                                 f"to continue at position {header.start_pos}")
         # Reserved before computing, so that a chunk over the budget costs nothing.
         session = kv.reserve(header.session_id, self._incarnation, header.start_pos + header.num_tokens)
-        tensor = wire.to_torch().to(block.device)
+        tensor = wire.to_torch()
+        if runner is block:  # the static runner stages its inputs itself, through pinned memory
+            tensor = tensor.to(block.device)
         inputs = {"input_ids": tensor} if block.is_first else {"hidden": tensor}
         try:
-            return block.forward(session.cache, header.start_pos, **inputs, num_outputs=header.num_outputs)
+            return runner.forward(session.cache, header.start_pos, **inputs, num_outputs=header.num_outputs)
         finally:
-            kv.record(session, block.cache_length(session.cache))
+            kv.record(session, runner.cache_length(session.cache))
 
     def _error_frame(self, header, error: Exception) -> frame_pb2.Frame:
         code = error.code if isinstance(error, ShardError) else next(

@@ -111,6 +111,8 @@ MISTAKES = {
                    "{foreign}/stage-0.pem was not issued by a CA in {foreign}/ca.pem"),
     "bad size": (["stage", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure", "--memory-budget",
                   "12q"], {}, "not a size: '12q'"),
+    "bad chunk sizes": (["stage", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure", "--chunk-sizes",
+                         "5,x"], {}, "--chunk-sizes must be positive integers separated by commas, not '5,x'"),
     "bad port": (["registry", "--model", "{model}", "--insecure", "--listen", "0.0.0.0:99999"], {},
                  "--listen '0.0.0.0:99999' is not HOST:PORT"),
     "bad variable": (["stage", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure"],

@@ -5,26 +5,29 @@ from __future__ import annotations
 import torch
 
 from shard.model.block import Block
+from shard.model.static_block import StaticBlock
 
 
 class LocalChain:
-    def __init__(self, model_dir, bounds: list[tuple[int, int]], **load_kwargs):
+    def __init__(self, model_dir, bounds: list[tuple[int, int]], *, static: dict | None = None, **load_kwargs):
+        """`static` (StaticBlock's keyword arguments): run the blocks over static KV caches."""
         load_kwargs.setdefault("progress", False)
         last = len(bounds) - 1
         self.blocks = [Block.load(model_dir, start, end, first=i == 0, last=i == last, **load_kwargs)
                        for i, (start, end) in enumerate(bounds)]
-        self.caches = [block.new_cache() for block in self.blocks]
+        self.runners = [StaticBlock(block, **static) if static else block for block in self.blocks]
+        self.caches = [runner.new_cache() for runner in self.runners]
 
     def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1) -> list[int]:
         """One traversal: the tail's argmax ids for the chunk `ids` written at start_pos."""
         x = torch.tensor(ids, dtype=torch.int64)
-        for block, cache in zip(self.blocks, self.caches):
+        for block, runner, cache in zip(self.blocks, self.runners, self.caches):
             inputs = {"input_ids": x} if block.is_first else {"hidden": x}
-            x = block.forward(cache, start_pos, **inputs, num_outputs=num_outputs)
+            x = runner.forward(cache, start_pos, **inputs, num_outputs=num_outputs)
         return x.tolist()
 
     def cache_lengths(self) -> list[int]:
-        return [block.cache_length(cache) for block, cache in zip(self.blocks, self.caches)]
+        return [runner.cache_length(cache) for runner, cache in zip(self.runners, self.caches)]
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Plain decoding: prefill the prompt as one chunk, then one token per traversal."""

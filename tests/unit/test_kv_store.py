@@ -91,3 +91,35 @@ def test_sessions_of_another_coordinator_incarnation_are_dropped(block):
     assert [sid for sid, _ in kv.items()] == ["new"] and kv.total_bytes == 5 * block.kv_bytes_per_position
     assert kv.drop_other_incarnations("") == ["new"]  # no coordinator: every session is void
     assert kv.total_bytes == 0
+
+
+def test_a_static_store_holds_each_session_whole_from_its_start(block):
+    from shard.model.static_block import StaticBlock
+
+    static = StaticBlock(block, capacity=20, chunk_sizes=(4,), pool_size=2)
+    session_bytes = StaticBlock.bytes_per_session(block, 20)
+    released = []
+    kv = KVStore(static.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=2 * session_bytes,
+                 max_sessions=8, idle_seconds=60, session_positions=20, session_bytes=session_bytes,
+                 release=lambda cache: (released.append(cache), static.release(cache)))
+
+    def step(session_id, start_pos, ids):
+        session = kv.reserve(session_id, "a", start_pos + len(ids))
+        static.forward(session.cache, start_pos, input_ids=torch.tensor(ids))
+        kv.record(session, static.cache_length(session.cache))
+        return session
+
+    a = step("a", 0, PROMPT)
+    assert kv.total_bytes == kv.bytes_of(a) == session_bytes == a.cache.nbytes
+    step("a", 5, [13, 14])
+    step("a", 2, [99])  # a rollback: the cache keeps its size
+    assert a.positions == 3 and kv.total_bytes == session_bytes
+    with pytest.raises(ShardError, match="exceed the 20 positions") as refused:
+        kv.reserve("a", "a", 21)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    step("b", 0, PROMPT)
+    with pytest.raises(ShardError, match="over its budget"):
+        kv.reserve("c", "a", 1)  # a third whole session does not fit, however short
+    assert kv.pop("a") == session_bytes and released == [a.cache]
+    assert kv.expire_idle() == [] and kv.total_bytes == session_bytes
+    assert step("c", 0, [1]).cache is a.cache  # the freed cache, back from the pool

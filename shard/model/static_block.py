@@ -1,0 +1,305 @@
+"""A block run over static KV caches in a few fixed chunk shapes, eagerly or as CUDA graphs.
+
+A chunk of n tokens runs in the smallest configured size T >= n (`chunk_sizes`, e.g.
+5, 16, 64, 256), its n real rows first and T - n padding rows after; a chunk longer than
+the largest size runs as pieces of that size, so no other shape ever runs. Rows are
+independent in every op but attention, and there a row sees only slots up to its own
+position (static_kv), so padding changes no real row's inputs. With a chunk size of K+1 a one-token decode step
+and a (K+1)-token verify chunk are the same computation for every row: on a GPU, where
+a kernel's arithmetic depends on the shapes it is given, this is what makes speculative
+decoding emit exactly the tokens of plain decoding (docs/gpu.md; with chunk sizes
+(K+1,) alone every position of every chunk, prompts included, runs in that one shape).
+
+On CUDA, `capture()` records one graph per (pooled cache, chunk size) after warming up
+on a side stream; a forward then copies its inputs into the size's static buffers
+(from pinned host memory, without waiting), replays, and waits only when the result is
+copied back to pinned memory for the wire.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.model.block import Block, CacheGapError, PositionCount
+from shard.model.static_kv import StaticKV, chunk_mask, grouped_sdpa
+
+log = logging.getLogger(__name__)
+
+# Masks as transformers builds them for each attention implementation.
+_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+# Architectures whose SDPA attention takes nothing grouped_sdpa ignores (GptOss's sinks, say).
+_GROUPED_SDPA_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
+_GROUPED_SDPA = "shard_grouped_sdpa"
+try:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_GROUPED_SDPA, grouped_sdpa)
+except ImportError:  # a transformers without attention registration: its own SDPA path serves
+    _GROUPED_SDPA_MODELS = set()
+
+
+@dataclass
+class _Shape:
+    """One chunk size's static device buffers (what its graphs read and write) and the
+    pinned host buffers they are filled from and emptied into."""
+
+    size: int
+    inputs: torch.Tensor  # [T] int64 ids on the first block, else [T, hidden]
+    positions: torch.Tensor  # [T] int64: rows' positions, also the slots they write
+    output: torch.Tensor  # [T, hidden], or [T] int64 argmax ids on the last block
+    host_inputs: torch.Tensor | None = None
+    host_positions: torch.Tensor | None = None
+    host_output: torch.Tensor | None = None
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by cache slot
+
+
+class StaticBlock:
+    def __init__(self, block: Block, *, capacity: int, chunk_sizes: tuple[int, ...], pool_size: int = 0):
+        """`capacity`: positions per session; `pool_size`: caches preallocated (and graphed
+        by capture()); without a pool, new_cache() allocates one per session."""
+        if block.num_layers:
+            implementation = block.model.config._attn_implementation
+            if implementation not in _MASK_KINDS:
+                raise ValueError(f"static KV supports attention {sorted(_MASK_KINDS)}, not {implementation!r}")
+            self._additive = None if _MASK_KINDS[implementation] == "bool" else block.dtype
+            grouped = implementation == "sdpa" and block.model.config.model_type in _GROUPED_SDPA_MODELS
+            self._attention = _GROUPED_SDPA if grouped else implementation
+        if capacity < 1 or (block.max_positions is not None and capacity > block.max_positions):
+            raise ValueError(f"capacity must lie in [1, {block.max_positions}], got {capacity}")
+        if not chunk_sizes or min(chunk_sizes) < 1:
+            raise ValueError(f"chunk sizes must be positive, got {chunk_sizes}")
+        self.block, self.capacity = block, capacity
+        self.device = block.device
+        self.on_cuda = block.device.type == "cuda"
+        self.graphed = False
+        with torch.inference_mode():
+            self._shapes = {size: self._new_shape(size) for size in sorted(set(chunk_sizes))}
+            self._kv_index = torch.arange(capacity + 1, device=self.device)
+            self._pool = [self._allocate(slot) for slot in range(pool_size if block.num_layers else 0)]
+        self._free = self._pool[::-1]
+        # Recorded after the copies to the device, and after the copy back to pinned memory.
+        self._staged = torch.cuda.Event() if self.on_cuda else None
+        self._copied = torch.cuda.Event() if self.on_cuda else None
+        if block.num_layers:
+            config = block.model.config
+            layers = block.model.layers[: config.num_hidden_layers]
+            self._windows = [_window_of(layer, config) for layer in layers]
+            parameters = inspect.signature(layers[0].forward).parameters
+            # transformers renamed past_key_values to cache; older layers also want cache_position.
+            self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
+            self._pass_cache_position = "cache_position" in parameters
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return list(self._shapes)
+
+    @staticmethod
+    def bytes_per_session(block: Block, capacity: int) -> int:
+        """What one session's cache takes: capacity positions plus the scratch slot."""
+        return (capacity + 1) * block.kv_bytes_per_position
+
+    # ---- caches -------------------------------------------------------------------
+
+    def new_cache(self) -> StaticKV | PositionCount:
+        if not self.block.num_layers:
+            return PositionCount()
+        if self._pool:
+            if not self._free:
+                raise RuntimeError("every pooled KV cache is in use")  # the KV store's cap prevents this
+            cache = self._free.pop()
+            cache.length = 0
+            return cache
+        with torch.inference_mode():
+            return self._allocate(None)
+
+    def release(self, cache) -> None:
+        """A session's cache is free again (back to the pool, if it came from one)."""
+        if isinstance(cache, StaticKV) and cache.slot is not None:
+            self._free.append(cache)
+
+    def cache_length(self, cache) -> int:
+        return self.block.cache_length(cache) if isinstance(cache, PositionCount) else cache.length
+
+    def _allocate(self, slot: int | None) -> StaticKV:
+        config, block = self.block.model.config, self.block
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return StaticKV(num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim, capacity=self.capacity,
+                        dtype=block.dtype, device=self.device, slot=slot)
+
+    # ---- forward ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, cache, start_pos: int, *, input_ids: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None, num_outputs: int = 1) -> torch.Tensor:
+        """Block.forward over a static cache: the same arguments and results, the results
+        on the CPU (on CUDA: a view of pinned memory, valid until this block's next forward)."""
+        block = self.block
+        if isinstance(cache, PositionCount):
+            return block.forward(cache, start_pos, input_ids=input_ids, hidden=hidden, num_outputs=num_outputs).cpu()
+        n = block.check_chunk(start_pos, input_ids, hidden, num_outputs)
+        if cache.length < start_pos:
+            raise CacheGapError(f"cache holds {cache.length} positions, chunk starts at {start_pos}")
+        if start_pos + n > cache.capacity:
+            raise ValueError(f"positions up to {start_pos + n} exceed this stage's {cache.capacity} per session")
+        x = input_ids if block.is_first else hidden
+        first_output = n - num_outputs if block.is_last and num_outputs else 0
+        largest = max(self._shapes)
+        pieces = []
+        with _on(self.device):
+            for begin in range(0, n, largest):
+                end = min(begin + largest, n)
+                shape = next(s for size, s in self._shapes.items() if size >= end - begin)
+                self._run(cache, shape, x[begin:end], start_pos + begin)
+                if end > first_output:
+                    rows = self._fetch(shape, max(first_output - begin, 0), end - begin)
+                    pieces.append(rows if n <= largest else rows.clone())  # the next piece reuses the buffer
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _run(self, cache: StaticKV, shape: _Shape, x: torch.Tensor, start_pos: int) -> None:
+        n = x.shape[0]
+        self._stage_inputs(shape, x, start_pos, n, cache.scratch)
+        graph = shape.graphs.get(cache.slot) if cache.slot is not None else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(cache, shape)
+        cache.length = start_pos + n
+
+    def _stage_inputs(self, shape: _Shape, x: torch.Tensor, start_pos: int, n: int, scratch: int) -> None:
+        """The chunk's rows and positions into the shape's static buffers; padding rows keep
+        whatever finite values they held and stand at the scratch slot."""
+        positions = torch.full((shape.size,), scratch, dtype=torch.int64)
+        positions[:n] = torch.arange(start_pos, start_pos + n)
+        if shape.host_inputs is None:
+            shape.inputs[:n].copy_(x)
+            shape.positions.copy_(positions)
+            return
+        # Into pinned memory, then to the device without waiting. The last copies from host
+        # buffers are done by now (a fetch waited after them) unless a piece of a long chunk
+        # fetched nothing: then this wait, already over in the usual case, is what protects them.
+        self._staged.synchronize()
+        shape.host_inputs[:n].copy_(x)
+        shape.host_positions.copy_(positions)
+        shape.inputs[:n].copy_(shape.host_inputs[:n], non_blocking=True)
+        shape.positions.copy_(shape.host_positions, non_blocking=True)
+        self._staged.record()
+
+    def _fetch(self, shape: _Shape, first: int, n: int) -> torch.Tensor:
+        rows = shape.output[first:n]
+        if shape.host_output is None:
+            return rows.to("cpu", copy=True)
+        out = shape.host_output[: n - first]
+        out.copy_(rows, non_blocking=True)
+        self._copied.record()
+        self._copied.synchronize()  # the one wait: the bytes are about to leave the GPU
+        return out
+
+    def _step(self, cache: StaticKV, shape: _Shape) -> None:
+        """The whole block on the shape's static buffers: what a graph records."""
+        model, block = self.block.model, self.block
+        cache.write_slots = shape.positions
+        h = model.get_input_embeddings()(shape.inputs) if block.is_first else shape.inputs
+        h = h[None]
+        position_ids = shape.positions[None]
+        position_embeddings = model.rotary_emb(h, position_ids)
+        masks = {window: chunk_mask(shape.positions, self._kv_index, window, self._additive)
+                 for window in set(self._windows)}
+        extra = {"cache_position": shape.positions} if self._pass_cache_position else {}
+        # Layers look their attention function up by this name on every call (a graph keeps
+        # the one seen at capture); the block's own forward must find its own again.
+        config, own = model.config, model.config._attn_implementation
+        config._attn_implementation = self._attention
+        try:
+            for layer, window in zip(model.layers, self._windows):
+                h = layer(h, attention_mask=masks[window], position_ids=position_ids,
+                          position_embeddings=position_embeddings, use_cache=True,
+                          **{self._cache_kw: cache}, **extra)
+                h = h[0] if isinstance(h, tuple) else h  # older layers return a tuple
+        finally:
+            config._attn_implementation = own
+        h = model.norm(h)[0]
+        shape.output.copy_(block.lm_head(h).argmax(-1) if block.is_last else h)
+
+    # ---- CUDA graphs ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, warmup: int = 3) -> None:
+        """One CUDA graph per pooled cache and chunk size, sharing one memory pool (they
+        never run at once). Warm-up first on a side stream, as capture requires; inputs
+        stand at the scratch slot throughout, so no cache slot is written."""
+        if not self.on_cuda or not self.block.num_layers or not self._pool:
+            return
+        with _on(self.device):
+            for shape in self._shapes.values():
+                shape.positions.fill_(self.capacity)
+                shape.inputs.zero_()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            memory_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.stream(side):
+                for shape in self._shapes.values():
+                    for _ in range(warmup):
+                        self._step(self._pool[0], shape)
+                side.synchronize()
+                try:
+                    self._capture_all(memory_pool)
+                except RuntimeError as error:
+                    # A layer that syncs with the host (GptOss's expert loop asks which experts
+                    # were hit) cannot be captured: the same static path runs eagerly instead.
+                    for shape in self._shapes.values():
+                        shape.graphs.clear()
+                    log.warning("layers of %s cannot be captured as CUDA graphs, running eagerly: %s",
+                                type(self.block.model).__name__, str(error).splitlines()[0])
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+        self.graphed = all(shape.graphs for shape in self._shapes.values())
+
+    def _capture_all(self, memory_pool) -> None:
+        # capture_begin/end rather than torch.cuda.graph(), which empties the cache and
+        # collects garbage before every one of these many captures.
+        for cache in self._pool:
+            for shape in self._shapes.values():
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the stage's other threads may use CUDA meanwhile.
+                graph.capture_begin(pool=memory_pool, capture_error_mode="thread_local")
+                try:
+                    self._step(cache, shape)
+                finally:
+                    graph.capture_end()
+                shape.graphs[cache.slot] = graph
+
+    # ---- buffers ------------------------------------------------------------------
+
+    def _new_shape(self, size: int, *, pinned: bool = True) -> _Shape:
+        block, device = self.block, self.device
+        ids, rows = dict(size=(size,), dtype=torch.int64), dict(size=(size, block.hidden_size), dtype=block.dtype)
+        inputs = torch.zeros(**(ids if block.is_first else rows), device=device)
+        positions = torch.zeros(size, dtype=torch.int64, device=device)
+        output = torch.zeros(**(ids if block.is_last else rows), device=device)
+        shape = _Shape(size, inputs, positions, output)
+        if pinned and self.on_cuda:
+            shape.host_inputs = torch.empty(inputs.shape, dtype=inputs.dtype, pin_memory=True)
+            shape.host_positions = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            shape.host_output = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+        return shape
+
+
+def _window_of(layer, config) -> int | None:
+    """A layer's sliding window, None for full attention: its attention module says so
+    where layer types differ (Qwen2/3, GptOss), else the config does for all (Mistral)."""
+    attention = getattr(layer, "self_attn", None)
+    if attention is not None and hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(config, "sliding_window", None)
+
+
+def _on(device: torch.device):
+    """The device's context on CUDA (a stage may use cuda:1), nothing elsewhere."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

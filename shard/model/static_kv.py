@@ -1,0 +1,84 @@
+"""A session's KV cache at a fixed address and shape: what a CUDA graph can be replayed on.
+
+Every layer's keys and values are preallocated as [1, kv_heads, capacity + 1, head_dim].
+Slots 0..capacity-1 hold positions 0..capacity-1; the last slot is scratch: the padding
+rows of a chunk write there, so padding never lands on a position's slot. Which slots a
+forward writes, and which positions its queries stand at, come from one device tensor
+(`write_slots`), so a graph captured once serves every start_pos: rolling back is just
+starting the next chunk at an earlier position, which overwrites those slots.
+
+The invariant that makes this exact (see docs/gpu.md):
+- a query at position p sees slots 0..p (and only p - window + 1..p in a sliding layer)
+  and nothing else, however long the buffer and whatever stale keys lie beyond p;
+- slots 0..length-1 always hold the keys of the tokens committed at those positions: a
+  chunk starting at start_pos <= length writes its real tokens at start_pos.. before any
+  query reads them (the layer writes its keys, then attends), and padding writes only the
+  scratch slot, which no real query ever sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKV:
+    """Implements the one cache method transformers' attention layers call, `update`:
+    write this chunk's keys and values at `write_slots`, return the whole buffers (the
+    mask, not the shape, says which slots count)."""
+
+    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device, slot: int | None = None):
+        shape = (1, kv_heads, capacity + 1, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.scratch = capacity  # the slot padding rows write
+        self.slot = slot  # its index in a pool of graphed caches, None outside one
+        self.length = 0  # positions 0..length-1 hold committed tokens' keys
+        self.write_slots: torch.Tensor | None = None  # [T] int64, set by the forward that uses it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # Older transformers pass cache_kwargs positionally, newer ones kwargs=...: neither is needed.
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.write_slots, key_states)
+        values.index_copy_(2, self.write_slots, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+def chunk_mask(positions: torch.Tensor, kv_index: torch.Tensor, window: int | None,
+               additive_dtype: torch.dtype | None) -> torch.Tensor:
+    """[1, 1, T, S] mask of which slots each query row may see: slot j <= its position p
+    (and j > p - window in a sliding layer), as transformers' causal and sliding-window
+    masks define them. Boolean (True: attend) for SDPA; for eager attention, additive in
+    `additive_dtype` (0 or the dtype's minimum). Device ops only: graph-capturable."""
+    allowed = kv_index[None, :] <= positions[:, None]
+    if window is not None:
+        allowed &= kv_index[None, :] > positions[:, None] - window
+    allowed = allowed[None, None]
+    if additive_dtype is None:
+        return allowed
+    blocked = torch.full_like(allowed, torch.finfo(additive_dtype).min, dtype=additive_dtype)
+    return blocked.masked_fill(allowed, 0.0)
+
+
+def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """SDPA over a static cache that reads each KV head once. With a mask, transformers'
+    SDPA path copies every KV head to each of its query heads (`repeat_kv`): over a whole
+    static cache, every step. Here the query heads of one KV head become rows instead
+    ([1, heads, T, d] -> [1, kv_heads, groups * T, d], the mask repeated to match), which
+    needs no copy of the cache; every row is still attended on its own. Same signature and
+    result layout ([1, T, heads, d], None) as transformers' attention functions."""
+    batch, heads, rows, dim = query.shape
+    groups = heads // key.shape[1]
+    query = query.reshape(batch, heads // groups, groups * rows, dim)
+    mask = attention_mask.expand(batch, 1, rows, -1).repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous(), None

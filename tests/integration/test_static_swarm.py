@@ -1,0 +1,50 @@
+"""Stages with static KV (`--kv static`, what a GPU stage runs, here eagerly on the CPU in
+float32) through the real services: plain, speculative and pipelined decoding stay
+exactly transformers' generate(); a session longer than its preallocated cache fails
+alone with RESOURCE_EXHAUSTED; every session's cache goes back at the end."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from shard.client import generate
+from shard.v1 import api_pb2
+
+from support.reference import reference_greedy
+from support.swarm import inprocess_swarm
+
+PROMPT = [1, 415, 1022, 264, 727]
+NEW = 40
+SESSION_POSITIONS = 64
+
+
+async def run_all(model_dir, workdir, settings):
+    stage_args = [["--kv=static", "--chunk-sizes=5,16", f"--session-positions={SESSION_POSITIONS}"]] * 2
+    async with inprocess_swarm(model_dir, 2, workdir, stage_args=stage_args,
+                               coordinator_args=[f"--draft={model_dir}", "--draft=ngram"]) as swarm:
+        results = {}
+        for draft, k, in_flight in settings:
+            request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=NEW,
+                                              draft=draft, spec_k=k, in_flight=in_flight)
+            results[draft, k, in_flight] = await generate(swarm.coordinator.address, swarm.tls(), request)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await generate(swarm.coordinator.address, swarm.tls(), api_pb2.GenerateRequest(
+                prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=SESSION_POSITIONS, draft="none"))
+        await asyncio.sleep(0.3)
+        infos = [stage.node.info() for stage in swarm.stages]
+    return results, refused.value, infos
+
+
+def test_static_stages_are_lossless_in_every_mode(tinystories_dir, tmp_path):
+    target = str(tinystories_dir)
+    # K=8 makes verify chunks of 9: over the decode size, they run in the 16-token shape.
+    settings = [("none", 0, 1), (target, 4, 1), (target, 4, 4), (target, 8, 4), ("ngram", 4, 4)]
+    results, refused, infos = asyncio.run(run_all(tinystories_dir, tmp_path, settings))
+    expected = reference_greedy(tinystories_dir, PROMPT, NEW)
+    for key, generation in results.items():
+        assert list(generation.summary.output_ids) == expected, key
+    assert results[target, 4, 4].summary.acceptance_rate == 1.0
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"exceed the {SESSION_POSITIONS} positions" in refused.details()
+    assert all(not info.sessions and info.kv_bytes == 0 for info in infos)
