@@ -21,9 +21,14 @@ from shard.v1 import api_pb2
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-PROMPT = [1, 415, 1022, 264, 727]
+PROMPT = [1, 415, 1022, 264, 727]  # TinyStories ids; folded into a smaller vocabulary by prompt()
 NEW = 48
 SIZES = (5, 16)
+
+
+def prompt(model_dir) -> list[int]:
+    vocab = Checkpoint.open(model_dir).vocab_size
+    return [token % vocab for token in PROMPT]
 
 
 def static_blocks(model_dir, dtype, *, graphs: bool) -> list[StaticBlock]:
@@ -65,7 +70,7 @@ def test_graph_replay_is_bitwise_eager_under_forced_rejections(tiny_model_dirs, 
         return results[0]
 
     length = len(PROMPT)
-    traverse(0, PROMPT)
+    traverse(0, prompt(model_dir))
     for _ in range(80):
         # Roll back up to 6 positions (rejected guesses), then a chunk of 1..9 tokens (9: the 16 shape).
         start = rng.randint(max(1, length - 6), length)
@@ -78,7 +83,8 @@ def test_graph_replay_is_bitwise_eager_under_forced_rejections(tiny_model_dirs, 
 
 
 def _generate(swarm: LocalSwarm, **fields) -> list[int]:
-    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=NEW, **fields)
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=prompt(swarm.model_dir)), max_tokens=NEW,
+                                      **fields)
     generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), request,
                                       wait_ready_seconds=300))
     return list(generation.summary.output_ids)
@@ -92,10 +98,10 @@ def _settings(model_dir) -> dict[str, dict]:
 
 def _one_process_generate(model_dir, dtype) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
-    ids = torch.tensor([PROMPT], device="cuda")
+    ids = torch.tensor([prompt(model_dir)], device="cuda")
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
-    return out[0, len(PROMPT):].tolist()
+    return out[0, ids.shape[1]:].tolist()
 
 
 @pytest.mark.slow
