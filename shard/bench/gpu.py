@@ -167,12 +167,13 @@ def _portable(spec: str) -> str:
 
 
 def stage_args(device: torch.device, checkpoint: Checkpoint) -> list[str]:
-    """On a GPU, every stage process shares one device: each is told what it may take
-    (any block's weights fit, plus KV) and how many sessions to preallocate, instead of
-    each claiming 90% of what is free."""
+    """Every stage process shares one device, so speeds measured at start-up (at once, on
+    the same chip) say nothing: all report the same, and blocks are cut by bytes. On a GPU
+    each is told what it may take (any block's weights fit, plus KV) and how many sessions
+    to preallocate, instead of each claiming 90% of what is free."""
     if device.type != "cuda":
-        return []
-    return ["--max-sessions=4", f"--memory-budget={checkpoint.total_bytes + 4 * GiB}"]
+        return ["--speed=1"]
+    return ["--speed=1", "--max-sessions=4", f"--memory-budget={checkpoint.total_bytes + 4 * GiB}"]
 
 
 def coordinator_args(device: torch.device, dtype: str) -> list[str]:

@@ -57,7 +57,8 @@ def _prefixes(row: dict) -> str:
     parts = []
     for matched, total, margin in zip(row["extra"]["matched_prefix"], map(len, row["outputs"]),
                                       row["extra"]["divergence_margins"]):
-        parts.append(f"{matched}/{total}" + (f" (margin {margin:.3g})" if margin is not None and matched < total else ""))
+        diverged = margin is not None and matched < total
+        parts.append(f"{matched}/{total}" + (f" (margin {margin:.3g})" if diverged else ""))
     return ", ".join(parts)
 
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch

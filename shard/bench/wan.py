@@ -137,5 +137,6 @@ def _doc(payload: dict, with_plot: bool) -> str:
         "overhead and traversal time (`shard/bench/bound.py`); efficiency = measured / bound.",
         "Every node is its own process, and the bound assumes each has a core to itself, as",
         "machines far apart do; on fewer cores than nodes the draft, the stages and the relays",
-        "take turns and the efficiency drops. GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md).", "",
+        "take turns and the efficiency drops.", "",
+        "GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md).", "",
         markdown(payload), "", *figure])

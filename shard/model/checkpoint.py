@@ -166,7 +166,8 @@ class Checkpoint:
     def block_bytes(self, start: int, end: int, first: bool | None = None, last: bool | None = None) -> int:
         return sum(map(self.tensor_bytes, self.block_names(start, end, first, last)))
 
-    def iter_tensors(self, names: Iterable[str], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, names: Iterable[str],
+                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for the asked tensors, in their stored dtype on `device`,
         opening each file once."""
         by_file: dict[Path, list[str]] = defaultdict(list)
