@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     _request_args(generate)
 
     bench = commands.add_parser("bench", help="benchmarks: wan (decoding modes over emulated WAN links), seal, "
-                                "memory")
+                                "memory, gpu")
     from shard.bench.main import add_arguments
 
     add_arguments(bench)

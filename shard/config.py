@@ -52,13 +52,17 @@ def check_address(address: str, flag: str, *, any_port: bool = True) -> None:
 
 
 def check_model_dir(path: Path, flag: str = "--model") -> None:
-    """A Hugging Face model folder: a config.json and safetensors weights."""
+    """A Hugging Face model folder: a config.json and safetensors weights (or a dummy-weight
+    marker, shard.model.dummy, whose tensors are made on demand)."""
     if not path.is_dir():
         raise ConfigError(f"{flag} {path}: no such folder")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{flag} {path}: no config.json (not a Hugging Face model folder)")
     if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{flag} {path}: no *.safetensors weights")
+        from shard.model.dummy import is_dummy  # torch, but only for a folder without weights
+
+        if not is_dummy(path):
+            raise ConfigError(f"{flag} {path}: no *.safetensors weights")
 
 
 def from_values(cls, values: Mapping[str, Any]):

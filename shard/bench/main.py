@@ -1,4 +1,4 @@
-"""`shard bench {wan,seal,memory}`: one subcommand per benchmark, each writing its JSON
+"""`shard bench {wan,seal,memory,gpu}`: one subcommand per benchmark, each writing its JSON
 results under --out and its rendered Markdown (and plot) under --docs.
 
 Only the arguments live here: the benchmarks' modules (torch, model code) are imported
@@ -40,11 +40,28 @@ def _memory_arguments(parser) -> None:
     parser.add_argument("--stages", type=int, default=4, help="stages of the split swarm")
 
 
+def _gpu_arguments(parser) -> None:
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (tiny shapes: the CI run)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="default auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES),
+                        help="repeatable (default: lan, wan-3, wan-6)")
+    parser.add_argument("--draft", action="append", metavar="LABEL=SPEC",
+                        help="repeatable; a --draft value of the coordinator, {target} and {draft} standing for "
+                             "the dummy target and draft folders (default: target={target}, "
+                             "oracle-1.0=oracle:1.0:{draft}, oracle-0.8=oracle:0.8:{draft})")
+    parser.add_argument("--max-tokens", type=int, help="new tokens per generation (default 64; 16 with --quick)")
+    parser.add_argument("--prompts", type=int, help="generations per mode (default 2; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and prompts: a run that fits one call")
+
+
 # name -> (one-line help, its own arguments)
 BENCHMARKS = {
     "wan": ("every decoding mode side by side over emulated WAN links", _wan_arguments),
     "seal": ("what the AEAD layer costs per frame, alone and on a loopback gRPC hop", _seal_arguments),
     "memory": ("a stage's peak memory against its block's share of the model", _memory_arguments),
+    "gpu": ("8B-shaped dummy-weight models on a GPU: one process, micro benchmarks, every mode end to end",
+            _gpu_arguments),
 }
 
 
@@ -60,6 +77,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from shard.bench import memory, seal, wan
+    from shard.bench import gpu, memory, seal, wan
 
-    return {"wan": wan, "seal": seal, "memory": memory}[args.benchmark].main(args)
+    return {"wan": wan, "seal": seal, "memory": memory, "gpu": gpu}[args.benchmark].main(args)

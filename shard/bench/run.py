@@ -6,6 +6,7 @@ import asyncio
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class Row:
     efficiency: float = 0.0
     lossless: bool = True
     extra: dict = field(default_factory=dict)
+    outputs: list[list[int]] = field(default_factory=list)  # each generation's new tokens
 
 
 def single_process(model_dir, prompts_ids: list[list[int]], max_tokens: int,
@@ -125,15 +127,23 @@ async def _run_mode(client_address, tls, stage_addresses, stage_tls, mode, draft
 
 
 def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes: list[Mode],
-                   prompts_ids: list[list[int]], max_tokens: int, expected: list[list[int]]) -> list[Row]:
-    """All modes over one swarm whose every ring edge goes through an emulated link."""
+                   prompts_ids: list[list[int]], max_tokens: int, expected: list[list[int]], *,
+                   device: str = "cpu", dtype: str = "auto", stage_args: list[str] = (),
+                   coordinator_args: list[str] = (),
+                   inspect: Callable[[LocalSwarm, list[str]], None] | None = None) -> list[Row]:
+    """All modes over one swarm whose every ring edge goes through an emulated link, its
+    stages on `device` in `dtype`; `inspect(swarm, stage_addresses)` runs after the last
+    mode, while the swarm is still up."""
     # A tiny model's ops are too small to split across threads: one thread per node is
-    # fastest, and leaves the other core to the other nodes.
-    coordinator_args = ["--threads=1", *(f"--draft={spec}" for spec in drafts.values() if spec != "ngram")]
+    # fastest, and leaves the other core to the other nodes. (On a GPU the host threads
+    # only launch kernels.)
+    coordinator_args = ["--threads=1", *(f"--draft={spec}" for spec in drafts.values() if spec != "ngram"),
+                        *coordinator_args]
     rows = []
     with emulated_links(topology) as addresses, LocalSwarm(
-            model_dir, topology.stages, addresses=addresses, logs_to_files=True, device="cpu",
-            coordinator_args=coordinator_args, stage_args=["--threads=1"]) as swarm:
+            model_dir, topology.stages, addresses=addresses, logs_to_files=True, device=device, dtype=dtype,
+            coordinator_args=coordinator_args, stage_args=["--threads=1", *stage_args],
+            start_timeout=600) as swarm:
         tls = swarm.client_tls()
         stage_tls = swarm.node_tls("coordinator")  # a stage's Info is for nodes, not clients
         # The benchmark client talks to the coordinator directly: its link is not a ring edge.
@@ -146,6 +156,8 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
             summaries, stage_seconds = asyncio.run(_run_mode(
                 client_address, tls, stage_addresses, stage_tls, mode, drafts, prompts_ids, max_tokens))
             rows.append(_row(topology, mode, summaries, stage_seconds, expected))
+        if inspect is not None:
+            inspect(swarm, stage_addresses)
     _add_bounds(rows, topology)
     return rows
 
@@ -170,7 +182,8 @@ def _row(topology, mode, summaries, stage_seconds, expected) -> Row:
         draft_seconds_per_token=draft_seconds / draft_tokens if draft_tokens else 0.0,
         stage_seconds_per_chunk=stage_seconds,
         traversal_seconds=sum(s.ring_seconds for s in summaries) / traversals,
-        lossless=[list(s.output_ids) for s in summaries] == expected)
+        lossless=[list(s.output_ids) for s in summaries] == expected,
+        outputs=[list(s.output_ids) for s in summaries])
 
 
 def rebound(rows: list[Row]) -> list[Row]:

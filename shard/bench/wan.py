@@ -138,4 +138,5 @@ def _doc(payload: dict, with_plot: bool) -> str:
         "Every node is its own process, and the bound assumes each has a core to itself, as",
         "machines far apart do; on fewer cores than nodes the draft, the stages and the relays",
         "take turns and the efficiency drops.", "",
+        "GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md).", "",
         markdown(payload), "", *figure])

@@ -2,7 +2,9 @@
 
 Opening a checkpoint reads no weights: the tensor map, shapes and byte counts come from
 the safetensors headers, so placement can size blocks of a model that fits nowhere.
-`read` then loads just the tensors a block asks for.
+`read` then loads just the tensors a block asks for. A dummy-weight folder
+(shard.model.dummy: config.json and a marker, no weights) looks the same from outside;
+its tensors are made on demand.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from shard.model.dummy import MARKER, DummyWeights, is_dummy
+
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 # Bits per element of the safetensors dtypes (sub-byte formats are packed).
@@ -37,7 +41,7 @@ _DTYPE_BITS = {
 class Checkpoint:
     path: Path
     config: PreTrainedConfig
-    fingerprint: str  # sha256 of config.json: names the model across nodes
+    fingerprint: str  # sha256 of config.json (and a dummy's marker): names the model across nodes
     prefix: str  # base-model key prefix, normally "model."
     files: dict[str, Path]  # tensor name -> safetensors file
     sizes: dict[str, int] = field(repr=False)  # tensor name -> bytes
@@ -45,6 +49,7 @@ class Checkpoint:
     embed_weight: str  # the input embedding matrix
     head_weight: str  # the lm_head matrix: the same tensor as embed_weight when tied
     head_names: tuple[str, ...] = field(repr=False)  # final norm + head_weight
+    dummy: DummyWeights | None = field(default=None, repr=False)  # a dummy folder's tensor maker
 
     @classmethod
     def open(cls, model_dir) -> Checkpoint:
@@ -62,7 +67,12 @@ class Checkpoint:
         if causal_lm is None or config.is_encoder_decoder or not hasattr(config, "num_hidden_layers"):
             raise ValueError(f"{path}: {config.model_type!r} is not a decoder-only causal LM")
 
-        files, sizes = _read_headers(path)
+        dummy = DummyWeights.open(path, config) if is_dummy(path) else None
+        if dummy is not None:
+            files = {name: path / MARKER for name in dummy.shapes}
+            sizes = {name: dummy.nbytes(name) for name in dummy.shapes}
+        else:
+            files, sizes = _read_headers(path)
         prefix = causal_lm.base_model_prefix + "."
         layer_re = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.")
         num_layers = config.num_hidden_layers
@@ -96,7 +106,7 @@ class Checkpoint:
         return cls(
             path=path,
             config=config,
-            fingerprint=hashlib.sha256(config_file.read_bytes()).hexdigest(),
+            fingerprint=config_fingerprint(path),
             prefix=prefix,
             files=files,
             sizes=sizes,
@@ -104,6 +114,7 @@ class Checkpoint:
             embed_weight=embed,
             head_weight=lm_head,
             head_names=tuple(head),
+            dummy=dummy,
         )
 
     @property
@@ -155,20 +166,26 @@ class Checkpoint:
     def block_bytes(self, start: int, end: int, first: bool | None = None, last: bool | None = None) -> int:
         return sum(map(self.tensor_bytes, self.block_names(start, end, first, last)))
 
-    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for the asked tensors, opening each file once."""
+    def iter_tensors(self, names: Iterable[str],
+                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for the asked tensors, in their stored dtype on `device`,
+        opening each file once."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.files:
                 raise KeyError(f"{self.path}: no tensor {name}")
             by_file[self.files[name]].append(name)
+        if self.dummy is not None:  # one "file", the marker: made in the order asked
+            for name in by_file[self.path / MARKER]:
+                yield name, self.dummy.tensor(name, device)
+            return
         for file, file_names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in file_names:
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_tensor(name).to(device)
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return dict(self.iter_tensors(names))
+    def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return dict(self.iter_tensors(names, device))
 
 
 def _read_headers(path: Path) -> tuple[dict[str, Path], dict[str, int]]:
@@ -197,5 +214,10 @@ def _read_headers(path: Path) -> tuple[dict[str, Path], dict[str, int]]:
 
 
 def config_fingerprint(model_dir) -> str:
-    """The model's identity across nodes, for nodes (like the coordinator) that hold no weights."""
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
+    """The model's identity across nodes, for nodes (like the coordinator) that hold no
+    weights: its config, and for dummy weights the marker too (the seed picks the weights)."""
+    path = Path(model_dir)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    if is_dummy(path):
+        digest.update((path / MARKER).read_bytes())
+    return digest.hexdigest()

@@ -128,3 +128,27 @@ def truncated_copy(source, out, *, layers: int) -> Path:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:layers]
     return save_with_tokenizer(model, source, out)
+
+
+# Dummy-weight shapes (shard.model.dummy: a config and a marker, tensors made on demand).
+# Llama-3-8B's and Llama-3.2-1B's shapes, with a context long enough for benchmarks.
+LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
+# Their stand-ins for CPU runs of the same harness: the tiny llama, and a 2-layer draft.
+TINY_TARGET = {k: v for k, v in _COMMON.items() if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                          "vocab_size", "max_position_embeddings")}
+TINY_DRAFT = {**TINY_TARGET, "num_hidden_layers": 2}
+
+
+def build_dummy_model(out_dir, shape: dict, *, dtype: str = "bfloat16", seed: int = 0,
+                      initializer_range: float = 0.02) -> Path:
+    """A llama of `shape` as a dummy-weight folder: nothing but config.json and the marker."""
+    from shard.model.dummy import write_dummy_model
+
+    config = AutoConfig.for_model("llama", **shape, dtype=dtype, initializer_range=initializer_range,
+                                  tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                                  pad_token_id=None)
+    return write_dummy_model(out_dir, config, seed=seed)

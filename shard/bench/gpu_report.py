@@ -1,0 +1,85 @@
+"""The Markdown page of `shard bench gpu` results."""
+
+from __future__ import annotations
+
+MiB = 2**20
+
+
+def doc(payload: dict) -> str:
+    one = payload["one_process"]["tokens_per_second"]
+    lines = [
+        "# Benchmarks on a GPU", "",
+        f"Command: `{payload['command']}`", "",
+        f"Device: **{payload['machine']['device']}** ({payload['device']}, {payload['dtype']}); host "
+        f"{payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch {payload['machine']['torch']}.",
+        "",
+        f"Models: {payload['shapes']}, random weights made on the device from dummy-weight folders "
+        f"(`shard.model.dummy`: nothing written but a config); target {payload['model_bytes'] / MiB:.0f} MiB. "
+        f"{payload['max_tokens']} new tokens x {payload['prompts']} prompt(s) per mode. Drafts: "
+        + ", ".join(f"`{label}` = `{spec}`" for label, spec in payload["drafts"].items()) + ". "
+        "No real pair of small models sharing a tokenizer is available offline, so `oracle:P` drafts run a "
+        "real draft model for its cost but propose the target's own greedy token with probability P.", "",
+        f"One process, eager `generate()`: **{one:.1f} tok/s** (load {payload['one_process']['load_seconds']:.1f} s).",
+        "",
+        "## Micro benchmarks", "",
+    ]
+    for name, result in payload["micro"].items():
+        values = {k: v for k, v in result.items() if k not in ("title", "status")}
+        lines += [f"**{name}**{': ' + result['title'] if 'title' in result else ''} ({result['status']})", ""]
+        if values:
+            lines += ["| quantity | value |", "|---|---:|", *(f"| {k} | {_cell(v)} |" for k, v in values.items()), ""]
+    exact = payload["dtype"] == "float32"
+    lines += [
+        "## End to end, real stage processes over emulated links", "",
+        "`= generate()`: tokens matching one-process `generate()` before the first difference, per prompt, "
+        "with the reference's top-1 minus top-2 logit there. `= plain`: the same tokens as this swarm's plain "
+        f"decode. Must hold here: {'`= generate()`' if exact else '`= plain` (bfloat16)'}.", ""]
+    for topology in payload["topologies"]:
+        rows = [r for r in payload["rows"] if r["topology"] == topology]
+        plain = next(r for r in rows if r["k"] == 0)["tokens_per_second"]
+        lines += [f"### {topology}", "",
+                  "| mode | tok/s | x plain | x one process | acceptance | tokens/traversal | stage ms/chunk "
+                  "| bound tok/s | efficiency | = generate() | = plain | ok |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|:-:|:-:|"]
+        for r in rows:
+            stage_ms = " / ".join(f"{s * 1e3:.1f}" for s in r["stage_seconds_per_chunk"])
+            lines.append(
+                f"| {r['mode']} | {r['tokens_per_second']:.1f} | {r['tokens_per_second'] / plain:.2f} "
+                f"| {r['tokens_per_second'] / one:.2f} | {r['acceptance']:.2f} | {r['tokens_per_traversal']:.2f} "
+                f"| {stage_ms} | {r['bound_tokens_per_second']:.1f} | {r['efficiency']:.2f} "
+                f"| {_prefixes(r)} | {'yes' if r['extra']['equals_swarm_plain'] else 'NO'} "
+                f"| {'yes' if r['extra']['ok'] else 'NO'} |")
+        lines += ["", *_memory(payload["memory"][topology]), ""]
+    return "\n".join(lines)
+
+
+def _prefixes(row: dict) -> str:
+    parts = []
+    for matched, total, margin in zip(row["extra"]["matched_prefix"], map(len, row["outputs"]),
+                                      row["extra"]["divergence_margins"]):
+        diverged = margin is not None and matched < total
+        parts.append(f"{matched}/{total}" + (f" (margin {margin:.3g})" if diverged else ""))
+    return ", ".join(parts)
+
+
+def _memory(memory: dict) -> list[str]:
+    lines = ["| node | layers | memory (MiB) | block weights (MiB) | KV budget (MiB) | memory / weights |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in memory["nodes"]:
+        layers = f"[{r['layers'][0]}, {r['layers'][1]})" if "layers" in r else "drafts"
+        held = f"{r['bytes'] / MiB:.0f} ({r['memory']})" if r["bytes"] else f"unknown ({r['memory']})"
+        weights = f"{r['weight_bytes'] / MiB:.0f}" if "weight_bytes" in r else ""
+        budget = f"{r['kv_budget_bytes'] / MiB:.0f}" if "kv_budget_bytes" in r else ""
+        ratio = f"{r['over_weights']:.2f}" if r.get("over_weights") else ""
+        lines.append(f"| {r['node']} | {layers} | {held} | {weights} | {budget} | {ratio} |")
+    if memory.get("device_used_bytes"):
+        lines += ["", f"The whole GPU in use then (every process): {memory['device_used_bytes'] / MiB:.0f} MiB."]
+    return lines
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_cell(v)}" for k, v in value.items())
+    return str(value)
