@@ -109,7 +109,7 @@ class Block:
             return tensor.to(device=device, dtype=torch.float32 if fp32 else meta[local].dtype)
 
         state = {}
-        loading = ckpt.iter_tensors(targets)
+        loading = ckpt.iter_tensors(targets, device)  # dummy weights are made there directly
         for name, tensor in tqdm(loading, total=len(targets), desc=f"block [{start},{end})", disable=not progress):
             for local in targets[name]:
                 state[local] = place(name, local, tensor)
