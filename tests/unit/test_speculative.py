@@ -64,9 +64,9 @@ def drafts(tiny_model_dirs, tmp_path_factory):
     for arch in ARCHS:
         target = tiny_model_dirs[arch]
         made[arch] = {
-            "target": ModelDraft(target),
-            "perturbed": ModelDraft(perturbed_copy(target, root / f"{arch}-perturbed", noise=0.03)),
-            "unrelated": ModelDraft(unrelated_copy(target, root / f"{arch}-unrelated")),
+            "target": ModelDraft.load(target),
+            "perturbed": ModelDraft.load(perturbed_copy(target, root / f"{arch}-perturbed", noise=0.03)),
+            "unrelated": ModelDraft.load(unrelated_copy(target, root / f"{arch}-unrelated")),
             "ngram": NgramDraft(),
         }
     return made
@@ -99,7 +99,7 @@ def test_tinystories_with_a_real_draft(tinystories_dir, tmp_path):
     expected = reference_greedy(tinystories_dir, prompt, 64)
     for split in ([(0, 2)], [(0, 1), (1, 2)]):
         chain = LocalChain(tinystories_dir, split)
-        for draft in (ModelDraft(tinystories_dir), ModelDraft(perturbed_copy(tinystories_dir, tmp_path / "p", noise=0.2)),
+        for draft in (ModelDraft.load(tinystories_dir), ModelDraft.load(perturbed_copy(tinystories_dir, tmp_path / "p", noise=0.2)),
                       NgramDraft()):
             for k, in_flight in ((1, 1), (4, 4), (8, 1), (8, 4)):
                 out, _ = run(chain, prompt, draft.session(), max_tokens=64, eos_ids=frozenset(),
@@ -190,7 +190,8 @@ def test_eos_and_max_tokens_are_exact(tiny_model_dirs, drafts, k, in_flight):
 
 
 def test_draft_must_share_the_tokenizer(tiny_model_dirs, tinystories_dir):
-    from shard.decode.draft import DraftMismatch, load_draft
+    from shard.decode.draft import DraftMismatch
+    from shard.decode.loading import load_draft
 
     with pytest.raises(DraftMismatch, match="does not share the tokenizer"):
         load_draft(str(tiny_model_dirs["llama"]), tinystories_dir)
