@@ -21,6 +21,7 @@ import threading
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
 # taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
@@ -31,6 +32,12 @@ STATIC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # longer one (the prompt) as one eager forward, then one step.
 CATCH_UP_STEPS = 4
 WARM_UP_STEPS = 3  # eager steps before capture: lazy initialisations, cuBLAS handles, autotuning
+# The attention kernels a CUDA step may pick: the memory-efficient one takes any mask and is
+# known to capture; cuDNN's is left out as a precaution (its capture has been fragile across
+# versions). The eager step of a slot uses the same list, so graphed and eager steps run the
+# same kernels. (sdpa_kernel sets process-wide flags: only start-up and single-threaded
+# checks step eagerly on a GPU.)
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports_static(config) -> bool:
@@ -90,9 +97,13 @@ class Slot:
             self._capture()
 
     def _step_eager(self) -> None:
-        token = forward_static(self.model, self.kv, self.ids, self.position).argmax(-1)
+        with self._attention():
+            token = forward_static(self.model, self.kv, self.ids, self.position).argmax(-1)
         self.ids.copy_(token.view(1, 1))
         self.position.add_(1)
+
+    def _attention(self):
+        return sdpa_kernel(GPU_ATTENTION) if self.stream is not None else nullcontext()
 
     def _capture(self) -> None:
         # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),

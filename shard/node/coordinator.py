@@ -131,7 +131,7 @@ class CoordinatorNode:
         self._draft_threads = ThreadPoolExecutor(max_workers=max((d.threads for d in drafts), default=1),
                                                  thread_name_prefix="draft")
         # Oracle drafts' references: prompt -> the ring's plain decode after it.
-        self._references: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
+        self.references: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
         # Tokenizing and chat templating take time in proportion to the prompt: off the event
         # loop, so other sessions' frames keep moving. One thread: the tokenizer is shared,
         # and the prompt limits bound each job.
@@ -300,7 +300,7 @@ class CoordinatorNode:
         a session of its own (EOS ignored: a longer reference serves any stop), run once per
         prompt and remembered, so only a prompt's first oracle generation pays for it."""
         key = tuple(prompt_ids)
-        known = self._references.get(key)
+        known = self.references.get(key)
         if known is None or len(known) < max_tokens:
             session_id = uuid.uuid4().hex
 
@@ -314,8 +314,8 @@ class CoordinatorNode:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             finally:
                 await self.ring.end_session(session_id)
-            known = self._references[key] = stats.output_ids
-        self._references.move_to_end(key)
-        while len(self._references) > REFERENCES_KEPT:
-            self._references.popitem(last=False)
+            known = self.references[key] = stats.output_ids
+        self.references.move_to_end(key)
+        while len(self.references) > REFERENCES_KEPT:
+            self.references.popitem(last=False)
         return known[:max_tokens]

@@ -79,3 +79,14 @@ def test_static_decoding_only_where_it_fits(tiny_model_dirs):
     on_cpu = ModelDraft.load(tiny_model_dirs["llama"])  # by default the CPU drafts eagerly, in one thread
     assert isinstance(on_cpu.session(), ModelDraftSession) and on_cpu.threads == 1
     assert on_cpu.model.dtype == torch.float32
+
+
+def test_the_draft_step_benchmark_runs_on_a_cpu():
+    from shard.bench.draft_step import draft_step_bench
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, max_position_embeddings=256)
+    result = draft_step_bench(device="cpu", dtype=torch.float32, shape=shape, context=16, steps=4, repeats=2)
+    assert result["eager_ms"] > 0 and result["static_eager_ms"] > 0
+    assert result["graphed_ms"] is None and result["graphed_equals_static_eager"] is None  # no graphs on a CPU
+    assert result["static_equals_dynamic"] is True
