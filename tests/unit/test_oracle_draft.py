@@ -6,9 +6,8 @@ import pytest
 from shard.decode.draft import ModelDraft
 from shard.decode.oracle import OracleDraft
 
-from support.chain import LocalChain
+from support.chain import AlwaysAhead, LocalChain, run
 from support.reference import reference_greedy
-from test_speculative import AlwaysAhead, run
 
 PROMPT = [1, 415, 1022, 264, 727]
 NEW = 160

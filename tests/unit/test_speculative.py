@@ -2,58 +2,22 @@
 exactly transformers' greedy generate(). The ring here is the real blocks chained in one
 process; tests/integration runs the same driver over the services."""
 
-import asyncio
 import random
 import time
 
 import pytest
 
 from shard.decode.draft import ModelDraft, NgramDraft
-from shard.decode.speculative import Finish, Lookahead, decode
+from shard.decode.speculative import Finish, Lookahead
 from shard.model.synthetic import ARCHS
 
-from support.chain import LocalChain
+from support.chain import AlwaysAhead, LocalChain, run
 from support.drafts import perturbed_copy, unrelated_copy
 from support.reference import reference_greedy
 
 PROMPT = [1, 17, 42, 99, 3, 250, 7, 311]
 NEW = 32
 SPLITS = {1: [(0, 6)], 2: [(0, 2), (2, 6)], 3: [(0, 1), (1, 4), (4, 6)]}
-
-
-class ChainRing:
-    """The driver's Ring over LocalChain; checks every chunk against the caches."""
-
-    def __init__(self, chain: LocalChain):
-        self.chain = chain
-
-    async def submit(self, *, start_pos, tokens, num_outputs, epoch):
-        result = asyncio.get_running_loop().create_future()
-        result.set_result(self.chain(start_pos, tokens, num_outputs))
-        # Absolute positions: every stage cropped to start_pos, then wrote the chunk.
-        assert self.chain.cache_lengths() == [start_pos + len(tokens)] * len(self.chain.blocks)
-        return result
-
-    async def cancel(self, epoch):
-        return 0
-
-
-class AlwaysAhead(Lookahead):
-    """Keeps the window full whatever the draft's record: the hardest case for rollback."""
-
-    def allows(self, depth: int) -> bool:
-        return True
-
-
-def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
-    emitted = []
-
-    async def emit(ids):
-        emitted.extend(ids)
-
-    stats = asyncio.run(decode(ChainRing(chain), prompt, emit=emit, draft=draft, **settings))
-    assert emitted == stats.output_ids
-    return emitted, stats
 
 
 @pytest.fixture(scope="module")
