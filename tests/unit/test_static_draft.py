@@ -2,35 +2,13 @@
 CPU: token for token the dynamic-cache draft's proposals, through rollbacks of every depth;
 its slots lent to one session at a time; its capacity a hard end."""
 
-import random
-
 import pytest
 import torch
 
 from shard.decode.draft import ModelDraft, ModelDraftSession
 from shard.decode.static_draft import StaticDraftSession
 
-
-def drive(sessions, vocab: int, proposals: int, seed: int) -> list[list[list[int]]]:
-    """The same random verification history for every session: each proposal has a random
-    prefix accepted, then a correction; now and then the sequence is cut far back (a ring
-    replay), so the draft must roll back across many positions. Returns each session's proposals."""
-    rng = random.Random(seed)
-    sequence = [1, 415, 1022, 264, 727] if vocab > 1100 else [1, 17, 42, 99, 3]
-    made = [[] for _ in sessions]
-    for _ in range(proposals):
-        n = rng.randint(1, 6)
-        for record, session in zip(made, sessions):
-            record.append(session.propose(sequence, n))
-        accepted = rng.randint(0, n)
-        sequence = sequence + made[0][-1][:accepted]
-        if accepted < n or rng.random() < 0.5:
-            sequence.append(rng.randrange(vocab))
-        if rng.random() < 0.08:
-            sequence = sequence[:max(5, len(sequence) - rng.randint(1, 30))]
-        if len(sequence) > 400:
-            sequence = sequence[:12]
-    return made
+from support.drafts import drive
 
 
 @pytest.mark.parametrize("arch", ["tinystories", "llama", "qwen2", "qwen3"])
@@ -40,7 +18,7 @@ def test_static_proposals_equal_the_dynamic_drafts(arch, tinystories_dir, tiny_m
     static = ModelDraft(dynamic.model, name="static", slots=1)
     sessions = [dynamic.session(), static.session()]
     assert [type(s) for s in sessions] == [ModelDraftSession, StaticDraftSession]
-    made = drive(sessions, dynamic.model.config.vocab_size, proposals=60, seed=len(arch))
+    made = drive(sessions, [1, 17, 42, 99, 3], dynamic.model.config.vocab_size, proposals=60, seed=len(arch))
     assert made[1] == made[0]
     assert sum(map(len, made[0])) > 150
 
