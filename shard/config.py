@@ -166,7 +166,7 @@ class JoiningConfig(NodeConfig):
 class StageConfig(JoiningConfig):
     node_id: str = "stage-0"
     device: str = "auto"  # a GPU where there is one
-    dtype: str = "auto"  # the checkpoint's
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
     session_idle_seconds: float = 300.0

@@ -90,13 +90,14 @@ class ModelDraft:
                             model.config.model_type)
         elif slots and not supports_static(model.config):
             raise ValueError(f"draft {name}: static decoding supports {', '.join(STATIC_FAMILIES)} "
-                             f"with full attention only, not this {model.config.model_type}")
+                             f"with full attention through SDPA, not this {model.config.model_type} "
+                             f"({model.config._attn_implementation} attention)")
         capture = on_gpu if capture is None else capture
         if capture and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         capacity = min(max_positions, getattr(model.config, "max_position_embeddings", None) or max_positions)
         self._pool = SlotPool(model, slots, capacity, capture=capture) if slots else None
-        self.threads = slots if capture else 1
+        self.threads = slots if capture and slots else 1
 
     @classmethod
     def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",

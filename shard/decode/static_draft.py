@@ -41,10 +41,12 @@ GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 
 def supports_static(config) -> bool:
-    """Whether a model's architecture fits the static step: a listed family, full attention only."""
+    """Whether a model fits the static step: a listed family, full attention only, through
+    SDPA (which reads the boolean mask the step builds; the eager kernel would add it)."""
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-    return config.model_type in STATIC_FAMILIES and all(t == "full_attention" for t in layer_types) and not sliding
+    return (config.model_type in STATIC_FAMILIES and all(t == "full_attention" for t in layer_types)
+            and not sliding and config._attn_implementation == "sdpa")
 
 
 class StaticKV:
