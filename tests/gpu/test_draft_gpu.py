@@ -22,7 +22,7 @@ from support.reference import reference_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-PROMPT = [1, 415, 1022, 264, 727]
+PROMPT = [1, 415, 22, 264, 127]  # within every model's vocabulary
 # Big enough to be launch-bound like a real draft, with weights drawn wide enough that
 # greedy decoding does not collapse to one token (which would make equality trivial).
 MID = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
@@ -30,16 +30,15 @@ MID = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_ke
 
 
 @pytest.fixture(scope="module")
-def models(tinystories_dir):
+def models(tiny_model_dirs):
     return {
-        "tinystories-bf16": ModelDraft.load(tinystories_dir, device="cuda", dtype=torch.bfloat16, slots=0).model,
+        "tiny-llama-bf16": ModelDraft.load(tiny_model_dirs["llama"], device="cuda", dtype=torch.bfloat16,
+                                           slots=0).model,
         "mid-bf16": random_llama(MID, "cuda", torch.bfloat16),
     }
 
 
-@pytest.mark.parametrize("name", ["tinystories-bf16", "mid-bf16"])
-def test_graphed_steps_propose_what_eager_steps_do(models, name):
-    model = models[name]
+def graphed_against_eager(model) -> None:
     eager = ModelDraft(model, name="eager", slots=1, capture=False)
     graphed = ModelDraft(model, name="graphed", slots=1, capture=True)
     sessions = [eager.session(), graphed.session()]
@@ -50,9 +49,18 @@ def test_graphed_steps_propose_what_eager_steps_do(models, name):
     assert len(tokens) > 800 and len(set(tokens)) > 20  # varied text, not one token repeated
 
 
-def test_graphed_float32_equals_the_dynamic_draft(tinystories_dir):
+@pytest.mark.parametrize("name", ["tiny-llama-bf16", "mid-bf16"])
+def test_graphed_steps_propose_what_eager_steps_do(models, name):
+    graphed_against_eager(models[name])
+
+
+def test_graphed_steps_of_the_real_model(tinystories_dir):
+    graphed_against_eager(ModelDraft.load(tinystories_dir, device="cuda", dtype=torch.bfloat16, slots=0).model)
+
+
+def test_graphed_float32_equals_the_dynamic_draft(tiny_model_dirs):
     """In float32 the static cache changes nothing: the same tokens as the eager dynamic draft."""
-    dynamic = ModelDraft.load(tinystories_dir, device="cuda", dtype=torch.float32, slots=0)
+    dynamic = ModelDraft.load(tiny_model_dirs["llama"], device="cuda", dtype=torch.float32, slots=0)
     graphed = ModelDraft(dynamic.model, name="graphed", slots=1)
     sessions = [dynamic.session(), graphed.session()]
     assert [type(s) for s in sessions] == [ModelDraftSession, StaticDraftSession]
@@ -88,13 +96,14 @@ def test_sessions_draft_side_by_side(models):
     assert [together.get(seed) for seed in range(4)] == alone
 
 
-def test_a_swarm_with_its_draft_on_the_gpu(tinystories_dir, tmp_path):
+def test_a_swarm_with_its_draft_on_the_gpu(tiny_model_dirs, tmp_path):
     """Stages in float32 on the CPU (so the output must be generate()'s exactly), the
-    coordinator's drafts on the GPU in bfloat16: a model draft and an oracle."""
-    drafts = [str(tinystories_dir), "oracle:1.0"]
+    coordinator's drafts on the GPU in bfloat16: a model draft (the target itself) and an oracle."""
+    model_dir = tiny_model_dirs["llama"]
+    drafts = [str(model_dir), "oracle:1.0"]
     coordinator_args = [*(f"--draft={d}" for d in drafts), "--draft-device=cuda", "--draft-dtype=bfloat16"]
-    expected = reference_greedy(tinystories_dir, PROMPT, 64)
-    with LocalSwarm(tinystories_dir, 2, workdir=tmp_path, logs_to_files=True, device="cpu", dtype="float32",
+    expected = reference_greedy(model_dir, PROMPT, 64)
+    with LocalSwarm(model_dir, 2, workdir=tmp_path, logs_to_files=True, device="cpu", dtype="float32",
                     coordinator_args=coordinator_args) as swarm:
         results = {}
         for draft in drafts:
@@ -105,4 +114,5 @@ def test_a_swarm_with_its_draft_on_the_gpu(tinystories_dir, tmp_path):
     for draft, summary in results.items():
         assert list(summary.output_ids) == expected, draft
     assert results["oracle:1.0"].acceptance_rate == 1.0
-    assert results[str(tinystories_dir)].acceptance_rate > 0.8  # the model itself, in bfloat16
+    # The target itself in bfloat16: it mostly agrees (0.8 measured on a CPU in bfloat16).
+    assert results[str(model_dir)].acceptance_rate > 0.5
