@@ -94,6 +94,10 @@ class Slot:
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            # The tensors above were zeroed on the default stream: the slot's stream must
+            # not write them before that is done.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
             self._capture()
@@ -110,7 +114,6 @@ class Slot:
     def _capture(self) -> None:
         # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),
         # then capture there. The warm-up writes slot 0, which any session overwrites.
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             for _ in range(WARM_UP_STEPS):
                 self.position.zero_()
