@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("stage", help="run a stage: join the registry, serve a block of layers")
     flags = _node_flags(stage, "stage", "stage-0")
     flags.add("--device", "torch device (default: cuda where there is one, else cpu)")
-    flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: the checkpoint's)")
+    flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: bfloat16 on a GPU, float32 on a CPU)")
     flags.add("--memory-budget", "bytes this stage offers, e.g. 24GiB (default: 90%% of free)", metavar="SIZE")
     flags.add("--max-sessions", "sessions held at most; their KV bytes are capped too (default 64)", type=int)
     flags.add("--session-idle-seconds", "free a session's KV cache after this long without a chunk (default 300)",
@@ -122,8 +122,11 @@ def parser() -> argparse.ArgumentParser:
 
     coordinator = commands.add_parser("coordinator", help="run the coordinator (public Generate API)")
     flags = _node_flags(coordinator, "coordinator", "coordinator")
-    _speculation_args(flags.add, drafts_help="a draft to load: 'ngram' or a model folder sharing the "
-                      "target's tokenizer (repeat for several; the first is the default)")
+    _speculation_args(flags.add, drafts_help="a draft to load: 'ngram', a model folder sharing the "
+                      "target's tokenizer, or oracle:P[:DIR] (benchmarks: proposes the target's own greedy "
+                      "token with probability P while running DIR, default the target, for its cost); repeat "
+                      "for several; the first is the default")
+    _draft_device_args(flags.add)
     flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "
               "(default 262144)", type=int)
     flags.add("--max-concurrent", "generations run at once (default 64)", type=int)
@@ -152,7 +155,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, help="stages to start (default 2)")
     up.add_argument("--insecure", action="store_true", default=None,
                     help="plaintext gRPC between the local processes")
-    up.add_argument("--dtype", choices=DTYPES)
+    up.add_argument("--device", help="the stages' torch device (default: cuda where there is one, else cpu)")
+    up.add_argument("--dtype", choices=DTYPES, help="the stages' (default auto: bfloat16 on a GPU, float32 on a CPU)")
+    _draft_device_args(_plain(up))
     up.add_argument("--memory-budget", metavar="SIZE", help="bytes each stage offers (default: 90%% of free)")
     up.add_argument("--verbose", action="store_true", default=None,
                     help="the nodes' logs on the terminal instead of in a file")
@@ -170,6 +175,12 @@ def _speculation_args(add: Callable[..., None], drafts_help: str) -> None:
     add("--draft", drafts_help, action="append")
     add("--spec-k", "draft tokens per verify chunk (0: plain decode)", type=int)
     add("--in-flight", "verify chunks kept in flight (1: synchronous)", type=int)
+
+
+def _draft_device_args(add: Callable[..., None]) -> None:
+    add("--draft-device", "torch device of the model drafts (default: cuda where there is one, else cpu)")
+    add("--draft-dtype", f"{', '.join(DTYPES)} for the model drafts (default auto: bfloat16 on a GPU, "
+        "float32 on a CPU)")
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:

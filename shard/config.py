@@ -65,6 +65,11 @@ def check_model_dir(path: Path, flag: str = "--model") -> None:
             raise ConfigError(f"{flag} {path}: no *.safetensors weights")
 
 
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"{flag} must be one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
 def from_values(cls, values: Mapping[str, Any]):
     """A config from a mapping that may hold more (a parsed command line); None means unset."""
     return cls(**{f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None})
@@ -165,7 +170,7 @@ class JoiningConfig(NodeConfig):
 class StageConfig(JoiningConfig):
     node_id: str = "stage-0"
     device: str = "auto"  # a GPU where there is one
-    dtype: str = "auto"  # the checkpoint's
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
     session_idle_seconds: float = 300.0
@@ -179,8 +184,7 @@ class StageConfig(JoiningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.kv not in ("auto", "static", "dynamic"):
             raise ConfigError(f"--kv must be auto, static or dynamic, not {self.kv!r}")
         if self.session_positions is not None and self.session_positions < 1:
@@ -205,6 +209,8 @@ class StageConfig(JoiningConfig):
 class CoordinatorConfig(JoiningConfig):
     node_id: str = "coordinator"
     draft: list[str] = field(default_factory=list)
+    draft_device: str = "auto"  # a GPU where there is one
+    draft_dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     spec_k: int | None = None
     in_flight: int | None = None
     max_prompt_chars: int = 262144
@@ -221,9 +227,14 @@ class CoordinatorConfig(JoiningConfig):
             raise ConfigError("--max-queued must not be negative")
         if not self.queue_timeout > 0:
             raise ConfigError("--queue-timeout must be positive")
+        from shard.decode.specs import parse_draft_spec
+
         for spec in self.draft:
-            if spec != "ngram" and not (Path(spec) / "config.json").is_file():
-                raise ConfigError(f"--draft {spec!r} is neither 'ngram' nor a model folder with a config.json")
+            try:
+                parse_draft_spec(spec)
+            except ValueError as error:
+                raise ConfigError(f"--{error}") from None
+        check_dtype(self.draft_dtype, "--draft-dtype")
 
 
 @dataclass
@@ -273,7 +284,10 @@ class UpConfig(RequestConfig):
     model: Path | None = None  # default: the shared tiny model
     stages: int = 2
     insecure: bool = False
+    device: str | None = None  # the stages'; default: a GPU where there is one
     dtype: str = "auto"
+    draft_device: str | None = None  # the coordinator's draft; default as for a coordinator
+    draft_dtype: str | None = None
     memory_budget: int | None = None
     verbose: bool = False
 
@@ -284,8 +298,9 @@ class UpConfig(RequestConfig):
             check_model_dir(self.model)
         if self.stages < 1:
             raise ConfigError("--stages must be at least 1")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_dtype(self.dtype)
+        if self.draft_dtype is not None:
+            check_dtype(self.draft_dtype, "--draft-dtype")
         if self.memory_budget is not None:
             self.memory_budget = byte_size(self.memory_budget)
 

@@ -183,10 +183,13 @@ def up(config: UpConfig) -> int:
     speculation = [f"--draft={draft}" for draft in config.draft]
     speculation += [] if config.spec_k is None else [f"--spec-k={config.spec_k}"]
     speculation += [] if config.in_flight is None else [f"--in-flight={config.in_flight}"]
+    speculation += [] if config.draft_device is None else [f"--draft-device={config.draft_device}"]
+    speculation += [] if config.draft_dtype is None else [f"--draft-dtype={config.draft_dtype}"]
     budget = [] if config.memory_budget is None else [f"--memory-budget={config.memory_budget}"]
     workdir = None if config.verbose else tempfile.mkdtemp(prefix="shard-up-")  # kept: it holds the logs
     with LocalSwarm(model_dir, config.stages, workdir=workdir, insecure=config.insecure, dtype=config.dtype,
-                    logs_to_files=not config.verbose, coordinator_args=speculation, stage_args=budget) as swarm:
+                    logs_to_files=not config.verbose, coordinator_args=speculation, stage_args=budget,
+                    device=config.device) as swarm:
         asyncio.run(_wait_ready(swarm))
         on_text = None if config.json else (lambda text: print(text, end="", flush=True))
         if not config.json:

@@ -6,7 +6,9 @@ import logging
 import uuid
 
 from shard.config import ConfigError, CoordinatorConfig, node_secrets, node_tls
-from shard.decode.draft import DraftMismatch, load_draft
+from shard.decode.draft import DraftMismatch
+from shard.decode.loading import load_draft
+from shard.model.device import resolve_device, resolve_dtype
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
 from shard.services.coordinator.servicer import InferenceServicer, ReturnServicer
@@ -24,8 +26,10 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         torch.set_num_threads(config.threads)
     tls = node_tls(config)
     secrets = node_secrets(config)
+    device = resolve_device(config.draft_device)
+    dtype = resolve_dtype(config.draft_dtype, device)
     try:
-        drafts = [load_draft(spec, config.model) for spec in config.draft]
+        drafts = [load_draft(spec, config.model, device=device, dtype=dtype) for spec in config.draft]
     except DraftMismatch as error:
         raise ConfigError(str(error)) from None
     node = CoordinatorNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=secrets,

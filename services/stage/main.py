@@ -9,6 +9,7 @@ import uuid
 import torch
 
 from shard.config import StageConfig, node_secrets, node_tls
+from shard.model.device import resolve_device, resolve_dtype
 from shard.node.membership import Membership
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
@@ -20,17 +21,16 @@ from shard.wire.certs import public_key_der
 from shard.wire.server import RunningNode, serve_until_signalled, start_server
 
 log = logging.getLogger(__name__)
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 async def start(config: StageConfig) -> RunningNode:
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(config.device))
     tls = node_tls(config)
     memory_budget = config.memory_budget or default_memory_budget(device)
     node = StageNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=node_secrets(config),
-                     device=device, dtype=_DTYPES[config.dtype], memory_budget_bytes=memory_budget,
+                     device=device, dtype=resolve_dtype(config.dtype, device), memory_budget_bytes=memory_budget,
                      max_sessions=config.max_sessions, session_idle_seconds=config.session_idle_seconds,
                      progress=not config.quiet, kv_layout=_kv_layout(config, device))
     server, port, health = await start_server(

@@ -8,20 +8,33 @@ upstream rolls it back without any explicit message."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from shard.decode.static_draft import (STATIC_FAMILIES, SlotPool, StaticDraftSession, common_prefix,
+                                       supports_static)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GPU_SLOTS = 4  # sessions drafting at once through their own graph and static cache
+STATIC_MAX_POSITIONS = 4096  # a static cache's length: a session drafts no further
 
 
 class DraftSession(Protocol):
     def propose(self, sequence: list[int], n: int) -> list[int]:
         """Up to `n` tokens likely to follow `sequence` (fewer, or none, is allowed)."""
 
+    def close(self) -> None:
+        """The generation is over: give back what the session holds."""
+
 
 class Draft(Protocol):
     name: str
+    threads: int  # sessions that may draft at once, each in a thread of its own
 
     def session(self) -> DraftSession:
         """State for one generation (model drafts keep a KV cache per session)."""
@@ -32,6 +45,7 @@ class NgramDraft:
     what followed it then. No model, so it costs microseconds."""
 
     name = "ngram"
+    threads = 1
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -52,32 +66,67 @@ class NgramDraft:
                         return follow
         return []
 
+    def close(self) -> None:
+        """Stateless: nothing to give back."""
+
 
 class ModelDraft:
-    """A small Hugging Face causal LM sharing the target's tokenizer."""
+    """A small Hugging Face causal LM sharing the target's tokenizer.
 
-    def __init__(self, model_dir: str | Path, *, name: str | None = None, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.model_dir = Path(model_dir)
-        self.name = name or str(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
-        self.device = torch.device(device)
+    With `slots` (default: 4 on a GPU for the architectures static decoding supports, none
+    on a CPU) up to that many sessions at once decode over a static KV cache, their step a
+    CUDA graph on a GPU (shard.decode.static_draft); other sessions use the eager dynamic
+    cache. `threads` says how many sessions may draft at once without queueing on the GPU."""
 
-    def session(self) -> "ModelDraftSession":
-        return ModelDraftSession(self)
+    def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
+                 capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS):
+        self.model, self.name = model.eval(), name
+        self.device = model.device
+        on_gpu = self.device.type == "cuda"
+        if slots is None:
+            slots = DEFAULT_GPU_SLOTS if on_gpu and supports_static(model.config) else 0
+            if on_gpu and not slots:
+                log.warning("draft %s: no static decoding for %s; it drafts eagerly", name,
+                            model.config.model_type)
+        elif slots and not supports_static(model.config):
+            raise ValueError(f"draft {name}: static decoding supports {', '.join(STATIC_FAMILIES)} "
+                             f"with full attention through SDPA, not this {model.config.model_type} "
+                             f"({model.config._attn_implementation} attention)")
+        capture = on_gpu if capture is None else capture
+        if capture and not on_gpu:
+            raise ValueError("CUDA graphs need a CUDA device")
+        capacity = min(max_positions, getattr(model.config, "max_position_embeddings", None) or max_positions)
+        self._pool = SlotPool(model, slots, capacity, capture=capture) if slots else None
+        self.threads = slots if capture and slots else 1
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, **kwargs) -> "ModelDraft":
+        model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype).to(device)
+        model.requires_grad_(False)
+        return cls(model, name=name or str(model_dir), **kwargs)
+
+    def session(self) -> "ModelDraftSession | StaticDraftSession":
+        slot = self._pool.take() if self._pool else None
+        return StaticDraftSession(self._pool, slot) if slot else ModelDraftSession(self)
 
 
 class ModelDraftSession:
+    """Eager decoding over a dynamic cache: any architecture, any device."""
+
     def __init__(self, draft: ModelDraft):
         self._draft = draft
         self._cache = DynamicCache()
         self._read: list[int] = []  # tokens whose KV the cache holds
 
     @torch.inference_mode()
-    def propose(self, sequence: list[int], n: int) -> list[int]:
+    def propose(self, sequence: list[int], n: int, *, forced: list[int] | None = None) -> list[int]:
+        """Up to `n` tokens after `sequence`; with `forced`, the model still runs each step
+        but reads forced[i] instead of its own pick (the oracle draft), and forced is returned."""
+        n = n if forced is None else min(n, len(forced))
         if n <= 0:
             return []
-        common = _common_prefix(self._read, sequence)
+        common = common_prefix(self._read, sequence)
         # Keep at least one token to feed, so there are logits to read.
         common = min(common, len(sequence) - 1)
         if common < len(self._read):
@@ -85,13 +134,16 @@ class ModelDraftSession:
             del self._read[common:]
         proposal: list[int] = []
         feed = sequence[common:]
-        for _ in range(n):
+        for i in range(n):
             logits = self._step(feed)
             token = int(logits[-1].argmax())
-            proposal.append(token)
-            feed = [token]
+            proposal.append(token if forced is None else forced[i])
+            feed = proposal[-1:]
         # The last proposed token was never fed: the cache ends one short of the proposal.
         return proposal
+
+    def close(self) -> None:
+        """Nothing to give back: the cache goes with the session."""
 
     def _step(self, tokens: list[int]) -> torch.Tensor:
         model = self._draft.model
@@ -101,14 +153,6 @@ class ModelDraftSession:
         out = model(input_ids=ids, position_ids=positions, cache=self._cache, use_cache=True)
         self._read.extend(tokens)
         return out.logits[0]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    limit = min(len(a), len(b))
-    for i in range(limit):
-        if a[i] != b[i]:
-            return i
-    return limit
 
 
 class DraftMismatch(ValueError):
@@ -138,14 +182,3 @@ def _vocabulary(model_dir: Path):
 def _describe(vocabulary) -> str:
     kind, value = vocabulary
     return f"{len(value)} tokens" if kind == "tokens" else f"no tokenizer, vocab_size {value}"
-
-
-def load_draft(spec: str, target_dir: str | Path) -> Draft:
-    """`ngram`, or a model folder that shares the target's tokenizer."""
-    if spec == "ngram":
-        return NgramDraft()
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise DraftMismatch(f"draft {spec!r} is neither 'ngram' nor a model folder with a config.json")
-    check_same_tokenizer(target_dir, path)
-    return ModelDraft(path, name=spec)

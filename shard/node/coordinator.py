@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import AsyncIterator
 import grpc
 from transformers import AutoConfig, AutoTokenizer
 
-from shard.decode.draft import Draft, NgramDraft
+from shard.decode.draft import Draft, DraftSession, NgramDraft
+from shard.decode.oracle import OracleDraft
 from shard.decode.speculative import Lookahead, RingChanged, decode
 from shard.errors import ShardError
 from shard.model.checkpoint import config_fingerprint
@@ -67,6 +69,7 @@ class TextStream:
 MAX_SPEC_K = 64
 MAX_IN_FLIGHT = 64
 DEFAULT_MAX_PROMPT_CHARS = 262144
+REFERENCES_KEPT = 64  # prompts whose plain decode an oracle draft remembers
 
 
 @dataclass
@@ -122,8 +125,13 @@ class CoordinatorNode:
         self.max_prompt_chars = max_prompt_chars
         self.admission = Admission(max_running=max_concurrent, max_queued=max_queued,
                                    max_wait_seconds=queue_timeout)
-        # One thread runs every draft step, off the event loop that moves frames.
-        self._draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
+        # Draft steps run off the event loop that moves frames: in one thread for drafts
+        # on a CPU (torch already spreads each op over the cores), in as many as a GPU draft
+        # has CUDA streams, so sessions draft side by side instead of queueing.
+        self._draft_threads = ThreadPoolExecutor(max_workers=max((d.threads for d in drafts), default=1),
+                                                 thread_name_prefix="draft")
+        # Oracle drafts' references: prompt -> the ring's plain decode after it.
+        self.references: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
         # Tokenizing and chat templating take time in proportion to the prompt: off the event
         # loop, so other sessions' frames keep moving. One thread: the tokenizer is shared,
         # and the prompt limits bound each job.
@@ -232,14 +240,14 @@ class CoordinatorNode:
         text = TextStream(self.tokenizer)
         # What decoding commits, then None once it has finished.
         committed: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        draft_session = prepared.draft.session() if prepared.draft else None
+        draft_session = await self._draft_session(prepared)
 
         async def emit(ids: list[int]) -> None:
             committed.put_nowait(ids)
 
         async def propose(sequence: list[int], n: int) -> list[int]:
             return await asyncio.get_running_loop().run_in_executor(
-                self._draft_thread, draft_session.propose, sequence, n)
+                self._draft_threads, draft_session.propose, sequence, n)
 
         draft_name = prepared.draft.name if prepared.draft else "none"
         span = tracer.start_span("shard.generate", attributes={
@@ -274,5 +282,40 @@ class CoordinatorNode:
             # discarded, its cancels cancelled) so no task of it outlives the session.
             decoding.cancel()
             await asyncio.gather(decoding, return_exceptions=True)
+            if draft_session is not None:
+                draft_session.close()
             span.end()
             await self.ring.end_session(session_id)
+
+    async def _draft_session(self, prepared: Prepared) -> DraftSession | None:
+        if prepared.draft is None:
+            return None
+        if isinstance(prepared.draft, OracleDraft):
+            continuation = await self._reference(prepared.prompt_ids, prepared.max_tokens)
+            return prepared.draft.session(prepared.prompt_ids + continuation)
+        return prepared.draft.session()
+
+    async def _reference(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        """The ring's greedy continuation of a prompt, for an oracle draft: plain decode as
+        a session of its own (EOS ignored: a longer reference serves any stop), run once per
+        prompt and remembered, so only a prompt's first oracle generation pays for it."""
+        key = tuple(prompt_ids)
+        known = self.references.get(key)
+        if known is None or len(known) < max_tokens:
+            session_id = uuid.uuid4().hex
+
+            async def ignore(ids: list[int]) -> None:
+                """The result holds the tokens."""
+
+            try:
+                stats = await decode(SessionRing(self.ring, session_id), prompt_ids, max_tokens=max_tokens,
+                                     eos_ids=frozenset(), emit=ignore, max_positions=self.context_length)
+            except RingChanged as error:
+                raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            finally:
+                await self.ring.end_session(session_id)
+            known = self.references[key] = stats.output_ids
+        self.references.move_to_end(key)
+        while len(self.references) > REFERENCES_KEPT:
+            self.references.popitem(last=False)
+        return known[:max_tokens]

@@ -29,7 +29,9 @@ def shard(*argv: str, timeout: float = 240, env: dict[str, str] | None = None) -
 
 def test_up_runs_a_whole_swarm_and_shuts_it_down(tinystories_dir):
     done = shard("up", "--verbose", "--model", str(tinystories_dir), "--stages", "3", "--draft", "ngram",
-                 "--spec-k", "4", "--in-flight", "3", "--prompt", "Once upon a time", "--max-tokens", "40", "--json")
+                 "--draft", str(tinystories_dir), "--draft-device", "cpu", "--draft-dtype", "float32",
+                 "--device", "cpu", "--spec-k", "4", "--in-flight", "3", "--prompt", "Once upon a time",
+                 "--max-tokens", "40", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["output_ids"] == reference_greedy(tinystories_dir, result["prompt_ids"], 40)
@@ -119,6 +121,11 @@ MISTAKES = {
                      {"SHARD_MAX_SESSIONS": "many"}, "SHARD_MAX_SESSIONS"),
     "unknown draft": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure", "--draft",
                        "{root}/nowhere"], {}, "--draft '{root}/nowhere' is neither 'ngram' nor a model folder"),
+    "oracle without a probability": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1",
+                                      "--insecure", "--draft", "oracle:often"], {},
+                                     "oracle:P needs a probability P in [0, 1]"),
+    "bad draft dtype": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure"],
+                        {"SHARD_DRAFT_DTYPE": "int8"}, "--draft-dtype must be one of auto, float32"),
     "client without coordinator": (["generate", "--insecure"], {}, "give --coordinator HOST:PORT"),
     "certs over an existing CA": (["certs", "init", "{certs}"], {}, "CA already exists"),
 }

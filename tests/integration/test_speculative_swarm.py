@@ -81,3 +81,31 @@ def test_unknown_draft_and_bad_settings_are_invalid_argument(tinystories_dir, tm
     outcomes = asyncio.run(attempt(unknown={"draft": "/etc"}, k={"draft": "ngram", "spec_k": 1000},
                                    w={"draft": "ngram", "in_flight": 0}, ok={"draft": "ngram"}))
     assert outcomes == [grpc.StatusCode.INVALID_ARGUMENT] * 3 + [grpc.StatusCode.OK]
+
+
+def test_oracle_drafts_take_their_reference_from_the_ring(tinystories_dir, tmp_path):
+    """The coordinator runs the prompt's plain decode once, then the oracle proposes from it:
+    P = 1 is always accepted, P = 0 never, and the output is the plain decode either way."""
+    oracles = ["oracle:1.0", "oracle:0"]
+
+    async def main():
+        async with inprocess_swarm(tinystories_dir, 2, tmp_path,
+                                   coordinator_args=[f"--draft={spec}" for spec in oracles]) as swarm:
+            results = {}
+            for spec in oracles:
+                request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=NEW,
+                                                  draft=spec, spec_k=4, in_flight=4)
+                results[spec] = await generate(swarm.coordinator.address, swarm.tls(), request)
+            references = dict(swarm.coordinator.node.references)
+            await asyncio.sleep(0.3)
+            held = sum(len(s.node.info().sessions) for s in swarm.stages)
+        return results, references, held
+
+    results, references, held = asyncio.run(main())
+    expected = reference_greedy(tinystories_dir, PROMPT, NEW)
+    assert references == {tuple(PROMPT): expected}  # one plain decode, shared by both oracles
+    for spec, generation in results.items():
+        assert list(generation.summary.output_ids) == expected, spec
+    assert results["oracle:1.0"].summary.acceptance_rate == 1.0
+    assert results["oracle:0"].summary.acceptance_rate == 0.0 and results["oracle:0"].summary.draft_tokens > 0
+    assert held == 0  # the reference sessions' KV was freed too

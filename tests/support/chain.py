@@ -1,9 +1,13 @@
-"""Blocks of one model chained in one process: the ring's computation without the wire."""
+"""Blocks of one model chained in one process: the ring's computation without the wire,
+and the decoding driver run over it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
+from shard.decode.speculative import Lookahead, decode
 from shard.model.block import Block
 from shard.model.static_block import StaticBlock
 
@@ -35,3 +39,38 @@ class LocalChain:
         while len(out) < max_new_tokens:
             out += self(len(prompt_ids) + len(out) - 1, out[-1:])
         return out
+
+
+class ChainRing:
+    """The driver's Ring over LocalChain; checks every chunk against the caches."""
+
+    def __init__(self, chain: LocalChain):
+        self.chain = chain
+
+    async def submit(self, *, start_pos, tokens, num_outputs, epoch):
+        result = asyncio.get_running_loop().create_future()
+        result.set_result(self.chain(start_pos, tokens, num_outputs))
+        # Absolute positions: every stage cropped to start_pos, then wrote the chunk.
+        assert self.chain.cache_lengths() == [start_pos + len(tokens)] * len(self.chain.blocks)
+        return result
+
+    async def cancel(self, epoch):
+        return 0
+
+
+class AlwaysAhead(Lookahead):
+    """Keeps the window full whatever the draft's record: the hardest case for rollback."""
+
+    def allows(self, depth: int) -> bool:
+        return True
+
+
+def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
+    emitted = []
+
+    async def emit(ids):
+        emitted.extend(ids)
+
+    stats = asyncio.run(decode(ChainRing(chain), prompt, emit=emit, draft=draft, **settings))
+    assert emitted == stats.output_ids
+    return emitted, stats

@@ -1,9 +1,11 @@
 """Draft models that agree with a target often or never: copies of the target, perturbed
 or re-drawn at random, each with the target's tokenizer files (a cut-down copy is
-`shard.model.synthetic.truncated_copy`, which the benchmark uses too)."""
+`shard.model.synthetic.truncated_copy`, which the benchmark uses too); and a random
+verification history to drive draft sessions through."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -30,3 +32,25 @@ def unrelated_copy(source, out, *, seed: int = 1234) -> Path:
     config = AutoConfig.from_pretrained(source)
     torch.manual_seed(seed)
     return save_with_tokenizer(AutoModelForCausalLM.from_config(config, dtype=torch.float32), source, out)
+
+
+def drive(sessions, prompt: list[int], vocab: int, proposals: int, seed: int) -> list[list[list[int]]]:
+    """The same random verification history for every session: each proposal has a random
+    prefix accepted, then a correction; now and then the sequence is cut far back (a ring
+    replay), so the draft must roll back across many positions. Returns each session's proposals."""
+    rng = random.Random(seed)
+    sequence = list(prompt)
+    made = [[] for _ in sessions]
+    for _ in range(proposals):
+        n = rng.randint(1, 6)
+        for record, session in zip(made, sessions):
+            record.append(session.propose(sequence, n))
+        accepted = rng.randint(0, n)
+        sequence = sequence + made[0][-1][:accepted]
+        if accepted < n or rng.random() < 0.5:
+            sequence.append(rng.randrange(vocab))
+        if rng.random() < 0.08:
+            sequence = sequence[:max(len(prompt), len(sequence) - rng.randint(1, 30))]
+        if len(sequence) > 400:  # within every draft's context
+            sequence = sequence[:len(prompt) + 7]
+    return made

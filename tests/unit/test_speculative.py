@@ -2,58 +2,22 @@
 exactly transformers' greedy generate(). The ring here is the real blocks chained in one
 process; tests/integration runs the same driver over the services."""
 
-import asyncio
 import random
 import time
 
 import pytest
 
 from shard.decode.draft import ModelDraft, NgramDraft
-from shard.decode.speculative import Finish, Lookahead, decode
+from shard.decode.speculative import Finish, Lookahead
 from shard.model.synthetic import ARCHS
 
-from support.chain import LocalChain
+from support.chain import AlwaysAhead, LocalChain, run
 from support.drafts import perturbed_copy, unrelated_copy
 from support.reference import reference_greedy
 
 PROMPT = [1, 17, 42, 99, 3, 250, 7, 311]
 NEW = 32
 SPLITS = {1: [(0, 6)], 2: [(0, 2), (2, 6)], 3: [(0, 1), (1, 4), (4, 6)]}
-
-
-class ChainRing:
-    """The driver's Ring over LocalChain; checks every chunk against the caches."""
-
-    def __init__(self, chain: LocalChain):
-        self.chain = chain
-
-    async def submit(self, *, start_pos, tokens, num_outputs, epoch):
-        result = asyncio.get_running_loop().create_future()
-        result.set_result(self.chain(start_pos, tokens, num_outputs))
-        # Absolute positions: every stage cropped to start_pos, then wrote the chunk.
-        assert self.chain.cache_lengths() == [start_pos + len(tokens)] * len(self.chain.blocks)
-        return result
-
-    async def cancel(self, epoch):
-        return 0
-
-
-class AlwaysAhead(Lookahead):
-    """Keeps the window full whatever the draft's record: the hardest case for rollback."""
-
-    def allows(self, depth: int) -> bool:
-        return True
-
-
-def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
-    emitted = []
-
-    async def emit(ids):
-        emitted.extend(ids)
-
-    stats = asyncio.run(decode(ChainRing(chain), prompt, emit=emit, draft=draft, **settings))
-    assert emitted == stats.output_ids
-    return emitted, stats
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +28,9 @@ def drafts(tiny_model_dirs, tmp_path_factory):
     for arch in ARCHS:
         target = tiny_model_dirs[arch]
         made[arch] = {
-            "target": ModelDraft(target),
-            "perturbed": ModelDraft(perturbed_copy(target, root / f"{arch}-perturbed", noise=0.03)),
-            "unrelated": ModelDraft(unrelated_copy(target, root / f"{arch}-unrelated")),
+            "target": ModelDraft.load(target),
+            "perturbed": ModelDraft.load(perturbed_copy(target, root / f"{arch}-perturbed", noise=0.03)),
+            "unrelated": ModelDraft.load(unrelated_copy(target, root / f"{arch}-unrelated")),
             "ngram": NgramDraft(),
         }
     return made
@@ -99,7 +63,7 @@ def test_tinystories_with_a_real_draft(tinystories_dir, tmp_path):
     expected = reference_greedy(tinystories_dir, prompt, 64)
     for split in ([(0, 2)], [(0, 1), (1, 2)]):
         chain = LocalChain(tinystories_dir, split)
-        for draft in (ModelDraft(tinystories_dir), ModelDraft(perturbed_copy(tinystories_dir, tmp_path / "p", noise=0.2)),
+        for draft in (ModelDraft.load(tinystories_dir), ModelDraft.load(perturbed_copy(tinystories_dir, tmp_path / "p", noise=0.2)),
                       NgramDraft()):
             for k, in_flight in ((1, 1), (4, 4), (8, 1), (8, 4)):
                 out, _ = run(chain, prompt, draft.session(), max_tokens=64, eos_ids=frozenset(),
@@ -190,7 +154,8 @@ def test_eos_and_max_tokens_are_exact(tiny_model_dirs, drafts, k, in_flight):
 
 
 def test_draft_must_share_the_tokenizer(tiny_model_dirs, tinystories_dir):
-    from shard.decode.draft import DraftMismatch, load_draft
+    from shard.decode.draft import DraftMismatch
+    from shard.decode.loading import load_draft
 
     with pytest.raises(DraftMismatch, match="does not share the tokenizer"):
         load_draft(str(tiny_model_dirs["llama"]), tinystories_dir)

@@ -1,0 +1,72 @@
+"""What one draft step costs: eager over a dynamic cache (the draft as it ran before), eager
+over the static cache, and the static step replayed as a CUDA graph, on a random-weight
+model built in memory (nothing written to disk). For `shard bench gpu`.
+
+A step is timed inside `propose`, as the coordinator calls it: a session reads a prompt
+once, then proposes `steps` tokens from the same position again and again (a rollback
+each time, so every repeat runs at the same positions), the host waiting for the tokens
+at the end of each proposal as the coordinator does."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from shard.decode.draft import ModelDraft
+
+# A Llama-3.2-1B-shaped model.
+ONE_B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096)
+
+
+def random_llama(shape: dict, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
+    """A llama of `shape` with random weights, made on `device` directly."""
+    config = AutoConfig.for_model("llama", **shape, tie_word_embeddings=False, bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
+def draft_step_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape: dict = ONE_B,
+                     context: int = 128, steps: int = 32, repeats: int = 7) -> dict:
+    """Milliseconds per draft step (the median of `repeats` proposals of `steps` tokens after a
+    `context`-token prompt) for each way of stepping, and whether they proposed the same tokens.
+    On a CPU there is no graph: `graphed_ms` is None."""
+    model = random_llama(shape, device, dtype)
+    on_gpu = model.device.type == "cuda"
+    drafts = {"eager": ModelDraft(model, name="eager", slots=0),
+              "static_eager": ModelDraft(model, name="static", slots=1, capture=False)}
+    if on_gpu:
+        drafts["graphed"] = ModelDraft(model, name="graphed", slots=1, capture=True)
+    prompt = torch.randint(0, shape["vocab_size"], (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    timings, proposals = {}, {}
+    for label, draft in drafts.items():
+        session = draft.session()
+        proposals[label] = session.propose(prompt, steps)  # reads the prompt; also the warm-up
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            session.propose(prompt, steps)  # rolls back to the prompt, then steps again
+            seconds.append(time.perf_counter() - began)
+        session.close()
+        timings[label] = statistics.median(seconds) / steps * 1e3
+    eager, graphed = timings["eager"], timings.get("graphed")
+    return {
+        "device": torch.cuda.get_device_name(model.device) if on_gpu else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": dict(shape),
+        "context": context,
+        "steps": steps,
+        "eager_ms": eager,
+        "static_eager_ms": timings["static_eager"],
+        "graphed_ms": graphed,
+        "graphed_speedup": eager / graphed if graphed else None,
+        # Graph replay runs the eager static step's very kernels: its tokens must match.
+        "graphed_equals_static_eager": proposals["graphed"] == proposals["static_eager"] if on_gpu else None,
+        "static_equals_dynamic": proposals["static_eager"] == proposals["eager"],
+    }

@@ -1,0 +1,237 @@
+"""A model draft decoding over a static KV cache, one token per step, the step captured as a
+CUDA graph on a GPU.
+
+Eager single-token decoding of a 1B model is launch-bound: hundreds of small kernels, each
+launched from Python, cost several times the work they do. A CUDA graph replays them all
+with one launch, but only over fixed addresses and shapes. So each slot owns its inputs
+(token id, position) and its KV as tensors allocated once, and its step is
+"read `ids` at `position`, write that position's keys and values, `ids` <- the argmax,
+`position` += 1": the same kernels whatever the position. Rolling back is only starting
+from a smaller position: slots past it are masked out (the mask is computed from
+`position`) until they are written again.
+
+A slot serves one session at a time; a session holds its slot from its first proposal to
+`close()`. Each slot has its own CUDA stream, so sessions drafting in different threads
+overlap on the GPU instead of queueing behind one another. On a CPU the same code runs
+eagerly (what CI checks against the dynamic-cache draft)."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
+# taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
+# itself, so that its mask comes from the position tensor (HF's mask builder reads sizes on
+# the host and cannot be captured).
+STATIC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# A session's catch-up of at most this many tokens runs as graphed single-token steps; a
+# longer one (the prompt) as one eager forward, then one step.
+CATCH_UP_STEPS = 4
+WARM_UP_STEPS = 3  # eager steps before capture: lazy initialisations, cuBLAS handles, autotuning
+# The attention kernels a CUDA step may pick: the memory-efficient one takes any mask and is
+# known to capture; cuDNN's is left out as a precaution (its capture has been fragile across
+# versions). The eager step of a slot uses the same list, so graphed and eager steps run the
+# same kernels. (sdpa_kernel sets process-wide flags: only start-up and single-threaded
+# checks step eagerly on a GPU.)
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def supports_static(config) -> bool:
+    """Whether a model fits the static step: a listed family, full attention only, through
+    SDPA (which reads the boolean mask the step builds; the eager kernel would add it)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return (config.model_type in STATIC_FAMILIES and all(t == "full_attention" for t in layer_types)
+            and not sliding and config._attn_implementation == "sdpa")
+
+
+class StaticKV:
+    """Keys and values of every layer, [1, kv_heads, capacity, head_dim] each, written at the
+    positions of the forward running now. Passed to the decoder layers as their cache: they
+    call only `update`."""
+
+    def __init__(self, config, capacity: int, device: torch.device, dtype: torch.dtype):
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (1, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.slots = torch.arange(capacity, device=device)
+        self.positions: torch.Tensor | None = None  # [n]: where the current forward writes
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.positions, key_states)
+        self.values[layer_idx].index_copy_(2, self.positions, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def forward_static(model, kv: StaticKV, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits of the last of `ids` [1, n] read at `positions` [n], over the static cache.
+    Every shape is fixed by n and the capacity, so for n = 1 it can be captured."""
+    base = model.model
+    hidden = base.embed_tokens(ids)
+    position_embeddings = base.rotary_emb(hidden, positions[None])
+    kv.positions = positions
+    # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
+    mask = (kv.slots[None, :] <= positions[:, None])[None, None]
+    for layer in base.layers[: model.config.num_hidden_layers]:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
+                       use_cache=True)
+    return model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
+
+
+class Slot:
+    """One session's static KV and single-token step; graphed on CUDA when `capture`."""
+
+    def __init__(self, model, capacity: int, *, capture: bool):
+        self.model, self.capacity = model, capacity
+        device, dtype = model.device, model.dtype
+        self.kv = StaticKV(model.config, capacity, device, dtype)
+        self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            # The tensors above were zeroed on the default stream: the slot's stream must
+            # not write them before that is done.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self._capture()
+
+    def _step_eager(self) -> None:
+        with self._attention():
+            token = forward_static(self.model, self.kv, self.ids, self.position).argmax(-1)
+        self.ids.copy_(token.view(1, 1))
+        self.position.add_(1)
+
+    def _attention(self):
+        return sdpa_kernel(GPU_ATTENTION) if self.stream is not None else nullcontext()
+
+    def _capture(self) -> None:
+        # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),
+        # then capture there. The warm-up writes slot 0, which any session overwrites.
+        with torch.cuda.stream(self.stream):
+            for _ in range(WARM_UP_STEPS):
+                self.position.zero_()
+                self._step_eager()
+        self.stream.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            self._step_eager()
+        self.stream.synchronize()
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_eager()
+
+    def prefill(self, tokens: list[int], start: int) -> None:
+        """Write `tokens` at start.. in one eager forward (a prompt: too long to step)."""
+        device = self.ids.device
+        ids = torch.tensor([tokens], dtype=torch.int64, device=device)
+        positions = torch.arange(start, start + len(tokens), device=device)
+        forward_static(self.model, self.kv, ids, positions)
+
+    def stream_context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+
+class SlotPool:
+    """Slots made at start-up (so capture never races serving), lent to one session each."""
+
+    @torch.inference_mode()  # slot tensors are inference tensors, used only in inference mode
+    def __init__(self, model, count: int, capacity: int, *, capture: bool):
+        self.capacity, self.size = capacity, count
+        self._free = [Slot(model, capacity, capture=capture) for _ in range(count)]
+        self._lock = threading.Lock()
+
+    def take(self) -> Slot | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give_back(self, slot: Slot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
+class StaticDraftSession:
+    """A session's proposals from one slot. Like the dynamic session it keeps the tokens
+    whose KV it holds and rolls back to the common prefix with the new sequence; here that
+    is only a smaller start position."""
+
+    def __init__(self, pool: SlotPool, slot: Slot):
+        self._pool, self._slot = pool, slot
+        self._read: list[int] = []  # tokens whose KV the slot holds, from position 0
+        # The coordinator may close a session while its last proposal still runs in a
+        # worker thread (a cancelled generation): the slot goes back only once that is done.
+        self._lock = threading.Lock()
+        self._busy = self._closed = False
+
+    def propose(self, sequence: list[int], n: int, *, forced: list[int] | None = None) -> list[int]:
+        """Up to `n` tokens after `sequence`; with `forced`, the model still runs each step
+        but reads forced[i] instead of its own pick (the oracle draft), and forced is returned."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._busy = True
+        try:
+            return self._propose(sequence, n, forced)
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._closed:
+                    self._pool.give_back(self._slot)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._busy:
+                self._pool.give_back(self._slot)
+
+    @torch.inference_mode()
+    def _propose(self, sequence: list[int], n: int, forced: list[int] | None) -> list[int]:
+        slot = self._slot
+        # Positions up to len(sequence) + n - 2 are written (the last proposal is never fed).
+        n = min(n, slot.capacity + 1 - len(sequence), len(forced) if forced is not None else n)
+        if n <= 0:
+            return []
+        common = min(common_prefix(self._read, sequence), len(sequence) - 1)
+        del self._read[common:]
+        feed = sequence[common:]
+        with slot.stream_context():
+            if len(feed) > CATCH_UP_STEPS:
+                slot.prefill(feed[:-1], common)
+                common += len(feed) - 1
+                feed = feed[-1:]
+            slot.position.fill_(common)
+            for token in feed:
+                slot.ids.fill_(token)
+                slot.step()
+            # The last step read feed[-1]: ids holds the first proposal, position the next slot.
+            picks = torch.empty(n, dtype=torch.int64, device=slot.ids.device)
+            picks[0:1].copy_(slot.ids[0])
+            for i in range(1, n):
+                if forced is not None:
+                    slot.ids.fill_(forced[i - 1])
+                slot.step()
+                picks[i:i + 1].copy_(slot.ids[0])
+            proposal = picks.tolist()  # the one wait for the GPU, on this slot's stream only
+        if forced is not None:
+            proposal = forced[:n]
+        self._read = list(sequence) + proposal[:-1]
+        return proposal
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    for i in range(limit):
+        if a[i] != b[i]:
+            return i
+    return limit
