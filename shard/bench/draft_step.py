@@ -33,11 +33,13 @@ def random_llama(shape: dict, device: torch.device | str, dtype: torch.dtype, se
 
 
 def draft_step_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape: dict = ONE_B,
-                     context: int = 128, steps: int = 32, repeats: int = 7) -> dict:
+                     context: int = 128, steps: int = 32, repeats: int = 7, model=None) -> dict:
     """Milliseconds per draft step (the median of `repeats` proposals of `steps` tokens after a
     `context`-token prompt) for each way of stepping, and whether they proposed the same tokens.
-    On a CPU there is no graph: `graphed_ms` is None."""
-    model = random_llama(shape, device, dtype)
+    On a CPU there is no graph: `graphed_ms` is None. With `model`, that model is timed
+    instead of a random one of `shape` (one-process graphed decode of a target)."""
+    model = model if model is not None else random_llama(shape, device, dtype)
+    shape = {key: getattr(model.config, key) for key in ONE_B}
     on_gpu = model.device.type == "cuda"
     drafts = {"eager": ModelDraft(model, name="eager", slots=0),
               "static_eager": ModelDraft(model, name="static", slots=1, capture=False)}

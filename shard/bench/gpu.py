@@ -71,17 +71,41 @@ class Micro:
     cuda_only: bool = False
 
 
-# The micro benchmarks, run in this process before the swarms. An entry that is None is
-# not wired yet and is reported as such. TO WIRE at integration (functions of the stage
-# and draft work):
-#   "stage_chunk": a 16-layer 8B-shaped block's 9-token chunk, eager vs graphed
-#                  (shard.bench.gpu_stage.stage_chunk_benchmark; CUDA only)
-#   "draft_step":  a 1B-shaped draft step, eager vs graphed (shard.bench.draft_step.draft_step_bench)
-#   "graphed_decode": one-process graphed decode of the target (no function provides it yet)
-MICRO: dict[str, Micro | None] = {
-    "stage_chunk": None,
-    "draft_step": None,
-    "graphed_decode": None,
+def _stage_chunk(c: MicroContext) -> dict:
+    from shard.bench.gpu_stage import stage_chunk_benchmark
+
+    result = stage_chunk_benchmark(device=str(c.device), dtype=c.dtype, repeats=20 if c.quick else 50)
+    memory = result.pop("memory")
+    return {**result, **{f"memory_{key}": value for key, value in memory.items()}}
+
+
+def _draft_step(c: MicroContext) -> dict:
+    from shard.bench.draft_step import draft_step_bench
+    from shard.model.synthetic import LLAMA_1B
+
+    shape = LLAMA_1B if c.device.type == "cuda" else TINY_DRAFT
+    result = draft_step_bench(device=str(c.device), dtype=c.dtype, shape=shape, steps=16 if c.quick else 32)
+    return {key: value for key, value in result.items() if key != "shape"}
+
+
+def _graphed_decode(c: MicroContext) -> dict:
+    """One process decoding the target one token at a time: eager over a dynamic cache, and
+    the static step replayed as a CUDA graph (the draft's machinery, on the target)."""
+    from shard.bench.draft_step import draft_step_bench
+
+    model = load_causal_lm(c.target_dir, device=c.device, dtype=c.dtype)
+    result = draft_step_bench(device=str(c.device), dtype=c.dtype, model=model, steps=16 if c.quick else 32,
+                              repeats=3)
+    del model
+    return {key: value for key, value in result.items() if key != "shape"}
+
+
+# The micro benchmarks, run in this process before the swarms.
+MICRO: dict[str, Micro] = {
+    "stage_chunk": Micro("a 16-layer 8B-shaped block's 9-token chunk: eager vs graphed", _stage_chunk,
+                         cuda_only=True),
+    "draft_step": Micro("a 1B-shaped draft step: eager vs graphed", _draft_step),
+    "graphed_decode": Micro("one-process decode of the target, eager vs graphed (ms per token)", _graphed_decode),
 }
 
 
@@ -227,9 +251,7 @@ def one_process(model_dir: Path, device: torch.device, dtype: torch.dtype, promp
     return Reference(sum(map(len, outputs)) / seconds, outputs, [m for _, m in results], load_seconds)
 
 
-def run_micro(entry: Micro | None, context: MicroContext) -> dict:
-    if entry is None:
-        return {"status": "not wired"}
+def run_micro(entry: Micro, context: MicroContext) -> dict:
     if entry.cuda_only and context.device.type != "cuda":
         return {"title": entry.title, "status": "skipped: needs CUDA"}
     result = entry.run(context)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from shard.decode.static_draft import (STATIC_FAMILIES, SlotPool, StaticDraftSession, common_prefix,
                                        supports_static)
+from shard.model.causal_lm import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class ModelDraft:
     @classmethod
     def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, **kwargs) -> "ModelDraft":
-        model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype).to(device)
-        model.requires_grad_(False)
+        model = load_causal_lm(Path(model_dir), device=device, dtype=dtype)
         return cls(model, name=name or str(model_dir), **kwargs)
 
     def session(self) -> "ModelDraftSession | StaticDraftSession":

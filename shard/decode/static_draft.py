@@ -21,7 +21,8 @@ import threading
 from contextlib import nullcontext
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from shard.model.static_kv import StaticKV, attention_as, chunk_mask, static_attention
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
 # taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
@@ -32,12 +33,6 @@ STATIC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # longer one (the prompt) as one eager forward, then one step.
 CATCH_UP_STEPS = 4
 WARM_UP_STEPS = 3  # eager steps before capture: lazy initialisations, cuBLAS handles, autotuning
-# The attention kernels a CUDA step may pick: the memory-efficient one takes any mask and is
-# known to capture; cuDNN's is left out as a precaution (its capture has been fragile across
-# versions). The eager step of a slot uses the same list, so graphed and eager steps run the
-# same kernels. (sdpa_kernel sets process-wide flags: only start-up and single-threaded
-# checks step eagerly on a GPU.)
-GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports_static(config) -> bool:
@@ -49,38 +44,20 @@ def supports_static(config) -> bool:
             and not sliding and config._attn_implementation == "sdpa")
 
 
-class StaticKV:
-    """Keys and values of every layer, [1, kv_heads, capacity, head_dim] each, written at the
-    positions of the forward running now. Passed to the decoder layers as their cache: they
-    call only `update`."""
-
-    def __init__(self, config, capacity: int, device: torch.device, dtype: torch.dtype):
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (1, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.slots = torch.arange(capacity, device=device)
-        self.positions: torch.Tensor | None = None  # [n]: where the current forward writes
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.keys[layer_idx].index_copy_(2, self.positions, key_states)
-        self.values[layer_idx].index_copy_(2, self.positions, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-
-def forward_static(model, kv: StaticKV, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def forward_static(model, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
     """Logits of the last of `ids` [1, n] read at `positions` [n], over the static cache.
     Every shape is fixed by n and the capacity, so for n = 1 it can be captured."""
     base = model.model
     hidden = base.embed_tokens(ids)
     position_embeddings = base.rotary_emb(hidden, positions[None])
-    kv.positions = positions
+    kv.write_slots = positions
     # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
-    mask = (kv.slots[None, :] <= positions[:, None])[None, None]
-    for layer in base.layers[: model.config.num_hidden_layers]:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
-                       use_cache=True)
+    mask = chunk_mask(positions, kv_index, None, None)
+    with attention_as(model.config, static_attention(model.config)):
+        for layer in base.layers[: model.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
+                           use_cache=True)
     return model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
 
 
@@ -90,7 +67,12 @@ class Slot:
     def __init__(self, model, capacity: int, *, capture: bool):
         self.model, self.capacity = model, capacity
         device, dtype = model.device, model.dtype
-        self.kv = StaticKV(model.config, capacity, device, dtype)
+        config = model.config
+        self.kv = StaticKV(num_layers=config.num_hidden_layers,
+                           kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                           head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                           capacity=capacity, dtype=dtype, device=device)
+        self.kv_index = torch.arange(capacity + 1, device=device)
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -103,13 +85,9 @@ class Slot:
             self._capture()
 
     def _step_eager(self) -> None:
-        with self._attention():
-            token = forward_static(self.model, self.kv, self.ids, self.position).argmax(-1)
+        token = forward_static(self.model, self.kv, self.kv_index, self.ids, self.position).argmax(-1)
         self.ids.copy_(token.view(1, 1))
         self.position.add_(1)
-
-    def _attention(self):
-        return sdpa_kernel(GPU_ATTENTION) if self.stream is not None else nullcontext()
 
     def _capture(self) -> None:
         # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),
@@ -135,7 +113,7 @@ class Slot:
         device = self.ids.device
         ids = torch.tensor([tokens], dtype=torch.int64, device=device)
         positions = torch.arange(start, start + len(tokens), device=device)
-        forward_static(self.model, self.kv, ids, positions)
+        forward_static(self.model, self.kv, self.kv_index, ids, positions)
 
     def stream_context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()

@@ -25,22 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from shard.model.block import Block, CacheGapError, PositionCount
-from shard.model.static_kv import StaticKV, chunk_mask, grouped_sdpa
+from shard.model.static_kv import StaticKV, attention_as, chunk_mask, static_attention
 
 log = logging.getLogger(__name__)
 
 # Masks as transformers builds them for each attention implementation.
 _MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
-# Architectures whose SDPA attention takes nothing grouped_sdpa ignores (GptOss's sinks, say).
-_GROUPED_SDPA_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
-_GROUPED_SDPA = "shard_grouped_sdpa"
-try:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_GROUPED_SDPA, grouped_sdpa)
-except ImportError:  # a transformers without attention registration: its own SDPA path serves
-    _GROUPED_SDPA_MODELS = set()
-
 
 @dataclass
 class _Shape:
@@ -66,8 +56,7 @@ class StaticBlock:
             if implementation not in _MASK_KINDS:
                 raise ValueError(f"static KV supports attention {sorted(_MASK_KINDS)}, not {implementation!r}")
             self._additive = None if _MASK_KINDS[implementation] == "bool" else block.dtype
-            grouped = implementation == "sdpa" and block.model.config.model_type in _GROUPED_SDPA_MODELS
-            self._attention = _GROUPED_SDPA if grouped else implementation
+            self._attention = static_attention(block.model.config)
         if capacity < 1 or (block.max_positions is not None and capacity > block.max_positions):
             raise ValueError(f"capacity must lie in [1, {block.max_positions}], got {capacity}")
         if not chunk_sizes or min(chunk_sizes) < 1:
@@ -210,18 +199,12 @@ class StaticBlock:
         masks = {window: chunk_mask(shape.positions, self._kv_index, window, self._additive)
                  for window in set(self._windows)}
         extra = {"cache_position": shape.positions} if self._pass_cache_position else {}
-        # Layers look their attention function up by this name on every call (a graph keeps
-        # the one seen at capture); the block's own forward must find its own again.
-        config, own = model.config, model.config._attn_implementation
-        config._attn_implementation = self._attention
-        try:
+        with attention_as(model.config, self._attention):
             for layer, window in zip(model.layers, self._windows):
                 h = layer(h, attention_mask=masks[window], position_ids=position_ids,
                           position_embeddings=position_embeddings, use_cache=True,
                           **{self._cache_kw: cache}, **extra)
                 h = h[0] if isinstance(h, tuple) else h  # older layers return a tuple
-        finally:
-            config._attn_implementation = own
         h = model.norm(h)[0]
         shape.output.copy_(block.lm_head(h).argmax(-1) if block.is_last else h)
 

@@ -18,6 +18,8 @@ The invariant that makes this exact (see docs/gpu.md):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -80,5 +82,50 @@ def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     groups = heads // key.shape[1]
     query = query.reshape(batch, heads // groups, groups * rows, dim)
     mask = attention_mask.expand(batch, 1, rows, -1).repeat(1, 1, groups, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    if query.is_cuda:
+        out = _few_rows_attention(query, key, value, mask, scaling if scaling is not None else dim ** -0.5)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous(), None
+
+
+def _few_rows_attention(query, key, value, mask, scale: float) -> torch.Tensor:
+    """Attention as two batched GEMMs around a float32 softmax. Written out because the fused
+    SDPA kernels split work by query block: with the 1-36 rows of a decode step or a verify
+    chunk they leave most of a GPU idle while walking the whole cache (measured on an H200:
+    227 us per layer for one row over 4096 slots with the memory-efficient kernel, 85 us for
+    nine rows over 2048 with cuDNN's), where these GEMMs take a few microseconds."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
+# Architectures whose SDPA attention takes nothing grouped_sdpa ignores (GptOss's sinks, say).
+_GROUPED_SDPA_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
+GROUPED_SDPA = "shard_grouped_sdpa"
+try:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+except ImportError:  # a transformers without attention registration: its own SDPA path serves
+    _GROUPED_SDPA_MODELS = set()
+
+
+def static_attention(config) -> str:
+    """The attention implementation a static-cache forward of this model runs: grouped_sdpa
+    where it fits, else the model's own."""
+    own = config._attn_implementation
+    return GROUPED_SDPA if own == "sdpa" and config.model_type in _GROUPED_SDPA_MODELS else own
+
+
+@contextmanager
+def attention_as(config, implementation: str):
+    """Layers look their attention function up by name on every call (a graph keeps the one
+    seen at capture): run the static forward with `implementation`, then give the model's
+    own back for its other uses."""
+    own = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = own

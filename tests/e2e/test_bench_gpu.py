@@ -14,9 +14,9 @@ from shard.bench.gpu import MICRO
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TOPOLOGIES = {"lan": 2, "wan-3": 3}  # name -> stages
 
-# The drafts this run compares, as LABEL=SPEC. (The harness's default, the target as its
-# own draft and the oracle drafts, needs model drafts that load dummy-weight folders.)
-DRAFTS = ["ngram"]
+# The drafts this run compares, as LABEL=SPEC: the harness's own (the target as its own
+# draft, the oracle at P = 1.0 and 0.8 running the draft model).
+DRAFTS = ["target={target}", "oracle-1.0=oracle:1.0:{draft}", "oracle-0.8=oracle:0.8:{draft}"]
 LABELS = [d.partition("=")[0] for d in DRAFTS]
 
 
@@ -37,7 +37,7 @@ def test_bench_gpu_on_cpu(tmp_path):
 
     assert set(payload["micro"]) == set(MICRO)
     for name, entry in MICRO.items():
-        want = "not wired" if entry is None else "skipped: needs CUDA" if entry.cuda_only else "ran"
+        want = "skipped: needs CUDA" if entry.cuda_only else "ran"
         assert payload["micro"][name]["status"] == want, name
 
     assert payload["topologies"] == list(TOPOLOGIES)
