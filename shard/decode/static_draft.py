@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from shard.model.static_kv import StaticKV, attention_as, chunk_mask, static_attention
+from shard.model.static_kv import StaticKV, chunk_mask, static_attention
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
 # taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
@@ -54,7 +54,7 @@ def forward_static(model, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tenso
     kv.write_slots = positions
     # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
     mask = chunk_mask(positions, kv_index, None, None)
-    with attention_as(model.config, static_attention(model.config)):
+    with static_attention():
         for layer in base.layers[: model.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
                            use_cache=True)

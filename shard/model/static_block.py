@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shard.model.block import Block, CacheGapError, PositionCount
-from shard.model.static_kv import StaticKV, attention_as, chunk_mask, static_attention
+from shard.model.static_kv import StaticKV, chunk_mask, static_attention
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ class StaticBlock:
             if implementation not in _MASK_KINDS:
                 raise ValueError(f"static KV supports attention {sorted(_MASK_KINDS)}, not {implementation!r}")
             self._additive = None if _MASK_KINDS[implementation] == "bool" else block.dtype
-            self._attention = static_attention(block.model.config)
         if capacity < 1 or (block.max_positions is not None and capacity > block.max_positions):
             raise ValueError(f"capacity must lie in [1, {block.max_positions}], got {capacity}")
         if not chunk_sizes or min(chunk_sizes) < 1:
@@ -199,7 +198,7 @@ class StaticBlock:
         masks = {window: chunk_mask(shape.positions, self._kv_index, window, self._additive)
                  for window in set(self._windows)}
         extra = {"cache_position": shape.positions} if self._pass_cache_position else {}
-        with attention_as(model.config, self._attention):
+        with static_attention():
             for layer, window in zip(model.layers, self._windows):
                 h = layer(h, attention_mask=masks[window], position_ids=position_ids,
                           position_embeddings=position_embeddings, use_cache=True,

@@ -18,6 +18,7 @@ The invariant that makes this exact (see docs/gpu.md):
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -102,30 +103,34 @@ def _few_rows_attention(query, key, value, mask, scale: float) -> torch.Tensor:
 
 # Architectures whose SDPA attention takes nothing grouped_sdpa ignores (GptOss's sinks, say).
 _GROUPED_SDPA_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
-GROUPED_SDPA = "shard_grouped_sdpa"
-try:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
-except ImportError:  # a transformers without attention registration: its own SDPA path serves
-    _GROUPED_SDPA_MODELS = set()
-
-
-def static_attention(config) -> str:
-    """The attention implementation a static-cache forward of this model runs: grouped_sdpa
-    where it fits, else the model's own."""
-    own = config._attn_implementation
-    return GROUPED_SDPA if own == "sdpa" and config.model_type in _GROUPED_SDPA_MODELS else own
+_scope = threading.local()
 
 
 @contextmanager
-def attention_as(config, implementation: str):
-    """Layers look their attention function up by name on every call (a graph keeps the one
-    seen at capture): run the static forward with `implementation`, then give the model's
-    own back for its other uses."""
-    own = config._attn_implementation
-    config._attn_implementation = implementation
+def static_attention():
+    """Within it, this thread's SDPA attention layers (of the models above) attend with
+    grouped_sdpa: a static-cache forward, eager or being captured. Layers look their attention
+    function up by the config's name on every call, so the choice is made there, per thread:
+    swapping the config's name instead would race between drafts stepping in parallel."""
+    before = getattr(_scope, "static", False)
+    _scope.static = True
     try:
         yield
     finally:
-        config._attn_implementation = own
+        _scope.static = before
+
+
+try:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _own_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def _sdpa(module, *args, **kwargs):
+        if getattr(_scope, "static", False) and module.config.model_type in _GROUPED_SDPA_MODELS:
+            return grouped_sdpa(module, *args, **kwargs)
+        return _own_sdpa(module, *args, **kwargs)
+
+    AttentionInterface.register("sdpa", _sdpa)
+except ImportError:  # a transformers without attention registration: its own SDPA path serves
+    pass

@@ -140,11 +140,11 @@ def test_a_random_block_made_in_memory_runs_like_a_loaded_one():
 def test_grouped_sdpa_is_transformers_sdpa_without_copying_kv_heads(tiny_model_dirs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from shard.model.static_kv import chunk_mask, grouped_sdpa
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from shard.model.static_kv import _few_rows_attention, chunk_mask, grouped_sdpa, static_attention
 
     block = Block.load(tiny_model_dirs["llama"], 0, 2, last=False, progress=False)
-    static = StaticBlock(block, capacity=32, chunk_sizes=(5,))
-    assert static._attention == "shard_grouped_sdpa"  # what the static path's layers use for Llama
     attention = block.model.layers[0].self_attn  # 4 query heads over 2 KV heads
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, 5, 16, generator=generator)
@@ -153,4 +153,13 @@ def test_grouped_sdpa_is_transformers_sdpa_without_copying_kv_heads(tiny_model_d
     ours, _ = grouped_sdpa(attention, query, key, value, mask, scaling=0.25)
     theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(ours, theirs)
-    assert block.model.config._attn_implementation == "sdpa"  # the block's own path keeps its own
+    # The layers' lookup: grouped inside a static forward (this thread only), their own outside.
+    layers_sdpa = ALL_ATTENTION_FUNCTIONS[block.model.config._attn_implementation]
+    with static_attention():
+        assert torch.equal(layers_sdpa(attention, query, key, value, mask, scaling=0.25)[0], ours)
+    assert torch.equal(layers_sdpa(attention, query, key, value, mask, scaling=0.25)[0], theirs)
+    # The CUDA path's two GEMMs, checked here on the CPU.
+    rows = query.reshape(1, 2, 10, 16)
+    two_gemms = _few_rows_attention(rows, key, value, mask.repeat(1, 1, 2, 1), 0.25)
+    torch.testing.assert_close(two_gemms, torch.nn.functional.scaled_dot_product_attention(
+        rows, key, value, attn_mask=mask.repeat(1, 1, 2, 1), scale=0.25))
