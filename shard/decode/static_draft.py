@@ -33,6 +33,19 @@ STATIC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # longer one (the prompt) as one eager forward, then one step.
 CATCH_UP_STEPS = 4
 WARM_UP_STEPS = 3  # eager steps before capture: lazy initialisations, cuBLAS handles, autotuning
+# A step attends over the smallest of these many slots that holds every position of the
+# proposal (a graph per bucket): attention over the whole cache would cost as much at
+# position 10 as at 4000. Powers of two from this one up to the capacity.
+SMALLEST_BUCKET = 256
+
+
+def length_buckets(capacity: int) -> list[int]:
+    """Attention extents for a cache of `capacity` positions (slots 0..capacity-1 and scratch)."""
+    buckets, size = [], SMALLEST_BUCKET
+    while size < capacity:
+        buckets.append(size)
+        size *= 2
+    return buckets + [capacity + 1]
 
 
 def supports_static(config) -> bool:
@@ -53,7 +66,7 @@ def forward_static(model, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tenso
     position_embeddings = base.rotary_emb(hidden, positions[None])
     kv.write_slots = positions
     # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
-    mask = chunk_mask(positions, kv_index, None, None)
+    mask = chunk_mask(positions, kv_index[:kv.visible], None, None)
     with static_attention():
         for layer in base.layers[: model.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
@@ -80,9 +93,14 @@ class Slot:
             # The tensors above were zeroed on the default stream: the slot's stream must
             # not write them before that is done.
             self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.buckets = length_buckets(capacity)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture:
             self._capture()
+
+    def reach(self, length: int) -> None:
+        """The steps until the next call write positions below `length` only."""
+        self.kv.visible = next(b for b in self.buckets if b >= length)
 
     def _step_eager(self) -> None:
         token = forward_static(self.model, self.kv, self.kv_index, self.ids, self.position).argmax(-1)
@@ -92,19 +110,23 @@ class Slot:
     def _capture(self) -> None:
         # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),
         # then capture there. The warm-up writes slot 0, which any session overwrites.
-        with torch.cuda.stream(self.stream):
-            for _ in range(WARM_UP_STEPS):
-                self.position.zero_()
+        for bucket in self.buckets:
+            self.kv.visible = bucket
+            with torch.cuda.stream(self.stream):
+                for _ in range(WARM_UP_STEPS):
+                    self.position.zero_()
+                    self._step_eager()
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
                 self._step_eager()
-        self.stream.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self._step_eager()
-        self.stream.synchronize()
+            self.stream.synchronize()
+            self.graphs[bucket] = graph
 
     def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        graph = self.graphs.get(self.kv.visible)
+        if graph is not None:
+            graph.replay()
         else:
             self._step_eager()
 
@@ -183,6 +205,7 @@ class StaticDraftSession:
         common = min(common_prefix(self._read, sequence), len(sequence) - 1)
         del self._read[common:]
         feed = sequence[common:]
+        slot.reach(len(sequence) + n)
         with slot.stream_context():
             if len(feed) > CATCH_UP_STEPS:
                 slot.prefill(feed[:-1], common)

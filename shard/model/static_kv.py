@@ -39,6 +39,9 @@ class StaticKV:
         self.slot = slot  # its index in a pool of graphed caches, None outside one
         self.length = 0  # positions 0..length-1 hold committed tokens' keys
         self.write_slots: torch.Tensor | None = None  # [T] int64, set by the forward that uses it
+        # Slots 0..visible-1 are what attention reads (all of them when None): a forward whose
+        # positions all lie below a smaller bound attends over less (the draft's length buckets).
+        self.visible: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +52,7 @@ class StaticKV:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys.index_copy_(2, self.write_slots, key_states)
         values.index_copy_(2, self.write_slots, value_states)
-        return keys, values
+        return keys[:, :, :self.visible], values[:, :, :self.visible]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
