@@ -242,7 +242,10 @@ class Decoder:
         # The chunk verifies positions first_output..last: the drafted tokens up to `last`
         # (the last one's argmax is the bonus, or checks the next chunk's guess).
         first_output = max(self.sent, self.committed - 1)
-        last = min(first_output + self.spec_k, self.last_useful)
+        # The prompt goes alone, as in plain decode: on a GPU a position's arithmetic depends
+        # on the shape of the chunk it runs in, and the stages pad every later chunk to one
+        # shape (K+1), so only an equal start keeps speculative output plain decode's.
+        last = first_output if self.sent == 0 else min(first_output + self.spec_k, self.last_useful)
         wanted = last + 1 - len(self.stream)
         ran_dry = wanted > 0 and len(await self.draft_ahead(wanted)) < wanted
         end = min(len(self.stream), last + 1)
