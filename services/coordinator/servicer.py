@@ -67,7 +67,8 @@ def generate_response(event: TokenDelta | GenerationResult) -> api_pb2.GenerateR
         ring_seconds=stats.ring_seconds,
         coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
         spec_k=event.spec_k, in_flight=event.in_flight, draft_tokens=stats.proposed,
-        replays=stats.replays, pipeline_breaks=stats.pipeline_breaks))
+        replays=stats.replays, pipeline_breaks=stats.pipeline_breaks, partial_replays=stats.partial_replays,
+        replayed_positions=stats.replayed_positions))
 
 
 class ReturnServicer(return_pb2_grpc.ReturnServiceServicer):

@@ -65,6 +65,15 @@ class Finish(enum.Enum):
     EOS = "eos"
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """A replay sent into the ring: `done` resolves once the stages hold the session's KV
+    again (before any later chunk's result); `partial` when only the blocks that lost it compute."""
+
+    done: Awaitable[list[int]]
+    partial: bool
+
+
 class Ring(Protocol):
     async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int,
                      epoch: int) -> Awaitable[list[int]]:
@@ -75,6 +84,10 @@ class Ring(Protocol):
 
     async def wait_ready(self) -> None:
         """Return once the ring serves again after a RingChanged."""
+
+    async def rebuild(self, *, tokens: list[int], epoch: int) -> Rebuild:
+        """After wait_ready: make the stages hold `tokens` at positions 0.. again, computing
+        them only in the blocks that lost them where the rest kept theirs."""
 
 
 @dataclass
@@ -89,6 +102,8 @@ class DecodeStats:
     # rejected, or the draft had nothing to propose past them. Each starts the pipeline anew.
     pipeline_breaks: int = 0
     replays: int = 0           # times the committed sequence was replayed into a new ring
+    partial_replays: int = 0   # of them, those that computed only in the blocks that lost it
+    replayed_positions: int = 0  # committed positions sent again, over all replays
     proposed: int = 0          # tokens the draft produced
     drafted: int = 0           # speculative tokens checked against the target
     accepted: int = 0
@@ -175,7 +190,8 @@ class Decoder:
     accept, the chunks in flight (oldest first) and the statistics. The loop: fill the
     window (draft ahead, submit), take the oldest chunk's result, accept its tokens up to
     the first mismatch (reject: cut the stream, drop what is in flight, bump the epoch),
-    emit, fill again. A RingChanged anywhere replays the committed tokens into the new ring."""
+    emit, fill again. A RingChanged anywhere replays the committed tokens into the new ring
+    (into the blocks that lost them, when the ring can tell which)."""
 
     def __init__(self, ring: Ring, prompt_ids: list[int], *, max_tokens: int, eos_ids: frozenset[int],
                  emit: Callable[[list[int]], Awaitable[None]], propose: Propose, spec_k: int, in_flight: int,
@@ -188,6 +204,7 @@ class Decoder:
         self.sent = 0                     # stream[:sent] has gone to the ring
         self.epoch = 0
         self.flight: deque[_Chunk] = deque()
+        self.rebuilding: Awaitable[list[int]] | None = None  # a replay not yet known to be through
         self.cancels: list[asyncio.Future] = []  # CancelEpoch calls, counted at the end
         self.stats = DecodeStats()
         # The last position whose argmax is worth computing: it predicts the last allowed token.
@@ -202,6 +219,7 @@ class Decoder:
             while self.flight:
                 chunk = self.flight.popleft()
                 try:
+                    await self.rebuilt()
                     argmaxes = await self.result_of(chunk)
                 except RingChanged:
                     await self.replay()
@@ -326,20 +344,41 @@ class Decoder:
         self.cancels.append(asyncio.ensure_future(self.ring.cancel(self.epoch)))
 
     async def replay(self) -> None:
-        """After a fail-over: drop what was in flight, wait for the new ring, and send the
-        committed sequence again from position 0 to rebuild every stage's KV."""
+        """After a fail-over: drop what was in flight, wait for the new ring, and have it
+        rebuild the session's KV for the committed positions every stage had computed (all
+        but the last committed token, which the next chunk carries), in the blocks that
+        lost it where it can. Chunks follow at once: the replay's result comes first."""
         if self.stats.replays >= MAX_REPLAYS:
             raise RingChanged(f"the ring changed {self.stats.replays} times during one generation")
         self.stats.replays += 1
         self.discard_in_flight()
         del self.stream[self.committed:]
-        self.sent, self.epoch = 0, self.epoch + 1
+        self.epoch += 1
         await self.ring.wait_ready()
+        self.sent = self.committed - 1
+        if not self.sent:
+            return
+        try:
+            rebuild = await self.ring.rebuild(tokens=self.stream[:self.sent], epoch=self.epoch)
+        except RingChanged:
+            return await self.replay()
+        self.rebuilding = rebuild.done
+        self.stats.partial_replays += rebuild.partial
+        self.stats.replayed_positions += self.sent
+
+    async def rebuilt(self) -> None:
+        """Wait for the last replay to be through the ring; raises what it failed with."""
+        if self.rebuilding is not None:
+            rebuilding, self.rebuilding = self.rebuilding, None
+            await rebuilding
 
     def discard_in_flight(self) -> None:
         for chunk in self.flight:
             _discard(chunk.result)
         self.flight.clear()
+        if self.rebuilding is not None:
+            _discard(self.rebuilding)
+            self.rebuilding = None
 
 
 def _finished(token: int, eos_ids: frozenset[int], produced: int, max_tokens: int) -> Finish | None:

@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, DraftSession, NgramDraft
 from shard.decode.oracle import OracleDraft
-from shard.decode.speculative import Lookahead, RingChanged, decode
+from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
 from shard.model.checkpoint import config_fingerprint
 from shard.node.admission import Admission
 from shard.node.generation import GenerationRequest, GenerationResult, TokenDelta
-from shard.node.ring import Ring
+from shard.node.ring import Ring, stages_to_rebuild
 from shard.telemetry import in_span, tracer
 from shard.wire.tls import NodeTLS
 
@@ -92,16 +92,37 @@ class _Settings:
 
 
 class SessionRing:
-    """The driver's view of the ring for one session: chunk ids, futures, cancellation."""
+    """The driver's view of the ring for one session: chunk ids, futures, cancellation, and
+    where the session's KV is whole, so that a replay computes only where it was lost."""
 
     def __init__(self, ring: Ring, session_id: str):
         self._ring, self._session_id = ring, session_id
         self._chunk_ids = itertools.count()
+        # The ring layout of the last chunk whose result came back: its stages held the
+        # session's KV then. () while unknown (none yet, or a replay not yet through).
+        self._held_in: tuple = ()
 
     async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int):
         chunk_id = next(self._chunk_ids)
-        return await self._ring.submit(session_id=self._session_id, chunk_id=chunk_id, epoch=epoch,
-                                       start_pos=start_pos, tokens=tokens, num_outputs=num_outputs)
+        return self._track(self._ring.layout, await self._ring.submit(
+            session_id=self._session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos, tokens=tokens,
+            num_outputs=num_outputs))
+
+    async def rebuild(self, *, tokens: list[int], epoch: int) -> Rebuild:
+        now = self._ring.layout
+        stages = stages_to_rebuild(self._held_in, now)
+        self._held_in = ()  # a replay that fails says nothing about who holds what: the next goes everywhere
+        done = await self._ring.replay(session_id=self._session_id, chunk_id=next(self._chunk_ids), epoch=epoch,
+                                       tokens=tokens, stages=stages)
+        return Rebuild(self._track(now, done), partial=stages != (0, len(now) - 1))
+
+    def _track(self, layout: tuple, result: asyncio.Future) -> asyncio.Future:
+        def came_back(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self._held_in = layout
+
+        result.add_done_callback(came_back)
+        return result
 
     async def cancel(self, epoch: int) -> int:
         return await self._ring.cancel_epoch(self._session_id, epoch)

@@ -9,6 +9,11 @@ A session belongs to the coordinator incarnation that was current when it was cr
 when that coordinator is gone (a new incarnation registered, or its lease ended) nothing
 can continue its sessions, so they are dropped at once rather than left to idle out.
 
+Besides its KV, a session keeps the block's outputs for the positions its cache holds
+(what the stage sent on), so that when the next stage dies the one that replaces it can
+be fed those positions again without recomputing them here (a partial replay). They are
+cropped with the cache and counted in the same budget.
+
 Only the compute thread changes the store; others may read its counters."""
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import grpc
 
 from shard.errors import ShardError
+from shard.model.block import CacheGapError
 
 
 @dataclass
@@ -28,21 +34,28 @@ class Session:
     cache: Any
     incarnation: str
     positions: int = 0  # positions its cache holds after the last chunk
+    # The block's outputs for positions [0, positions) in wire form, a row per position
+    # (shorter after a failed chunk); empty where the store keeps none (the tail).
+    outputs: bytearray = field(default_factory=bytearray)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class KVStore:
     def __init__(self, new_cache: Callable[[], Any], *, bytes_per_position: int, budget_bytes: int,
                  max_sessions: int, idle_seconds: float, session_positions: int | None = None,
-                 session_bytes: int | None = None, release: Callable[[Any], None] = lambda cache: None):
-        """`session_bytes` (static stores) defaults to `session_positions` positions' bytes;
-        `release(cache)` is called for the cache of every session freed."""
+                 session_bytes: int | None = None, release: Callable[[Any], None] = lambda cache: None,
+                 output_bytes_per_position: int = 0):
+        """`bytes_per_position` of KV; `output_bytes_per_position` of the block's output kept
+        per position (0: none kept); `session_bytes` (static stores: the preallocated KV)
+        defaults to `session_positions` positions' KV; `release(cache)` is called for the
+        cache of every session freed."""
         self._new_cache, self._release = new_cache, release
         self.session_positions = session_positions
         if session_positions is not None and session_bytes is None:
             session_bytes = session_positions * bytes_per_position
         self.session_bytes = session_bytes
-        self.bytes_per_position = bytes_per_position
+        self.output_bytes_per_position = output_bytes_per_position
+        self.bytes_per_position = bytes_per_position + output_bytes_per_position
         self.budget_bytes = budget_bytes
         self._max_sessions, self.idle_seconds = max_sessions, idle_seconds
         self._sessions: dict[str, Session] = {}
@@ -58,8 +71,11 @@ class KVStore:
         return self._bytes_at(session.positions)
 
     def _bytes_at(self, positions: int) -> int:
-        """What a session holds when its cache holds `positions` positions."""
-        return positions * self.bytes_per_position if self.session_bytes is None else self.session_bytes
+        """What a session holds when its cache holds `positions` positions (and its outputs
+        as many): a static cache holds all its bytes from the start, kept outputs grow."""
+        if self.session_bytes is None:
+            return positions * self.bytes_per_position
+        return self.session_bytes + positions * self.output_bytes_per_position
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -89,9 +105,30 @@ class KVStore:
         return session
 
     def record(self, session: Session, positions: int) -> None:
-        """The session's cache now holds `positions` positions."""
+        """The session's cache now holds `positions` positions (its outputs at most as many)."""
         self.total_bytes += self._bytes_at(positions) - self.bytes_of(session)
         session.positions = positions
+        del session.outputs[positions * self.output_bytes_per_position:]
+
+    def keep_outputs(self, session: Session, start_pos: int, rows: bytes) -> None:
+        """The block's outputs for positions from `start_pos` on, replacing any kept there."""
+        row = self.output_bytes_per_position
+        if not row:
+            return
+        del session.outputs[start_pos * row:]
+        if len(session.outputs) == start_pos * row:  # else a gap: a replay from here fails as one
+            session.outputs += rows
+
+    def outputs(self, session_id: str, start_pos: int, count: int) -> bytes:
+        """The kept outputs of positions [start_pos, start_pos + count); CacheGapError when
+        the session or those positions are not held."""
+        session, row = self._sessions.get(session_id), self.output_bytes_per_position
+        if session is None or not row or len(session.outputs) < (start_pos + count) * row:
+            held = len(session.outputs) // row if session and row else 0
+            raise CacheGapError(f"outputs of {held} positions kept for session {session_id!r}, "
+                                f"a replay needs [{start_pos}, {start_pos + count})")
+        session.last_used = time.monotonic()
+        return bytes(session.outputs[start_pos * row:(start_pos + count) * row])
 
     def pop(self, session_id: str) -> int | None:
         """Free a session; the bytes it held, None when there was no such session."""

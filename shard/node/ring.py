@@ -45,6 +45,11 @@ class Ring:
         self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
 
     @property
+    def layout(self) -> tuple:
+        """Who holds which block, in ring order: (node id, address, layer start, layer end)."""
+        return _signature(self.plan) if self.plan else ()
+
+    @property
     def tail_id(self) -> str | None:
         return self.plan.stages[-1].node_id if self.plan and self.plan.stages else None
 
@@ -113,21 +118,38 @@ class Ring:
 
         The future is resolved straight from `deliver` (no task awaits it on the way): each
         layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
-        if self.head_edge is None:
-            raise ShardError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
-        key = (session_id, chunk_id)
-        loop = asyncio.get_running_loop()
-        future = self._pending[key] = loop.create_future()
-        deadline = loop.call_later(self._chunk_timeout, self._time_out, key)
-        span = tracer.start_span("shard.traversal", attributes={
-            "shard.session": session_id, "shard.chunk": chunk_id, "shard.epoch": epoch,
-            "shard.start_pos": start_pos, "shard.tokens": len(tokens)})
-        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future)))
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        return await self._send(header, encode_ids(tokens))
+
+    async def replay(self, *, session_id: str, chunk_id: int, epoch: int, tokens: list[int],
+                     stages: tuple[int, int]) -> asyncio.Future:
+        """Rebuild a session's KV for `tokens` at positions 0.. in the stages at ring indices
+        stages[0]..stages[1] only (a REPLAY frame); the future yields [] once it is through
+        the ring, or raises as a chunk's does. The head needs the token ids only when it
+        computes them: the stage before the first that does sends its kept outputs."""
+        first, last = stages
+        header = frame_pb2.FrameHeader(
+            session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=0, num_tokens=len(tokens),
+            kind=frame_pb2.FRAME_KIND_REPLAY, replay_first_stage=first, replay_last_stage=last)
+        return await self._send(header, encode_ids(tokens) if first == 0 else b"")
+
+    async def _send(self, header: frame_pb2.FrameHeader, payload: bytes) -> asyncio.Future:
+        if self.head_edge is None:
+            raise ShardError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
+        key = (header.session_id, header.chunk_id)
+        loop = asyncio.get_running_loop()
+        future = self._pending[key] = loop.create_future()
+        deadline = loop.call_later(self._chunk_timeout, self._time_out, key)
+        attributes = {"shard.session": header.session_id, "shard.chunk": header.chunk_id,
+                      "shard.epoch": header.epoch, "shard.start_pos": header.start_pos,
+                      "shard.tokens": header.num_tokens}
+        if header.kind == frame_pb2.FRAME_KIND_REPLAY:
+            attributes["shard.replay_stages"] = f"[{header.replay_first_stage}, {header.replay_last_stage}]"
+        span = tracer.start_span("shard.traversal", attributes=attributes)
+        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future)))
         put_context(header, span)
-        payload = encode_ids(tokens)
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
@@ -208,6 +230,19 @@ def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:
         return parse_tensor(payload).ints()
     except CodecError as error:
         raise ShardError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
+
+
+def stages_to_rebuild(held_in: tuple, now: tuple) -> tuple[int, int]:
+    """Ring indices (first, last) of the stages that must compute a session's KV again,
+    going from the layout `held_in` (where the session's KV was last whole; () if unknown)
+    to `now`: where every block kept its layers, only the stages that replaced others (a
+    spare took a lost stage's block); otherwise (a re-split, or a stage that lost the KV
+    without the plan changing) every stage."""
+    every = (0, len(now) - 1)
+    if len(held_in) != len(now) or any(was[2:] != new[2:] for was, new in zip(held_in, now)):
+        return every
+    replaced = [i for i, (was, new) in enumerate(zip(held_in, now)) if was[:2] != new[:2]]
+    return (replaced[0], replaced[-1]) if replaced else every
 
 
 def _signature(plan: registry_pb2.Plan) -> tuple:

@@ -20,7 +20,7 @@ import torch
 
 from shard.errors import ShardError
 from shard.model.checkpoint import Checkpoint
-from shard.node.stage_compute import BlockSpec, KVLayout, StageCompute
+from shard.node.stage_compute import BlockSpec, KVLayout, ReplayStep, StageCompute
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
@@ -172,7 +172,7 @@ class StageNode:
         forged or malformed one. `on_done(header)` is called on the event loop once the
         compute thread is through with the frame, after what it sends for it."""
         header = frame.header
-        if self.block is None:
+        if self.block is None or self.assignment is None:
             raise ShardError(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no block loaded yet")
         try:
             payload = self.inbound.open(frame, peer_id)
@@ -182,6 +182,8 @@ class StageNode:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
         if header.kind == K.FRAME_KIND_FORWARD:
             body = self._validated_input(header, payload)
+        elif header.kind == K.FRAME_KIND_REPLAY:
+            body = self._replay_step(header, payload)
         elif header.kind == K.FRAME_KIND_END:
             body = None
         elif header.kind == K.FRAME_KIND_ERROR:
@@ -190,6 +192,23 @@ class StageNode:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
         self.compute.submit(header, body, on_done)
+
+    def _replay_step(self, header, payload: bytes) -> ReplayStep:
+        """This stage's part in a replay: compute it (its index lies in the replay's range),
+        feed the first stage that does (it lies just before), or pass the header on."""
+        assignment = self.assignment
+        first, last = header.replay_first_stage, header.replay_last_stage
+        if not first <= last < assignment.ring_size:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"replay stages [{first}, {last}] do not lie in a ring of {assignment.ring_size}")
+        if first <= assignment.index <= last:
+            return ReplayStep(self._validated_input(header, payload), feeds_next=assignment.index < last)
+        if header.num_tokens == 0:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "chunk has no tokens")
+        if payload:
+            raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"a replay for stages [{first}, {last}] carries no payload to stage {assignment.index}")
+        return ReplayStep(None, feeds_next=assignment.index + 1 == first)
 
     def _validated_input(self, header, payload: bytes) -> WireTensor:
         block, n = self.block, header.num_tokens
@@ -233,7 +252,8 @@ class StageNode:
         info = stage_pb2.InfoResponse(
             node_id=self.node_id, num_layers=self.checkpoint.num_layers,
             plan_version=self.plan_version, frames_processed=compute.frames_processed,
-            frames_dropped_stale=compute.frames_dropped_stale, compute_seconds=compute.compute_seconds)
+            frames_dropped_stale=compute.frames_dropped_stale, compute_seconds=compute.compute_seconds,
+            positions_computed=compute.positions_computed, positions_replayed=compute.positions_replayed)
         block, kv = compute.block, compute.kv
         if block is not None:
             info.layer_start, info.layer_end = block.start, block.end

@@ -28,11 +28,12 @@ from shard.node.resources import memory_report
 from shard.node.serial_thread import SerialThread
 from shard.telemetry import context_of, tracer
 from shard.v1 import frame_pb2
-from shard.wire.codec import WireTensor, encode_tensor
+from shard.wire.codec import WireTensor, encode_data, encode_ids, encode_tensor, tensor_data
 
 log = logging.getLogger(__name__)
 
 K = frame_pb2  # frame kinds, shorter at the call sites
+_COMPUTED = (K.FRAME_KIND_FORWARD, K.FRAME_KIND_REPLAY)  # the kinds an epoch fences
 
 # Errors that belong to one session (it fails, the stage goes on), most specific first:
 # CacheGapError may well be a ValueError too. A ShardError carries its own code.
@@ -73,6 +74,14 @@ class BlockSpec:
     last: bool
 
 
+@dataclass(frozen=True)
+class ReplayStep:
+    """What this stage does with a REPLAY frame, given its place in the ring."""
+
+    input: WireTensor | None  # this stage replaced a lost one: it computes the positions from this
+    feeds_next: bool  # the next stage computes them: send it this stage's outputs for them
+
+
 class StageCompute:
     def __init__(self, node_id: str, *, model_dir: str, device: str, dtype: torch.dtype | None,
                  memory_budget_bytes: int, max_sessions: int, session_idle_seconds: float, progress: bool,
@@ -97,6 +106,8 @@ class StageCompute:
         self.frames_processed = 0
         self.frames_dropped_stale = 0
         self.compute_seconds = 0.0
+        self.positions_computed = 0  # of verify chunks
+        self.positions_replayed = 0  # of REPLAY frames: rebuilding KV after a fail-over
 
     # ---- lifecycle: load -> allocate KV -> serve ----------------------------------
 
@@ -120,10 +131,13 @@ class StageCompute:
         if block.kv_bytes_per_position and budget < block.kv_bytes_per_position:
             log.warning("%s: the block's %d bytes of weights leave no room for KV in a budget of %d bytes",
                         self.node_id, block.weight_bytes, self._memory_budget)
+        # Every stage but the tail keeps what it sends on, to feed a stage that replaces its successor.
+        outputs = 0 if block.is_last else block.hidden_size * block.dtype.itemsize
         if not self.kv_layout.static:
             self.runner = block
             return KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
-                           max_sessions=self._max_sessions, idle_seconds=self._idle_seconds)
+                           max_sessions=self._max_sessions, idle_seconds=self._idle_seconds,
+                           output_bytes_per_position=outputs)
         layout = self.kv_layout
         context = block.max_positions or DEFAULT_SESSION_POSITIONS
         capacity = min(layout.session_positions or DEFAULT_SESSION_POSITIONS, context)
@@ -144,7 +158,8 @@ class StageCompute:
         self.runner = runner
         return KVStore(runner.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
                        max_sessions=self._max_sessions, idle_seconds=self._idle_seconds,
-                       session_positions=capacity, session_bytes=session_bytes, release=runner.release)
+                       session_positions=capacity, session_bytes=session_bytes, release=runner.release,
+                       output_bytes_per_position=outputs)
 
     def submit(self, header: frame_pb2.FrameHeader, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
         """Queue a validated frame; `on_done(header)` runs on the loop once it is through."""
@@ -169,7 +184,7 @@ class StageCompute:
         self._min_epoch[session_id] = max(epoch, self._min_epoch.get(session_id, 0))
         queued = [args[0] for fn, args in self._thread.queued() if fn == self._run_frame]
         return sum(1 for h in queued
-                   if h.session_id == session_id and h.kind == K.FRAME_KIND_FORWARD and h.epoch < epoch)
+                   if h.session_id == session_id and h.kind in _COMPUTED and h.epoch < epoch)
 
     async def end_session(self, session_id: str) -> int | None:
         """Free a session's KV cache; the bytes freed, None if this stage does not hold it."""
@@ -222,7 +237,11 @@ class StageCompute:
             return None
         began = time.perf_counter()
         try:
-            output = encode_tensor(self._forward(header, body))
+            if header.kind == K.FRAME_KIND_REPLAY:
+                output = self._replay(header, body)
+            else:
+                output = self._forward(header, body, header.num_outputs)
+                self.positions_computed += header.num_tokens
         except Exception as error:
             if not isinstance(error, (ShardError, CacheGapError, ValueError)):
                 # A bug: it must cost one session, not the node.
@@ -230,16 +249,19 @@ class StageCompute:
             span.set_status(Status(StatusCode.ERROR, str(error)))
             return self._error_frame(header, error)
         seconds = time.perf_counter() - began
-        self.frames_processed += 1
-        self.compute_seconds += seconds
         span.set_attribute("shard.compute_seconds", seconds)
+        if header.kind == K.FRAME_KIND_FORWARD:  # per-chunk figures stay those of verify chunks
+            self.frames_processed += 1
+            self.compute_seconds += seconds
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         if self.spec.last:
             out.kind = K.FRAME_KIND_RESULT
         return frame_pb2.Frame(header=out, payload=output)
 
-    def _forward(self, header, wire: WireTensor) -> torch.Tensor:
+    def _forward(self, header, wire: WireTensor, num_outputs: int) -> bytes:
+        """Run the chunk through the block; its output in wire form. A block that is not the
+        tail keeps its output rows with the session."""
         kv, block, runner = self.kv, self.block, self.runner
         if kv.get(header.session_id) is None and header.start_pos > 0:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
@@ -251,9 +273,30 @@ class StageCompute:
             tensor = tensor.to(block.device)
         inputs = {"input_ids": tensor} if block.is_first else {"hidden": tensor}
         try:
-            return runner.forward(session.cache, header.start_pos, **inputs, num_outputs=header.num_outputs)
+            output = runner.forward(session.cache, header.start_pos, **inputs, num_outputs=num_outputs)
+            if block.is_last:
+                return encode_tensor(output)
+            rows = tensor_data(output)
+            kv.keep_outputs(session, header.start_pos, rows)
+            return encode_data(output.dtype, list(output.shape), rows)
         finally:
             kv.record(session, runner.cache_length(session.cache))
+
+    def _replay(self, header, step: ReplayStep) -> bytes:
+        """A REPLAY frame: compute its positions where this stage replaced a lost one (the
+        others kept their KV), and pass on what the next stage needs: this stage's outputs
+        for them when it computes them too, else the header alone. The tail answers with
+        no ids: the replay is through."""
+        n, output = header.num_tokens, b""
+        if step.input is not None:
+            output = self._forward(header, step.input, num_outputs=1)
+            self.positions_replayed += n
+        elif step.feeds_next:
+            rows = self.kv.outputs(header.session_id, header.start_pos, n)
+            output = encode_data(self.block.dtype, [n, self.block.hidden_size], rows)
+        if self.spec.last:
+            return encode_ids([])
+        return output if step.feeds_next else b""
 
     def _error_frame(self, header, error: Exception) -> frame_pb2.Frame:
         code = error.code if isinstance(error, ShardError) else next(

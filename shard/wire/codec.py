@@ -32,6 +32,11 @@ class CodecError(ValueError):
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
+    return encode_data(tensor.dtype, list(tensor.shape), tensor_data(tensor))
+
+
+def tensor_data(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements as a Tensor message carries them: raw, row-major."""
     if tensor.dtype not in _TO_WIRE:
         raise CodecError(f"dtype {tensor.dtype} is not allowed on the wire")
     if tensor.dim() > MAX_RANK:
@@ -39,10 +44,12 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     # bfloat16 has no numpy dtype: move the bits as int16.
     raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat
-    message = frame_pb2.Tensor(
-        dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=raw.numpy().tobytes()
-    )
-    return message.SerializeToString()
+    return raw.numpy().tobytes()
+
+
+def encode_data(dtype: torch.dtype, shape: list[int], data: bytes) -> bytes:
+    """A Tensor message of elements already in wire form (from tensor_data)."""
+    return frame_pb2.Tensor(dtype=_TO_WIRE[dtype], shape=shape, data=data).SerializeToString()
 
 
 def encode_ids(ids: list[int]) -> bytes:

@@ -193,12 +193,13 @@ def edge_key(secret: bytes, sender: str, receiver: str, stream_id: bytes) -> byt
 # this covers the message's descriptor: a field added to the proto must be added here.
 AD_FIELDS = (
     "session_id", "chunk_id", "epoch", "start_pos", "num_tokens", "num_outputs", "kind",
-    "sender", "receiver", "traceparent", "tracestate", "counter",
+    "sender", "receiver", "traceparent", "tracestate", "counter", "replay_first_stage", "replay_last_stage",
 )
 
 _INTS = struct.Struct(">QQQQQq")  # chunk_id, epoch, start_pos, num_tokens, num_outputs, kind
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_REPLAY = struct.Struct(">II")  # replay_first_stage, replay_last_stage
 
 
 def _lp(text: str) -> bytes:
@@ -219,6 +220,7 @@ def header_ad(header: frame_pb2.FrameHeader) -> bytes:
         _lp(h.traceparent),
         _lp(h.tracestate),
         _U64.pack(h.counter),
+        _REPLAY.pack(h.replay_first_stage, h.replay_last_stage),
     ))
 
 

@@ -94,6 +94,24 @@ def test_malformed_frames_are_invalid_argument(swarm, frame):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _replay(first, last, payload=b"", num_tokens=3):
+    header = frame_pb2.FrameHeader(session_id="s", kind=frame_pb2.FRAME_KIND_REPLAY, num_tokens=num_tokens,
+                                   replay_first_stage=first, replay_last_stage=last)
+    return frame_pb2.Frame(header=header, payload=payload)
+
+
+@pytest.mark.parametrize("frame", [
+    _replay(1, 0),                                           # the range runs backwards
+    _replay(0, 2, payload=encode_tensor(torch.tensor([1, 2, 3]))),  # past the ring of 2
+    _replay(1, 1, payload=encode_tensor(torch.tensor([1, 2, 3]))),  # ids to a stage that only feeds
+    _replay(0, 1, payload=encode_tensor(torch.randn(3, 128))),       # hidden states into the head
+    _replay(1, 1, num_tokens=0),
+], ids=["backwards", "past-the-ring", "payload-to-a-feeder", "hidden-into-first", "empty"])
+def test_malformed_replays_are_invalid_argument(swarm, frame):
+    code = status_of(swarm, _traverse(swarm, "coordinator", 0, [frame]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_hidden_of_the_wrong_width_is_invalid_argument(swarm):
     frame = _frame(tensor=torch.randn(3, 64))
     code = status_of(swarm, _traverse(swarm, "stage-0", 1, [frame]))

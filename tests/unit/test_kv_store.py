@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from shard.errors import ShardError
-from shard.model.block import Block
+from shard.model.block import Block, CacheGapError
 from shard.node.kv_store import KVStore
+from shard.wire.codec import tensor_data
 
 PROMPT = [1, 415, 1022, 264, 727]
 
@@ -123,3 +124,33 @@ def test_a_static_store_holds_each_session_whole_from_its_start(block):
     assert kv.pop("a") == session_bytes and released == [a.cache]
     assert kv.expire_idle() == [] and kv.total_bytes == session_bytes
     assert step("c", 0, [1]).cache is a.cache  # the freed cache, back from the pool
+
+
+def test_kept_outputs_follow_the_cache_and_count_against_the_budget(block):
+    """A stage keeps what it sent on for a replay: cropped with the cache on a rollback,
+    counted in bytes, and a replay past what it holds is a gap."""
+    row = block.hidden_size * 4  # float32
+    per_position = block.kv_bytes_per_position + row
+    kv = KVStore(block.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=6 * per_position,
+                 max_sessions=8, idle_seconds=60.0, output_bytes_per_position=row)
+
+    def run_and_keep(start_pos: int, ids: list[int]) -> torch.Tensor:
+        session = kv.reserve("s", "a", start_pos + len(ids))
+        output = block.forward(session.cache, start_pos, input_ids=torch.tensor(ids), num_outputs=1)
+        kv.keep_outputs(session, start_pos, tensor_data(output))
+        kv.record(session, block.cache_length(session.cache))
+        return output
+
+    first = run_and_keep(0, PROMPT)
+    second = run_and_keep(3, [9, 10])  # a rollback to position 3, then other tokens
+    assert kv.total_bytes == 5 * per_position
+    kept = torch.frombuffer(bytearray(kv.outputs("s", 0, 5)), dtype=torch.float32).view(5, block.hidden_size)
+    assert torch.equal(kept, torch.cat([first[:3], second]))
+    assert torch.equal(kept[3:], torch.frombuffer(bytearray(kv.outputs("s", 3, 2)), dtype=torch.float32).view(2, -1))
+    with pytest.raises(CacheGapError):
+        kv.outputs("s", 0, 6)
+    with pytest.raises(CacheGapError):
+        kv.outputs("another", 0, 1)
+    with pytest.raises(ShardError) as refused:  # the kept outputs count: 7 positions exceed 6
+        kv.reserve("s", "a", 7)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
