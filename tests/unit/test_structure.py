@@ -138,3 +138,10 @@ def test_the_checks_see_cycles_and_test_imports(tmp_path):
     assert cycles(import_graph(found)) == [["shard.a", "shard.sub.b", "shard.c", "shard.a"]]
     assert "support.swarm" in imported_names("shard.c", found["shard.c"])
     assert "support" in TEST_ONLY
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (rootdir mode, no packages): two
+    test_x.py in different folders stop the whole collection."""
+    names = sorted(path.name for path in (ROOT / "tests").rglob("test_*.py"))
+    assert [name for name in set(names) if names.count(name) > 1] == []
