@@ -4,6 +4,7 @@ per node), its JSON and its page. Two topologies of the three keep it to minutes
 harness does the same for each."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def test_bench_gpu_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((results / "gpu.json").read_text())
-    assert payload["command"] == "shard " + " ".join(argv)
+    assert payload["command"] == shlex.join(["shard", *argv])
     assert (payload["device"], payload["dtype"], payload["max_tokens"], payload["prompts"]) == ("cpu", "float32", 16, 1)
 
     reference = payload["one_process"]["outputs"]
