@@ -298,7 +298,10 @@ class MemoryProbe:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             self.device_used_bytes = total - free
-        for node_id in ["coordinator", *(f"stage-{i}" for i in range(len(infos)))]:
+        # Stages in pipeline order: the registry hands out blocks in the order stages join,
+        # which is not the order they were started in.
+        in_pipeline_order = sorted(range(len(infos)), key=lambda i: infos[i].layer_start)
+        for node_id in ["coordinator", *(f"stage-{i}" for i in in_pipeline_order)]:
             pid = swarm.processes[node_id].pid
             held = on_gpu.get(pid) if self.device.type == "cuda" else _peak_rss(pid)
             row = {"node": node_id, "memory": "gpu" if self.device.type == "cuda" else "peak rss", "bytes": held}

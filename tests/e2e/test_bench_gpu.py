@@ -54,8 +54,9 @@ def test_bench_gpu_on_cpu(tmp_path):
             if row["draft"] == "oracle-1.0":  # it proposes the swarm's own plain tokens, always accepted
                 assert row["acceptance"] == 1.0, (topology, row["mode"])
         nodes = payload["memory"][topology]["nodes"]
-        assert [n["node"] for n in nodes] == ["coordinator", *(f"stage-{i}" for i in range(stages))]
-        layers = [n["layers"] for n in nodes[1:]]
+        assert nodes[0]["node"] == "coordinator"
+        assert sorted(n["node"] for n in nodes[1:]) == [f"stage-{i}" for i in range(stages)]
+        layers = [n["layers"] for n in nodes[1:]]  # in pipeline order, whatever order the stages joined in
         assert layers[0][0] == 0 and layers[-1][1] == 6 and all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
         assert all(n["bytes"] > n.get("weight_bytes", 0) for n in nodes)
     assert payload["ok"]
