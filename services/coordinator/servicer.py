@@ -8,7 +8,7 @@ import grpc
 from shard.decode.speculative import Finish
 from shard.errors import ShardError
 from shard.node.coordinator import CoordinatorNode
-from shard.node.generation import ChatMessage, GenerationRequest, GenerationResult, TokenDelta
+from shard.node.generation import ChatMessage, GenerationRequest, GenerationResult, Sampling, TokenDelta
 from shard.v1 import api_pb2, api_pb2_grpc, return_pb2_grpc
 from shard.wire.acks import CumulativeAcks
 from shard.wire.inbound import InboundError
@@ -46,7 +46,13 @@ def generation_request(request: api_pb2.GenerateRequest) -> GenerationRequest:
         spec_k=request.spec_k if request.HasField("spec_k") else None,
         in_flight=request.in_flight if request.HasField("in_flight") else None,
         stop_at_eos=request.stop_at_eos if request.HasField("stop_at_eos") else True,
-        draft=request.draft)
+        draft=request.draft, sampling=sampling_of(request), stop=tuple(request.stop), logprobs=request.logprobs)
+
+
+def sampling_of(request: api_pb2.GenerateRequest) -> Sampling:
+    """The request's sampling fields; unset ones keep Sampling's defaults."""
+    return Sampling(**{name: getattr(request, name) for name in Sampling.__dataclass_fields__
+                       if request.HasField(name)})
 
 
 _FINISH = {Finish.LENGTH: api_pb2.FINISH_REASON_LENGTH, Finish.EOS: api_pb2.FINISH_REASON_EOS}

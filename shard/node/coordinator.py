@@ -23,7 +23,7 @@ from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
 from shard.model.checkpoint import config_fingerprint
 from shard.node.admission import Admission
-from shard.node.generation import GenerationRequest, GenerationResult, TokenDelta
+from shard.node.generation import GenerationRequest, GenerationResult, Sampling, TokenDelta
 from shard.node.ring import Ring, stages_to_rebuild
 from shard.telemetry import in_span, tracer
 from shard.wire.tls import NodeTLS
@@ -195,6 +195,10 @@ class CoordinatorNode:
                                  f"prompt_ids must lie in [0, {self.config.vocab_size})")
         if request.max_tokens <= 0:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+        if request.sampling != Sampling() or request.stop or request.logprobs:
+            raise ShardError(grpc.StatusCode.UNIMPLEMENTED,
+                             "sampling, stop strings and logprobs are not served yet: leave them unset "
+                             "(greedy decoding)")
         draft_name = request.draft or self.default_draft
         if draft_name not in self.drafts:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,

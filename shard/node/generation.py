@@ -15,6 +15,24 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. The defaults are greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Exactly one of prompt, chat and prompt_ids. None for spec_k, in_flight or an empty
     draft: the coordinator's default."""
@@ -27,6 +45,9 @@ class GenerationRequest:
     in_flight: int | None = None
     stop_at_eos: bool = True
     draft: str = ""
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
 
 
 @dataclass(frozen=True)
