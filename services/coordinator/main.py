@@ -11,6 +11,7 @@ from shard.decode.loading import load_draft
 from shard.model.device import resolve_device, resolve_dtype
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
+from shard.node.resources import device_identity
 from shard.services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.v1 import api_pb2, api_pb2_grpc, registry_pb2, return_pb2, return_pb2_grpc
 from shard.wire.certs import public_key_der
@@ -53,9 +54,10 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     running.on_stop(lambda: server.stop(grace=0.5))
     running.on_stop(node.ring.close)
     await running.listen_for_health(config.health_listen)
+    device_name, device_id = device_identity(str(device))  # where its drafts run
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
-        device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=config.region,
+        device_name=device_name, device_id=device_id, model_fingerprint=node.fingerprint, region=config.region,
         incarnation=uuid.uuid4().hex,
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,

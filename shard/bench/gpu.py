@@ -81,7 +81,6 @@ def _stage_chunk(c: MicroContext) -> dict:
 
 def _draft_step(c: MicroContext) -> dict:
     from shard.bench.draft_step import draft_step_bench
-    from shard.model.synthetic import LLAMA_1B
 
     shape = LLAMA_1B if c.device.type == "cuda" else TINY_DRAFT
     result = draft_step_bench(device=str(c.device), dtype=c.dtype, shape=shape, steps=16 if c.quick else 32)

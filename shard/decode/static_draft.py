@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
+from shard.model.block import kv_head_shape
 from shard.model.static_kv import StaticKV, chunk_mask, static_attention
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
@@ -80,10 +81,8 @@ class Slot:
     def __init__(self, model, capacity: int, *, capture: bool):
         self.model, self.capacity = model, capacity
         device, dtype = model.device, model.dtype
-        config = model.config
-        self.kv = StaticKV(num_layers=config.num_hidden_layers,
-                           kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                           head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        kv_heads, head_dim = kv_head_shape(model.config)
+        self.kv = StaticKV(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
                            capacity=capacity, dtype=dtype, device=device)
         self.kv_index = torch.arange(capacity + 1, device=device)
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)

@@ -31,6 +31,12 @@ class PositionCount:
     length: int = 0
 
 
+def kv_head_shape(config) -> tuple[int, int]:
+    """(KV heads, head dim): what each layer's cache holds per position."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
 class Block:
     def __init__(
         self,
@@ -59,9 +65,7 @@ class Block:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
         self.dtype, self.device = dtype, device
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads, head_dim = kv_head_shape(model.config)
         # What one more position adds to a session's cache: a key and a value per layer.
         self.kv_bytes_per_position = 2 * kv_heads * head_dim * dtype.itemsize * self.num_layers
 

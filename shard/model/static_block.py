@@ -18,19 +18,21 @@ copied back to pinned memory for the wire.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from shard.model.block import Block, CacheGapError, PositionCount
+from shard.model.block import Block, CacheGapError, PositionCount, kv_head_shape
 from shard.model.static_kv import StaticKV, chunk_mask, static_attention
 
 log = logging.getLogger(__name__)
 
 # Masks as transformers builds them for each attention implementation.
 _MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+
 
 @dataclass
 class _Shape:
@@ -113,9 +115,8 @@ class StaticBlock:
         return self.block.cache_length(cache) if isinstance(cache, PositionCount) else cache.length
 
     def _allocate(self, slot: int | None) -> StaticKV:
-        config, block = self.block.model.config, self.block
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        block = self.block
+        kv_heads, head_dim = kv_head_shape(block.model.config)
         return StaticKV(num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim, capacity=self.capacity,
                         dtype=block.dtype, device=self.device, slot=slot)
 
@@ -257,14 +258,14 @@ class StaticBlock:
 
     # ---- buffers ------------------------------------------------------------------
 
-    def _new_shape(self, size: int, *, pinned: bool = True) -> _Shape:
+    def _new_shape(self, size: int) -> _Shape:
         block, device = self.block, self.device
         ids, rows = dict(size=(size,), dtype=torch.int64), dict(size=(size, block.hidden_size), dtype=block.dtype)
         inputs = torch.zeros(**(ids if block.is_first else rows), device=device)
         positions = torch.zeros(size, dtype=torch.int64, device=device)
         output = torch.zeros(**(ids if block.is_last else rows), device=device)
         shape = _Shape(size, inputs, positions, output)
-        if pinned and self.on_cuda:
+        if self.on_cuda:
             shape.host_inputs = torch.empty(inputs.shape, dtype=inputs.dtype, pin_memory=True)
             shape.host_positions = torch.empty(size, dtype=torch.int64, pin_memory=True)
             shape.host_output = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
@@ -282,6 +283,4 @@ def _window_of(layer, config) -> int | None:
 
 def _on(device: torch.device):
     """The device's context on CUDA (a stage may use cuda:1), nothing elsewhere."""
-    import contextlib
-
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -29,8 +29,8 @@ from tenacity import (
 )
 
 from shard.v1 import frame_pb2, return_pb2_grpc, stage_pb2_grpc
-from shard.wire.seal import EdgeSealer
 from shard.wire.certs import Identity
+from shard.wire.seal import EdgeSealer
 from shard.wire.tls import NodeTLS, is_identity_mismatch, open_channel
 
 log = logging.getLogger(__name__)
