@@ -29,7 +29,8 @@ class LocalSwarm:
                  start_timeout: float = 120.0, device: str | None = None):
         """`addresses` maps node ids to (listen, advertise) when they must not be
         127.0.0.1:<any port> (e.g. behind relays); `device` is the stages' (default: a
-        GPU where there is one)."""
+        GPU where there is one), or several separated by commas: stage i runs on the
+        (i mod n)-th (one stage per GPU)."""
         self.model_dir, self.stages = str(model_dir), stages
         self._owned_tmp = None if workdir else tempfile.TemporaryDirectory(prefix="shard-")
         self.workdir = Path(workdir or self._owned_tmp.name)
@@ -79,7 +80,8 @@ class LocalSwarm:
             self.start_stage(f"stage-{index}")
 
     def start_stage(self, node_id: str, *, wait: bool = True) -> None:
-        flags = (["--quiet"] if self._logs_to_files else []) + ([f"--device={self.device}"] if self.device else [])
+        flags = (["--quiet"] if self._logs_to_files else []) + (
+            [f"--device={stage_device(self.device, int(node_id.rpartition('-')[2]))}"] if self.device else [])
         self._spawn(node_id, "stage", "--registry", self.registry_address, "--dtype", self.dtype,
                     *flags, *self._stage_args, wait=wait)
 
@@ -151,6 +153,12 @@ class LocalSwarm:
         if self._owned_tmp is not None:
             self._owned_tmp.cleanup()
         return codes
+
+
+def stage_device(devices: str, index: int) -> str:
+    """The device of stage `index` in a comma-separated list, round robin."""
+    choices = devices.split(",")
+    return choices[index % len(choices)]
 
 
 def shared_model_dir() -> Path | None:

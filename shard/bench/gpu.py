@@ -6,7 +6,9 @@ each draft, with each stage process's memory against its block's weights. Writes
 
 The models are dummy-weight folders (shard.model.dummy): nothing big is written, every
 process makes its own tensors on its device, and all see the same weights. `--device cpu`
-runs the same harness on tiny shapes (what CI checks)."""
+runs the same harness on tiny shapes (what CI checks). `--shape 70b --gpus cuda:0,...`
+runs a target no single GPU holds, one stage per GPU: then nothing runs the whole
+target in one process, and every mode is checked against the swarm's plain decode."""
 
 from __future__ import annotations
 
@@ -29,13 +31,16 @@ from shard.bench.topology import TOPOLOGIES
 from shard.local import LocalSwarm
 from shard.model.causal_lm import load_causal_lm
 from shard.model.checkpoint import Checkpoint
-from shard.model.synthetic import LLAMA_1B, LLAMA_8B, TINY_DRAFT, TINY_TARGET, build_dummy_model
+from shard.model.synthetic import (LLAMA_1B, LLAMA_8B, LLAMA_70B, LLAMA_405B, TINY_DRAFT, TINY_TARGET,
+                                   build_dummy_model)
 
 RESULTS, DOC = "gpu.json", "benchmarks-gpu.md"
 # LABEL=SPEC; {target} and {draft} stand for the dummy target and draft folders.
 DEFAULT_DRAFTS = ("target={target}", "oracle-1.0=oracle:1.0:{draft}", "oracle-0.8=oracle:0.8:{draft}")
 SETTINGS = ((4, 1), (4, 4))  # (K, W): synchronous and pipelined, K+1 = a stage's graphed chunk of 5
 GiB = 2**30
+# A target whose weights take more than this share of one device is not run in one process.
+ONE_PROCESS_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,15 @@ class Shapes:
     initializer_range: float
 
 
-SHAPES = {
-    "cuda": Shapes("8B-shaped llama target, 1B-shaped llama draft", LLAMA_8B, LLAMA_1B, 0.02),
-    # Large weights, so that greedy decoding of a random tiny model does not repeat one token.
-    "cpu": Shapes("tiny llama target (6 layers), 2-layer tiny llama draft", TINY_TARGET, TINY_DRAFT, 0.5),
-}
+GPU_TARGETS = {"8b": LLAMA_8B, "70b": LLAMA_70B, "405b": LLAMA_405B}
+# Large weights, so that greedy decoding of a random tiny model does not repeat one token.
+CPU_SHAPES = Shapes("tiny llama target (6 layers), 2-layer tiny llama draft", TINY_TARGET, TINY_DRAFT, 0.5)
+
+
+def shapes_for(device: torch.device, target: str) -> Shapes:
+    if device.type != "cuda":
+        return CPU_SHAPES
+    return Shapes(f"{target.upper()}-shaped llama target, 1B-shaped llama draft", GPU_TARGETS[target], LLAMA_1B, 0.02)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class Micro:
     title: str
     run: Callable[[MicroContext], dict]  # a flat dict of results (numbers, strings, booleans)
     cuda_only: bool = False
+    whole_target: bool = False  # loads the whole target in this process
 
 
 def _stage_chunk(c: MicroContext) -> dict:
@@ -104,7 +114,8 @@ MICRO: dict[str, Micro] = {
     "stage_chunk": Micro("a 16-layer 8B-shaped block's 9-token chunk: eager vs graphed", _stage_chunk,
                          cuda_only=True),
     "draft_step": Micro("a 1B-shaped draft step: eager vs graphed", _draft_step),
-    "graphed_decode": Micro("one-process decode of the target, eager vs graphed (ms per token)", _graphed_decode),
+    "graphed_decode": Micro("one-process decode of the target, eager vs graphed (ms per token)", _graphed_decode,
+                            whole_target=True),
 }
 
 
@@ -120,10 +131,11 @@ class Reference:
 
 
 def main(args) -> int:
-    device = torch.device(args.device)
+    devices = args.gpus.split(",") if args.gpus else [args.device]
+    device = torch.device(devices[0])  # the draft's, and the one-process reference's
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    shapes = SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    shapes = shapes_for(device, args.shape)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     prompts = prompt_ids(args.prompts or (1 if args.quick else 2), shapes.target["vocab_size"])
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
@@ -133,30 +145,32 @@ def main(args) -> int:
         draft_dir = build_dummy_model(Path(scratch) / "draft", shapes.draft, dtype=dtype_name,
                                       initializer_range=shapes.initializer_range, seed=1)
         drafts = parse_drafts(args.draft or DEFAULT_DRAFTS, target=target_dir, draft=draft_dir)
-        print(f"shard bench gpu: one process, {shapes.label}, {device} {dtype_name}", file=sys.stderr)
-        reference = one_process(target_dir, device, dtype, prompts, max_tokens)
+        checkpoint = Checkpoint.open(target_dir)
+        whole = fits_one_device(checkpoint.total_bytes, device)
+        print(f"shard bench gpu: {shapes.label}, stages on {','.join(devices)} {dtype_name}", file=sys.stderr)
+        reference = one_process(target_dir, device, dtype, prompts, max_tokens) if whole else None
         context = MicroContext(device, dtype, args.quick, target_dir, draft_dir)
-        micro = {name: run_micro(entry, context) for name, entry in MICRO.items()}
+        micro = {name: run_micro(entry, context, whole_target_fits=whole) for name, entry in MICRO.items()}
         rows, memory = [], {}
         for topology in topologies:
             print(f"shard bench gpu: {topology.name} ({topology.stages} stages)", file=sys.stderr)
             probe = MemoryProbe(device)
             topology_rows = bench_topology(
                 topology, target_dir, drafts, modes_for(list(drafts), list(SETTINGS)), prompts, max_tokens,
-                reference.outputs, device=str(device), dtype=dtype_name,
-                stage_args=stage_args(device, Checkpoint.open(target_dir)),
+                reference.outputs if reference else None, device=",".join(devices), dtype=dtype_name,
+                stage_args=stage_args(devices, topology.stages, checkpoint),
                 coordinator_args=coordinator_args(device, dtype_name), inspect=probe)
             rows += check_rows(topology_rows, reference, exact=dtype == torch.float32)
             memory[topology.name] = {"nodes": probe.rows, "device_used_bytes": probe.device_used_bytes}
-        model_bytes = Checkpoint.open(target_dir).total_bytes
+        model_bytes = checkpoint.total_bytes
     payload = {
         "command": shlex.join(["shard", "bench", *sys.argv[sys.argv.index("bench") + 1:]]),
         "machine": {**machine(), "device": device_name(device)},
-        "device": str(device), "dtype": dtype_name, "shapes": shapes.label,
+        "device": str(device), "gpus": devices, "dtype": dtype_name, "shapes": shapes.label,
         "target": shapes.target, "draft": shapes.draft, "model_bytes": model_bytes,
         "max_tokens": max_tokens, "prompts": len(prompts), "drafts": {k: _portable(v) for k, v in drafts.items()},
-        "one_process": {"tokens_per_second": reference.tokens_per_second, "load_seconds": reference.load_seconds,
-                        "outputs": reference.outputs},
+        "one_process": reference and {"tokens_per_second": reference.tokens_per_second,
+                                      "load_seconds": reference.load_seconds, "outputs": reference.outputs},
         "micro": micro, "topologies": [t.name for t in topologies],
         "rows": [asdict(r) for r in rows], "memory": memory,
         "ok": all(r.extra["ok"] for r in rows),
@@ -189,14 +203,23 @@ def _portable(spec: str) -> str:
     return spec.replace(str(Path(tempfile.gettempdir())), "$TMP")
 
 
-def stage_args(device: torch.device, checkpoint: Checkpoint) -> list[str]:
-    """Every stage process shares one device, so speeds measured at start-up (at once, on
-    the same chip) say nothing: all report the same, and blocks are cut by bytes. On a GPU
-    each is told what it may take (any block's weights fit, plus KV) and how many sessions
-    to preallocate, instead of each claiming 90% of what is free."""
-    if device.type != "cuda":
+def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint) -> list[str]:
+    """The stage processes share the devices, so speeds measured at start-up (at once, on
+    the same chips) say nothing: all report the same, and blocks are cut by bytes. On GPUs
+    each is told what it may take (any block's weights fit, plus KV, within its share of
+    a GPU) and how many sessions to preallocate, instead of each claiming 90% of what is free."""
+    if torch.device(devices[0]).type != "cuda":
         return ["--speed=1"]
-    return ["--speed=1", "--max-sessions=4", f"--memory-budget={checkpoint.total_bytes + 4 * GiB}"]
+    sharing = -(-stages // len(devices))  # stages on the busiest GPU
+    share = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices) * 0.9 // sharing
+    return ["--speed=1", "--max-sessions=4", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}"]
+
+
+def fits_one_device(model_bytes: int, device: torch.device) -> bool:
+    """Whether one process can hold the whole target on `device` (a CPU: always)."""
+    if device.type != "cuda":
+        return True
+    return model_bytes <= ONE_PROCESS_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 def coordinator_args(device: torch.device, dtype: str) -> list[str]:
@@ -250,9 +273,11 @@ def one_process(model_dir: Path, device: torch.device, dtype: torch.dtype, promp
     return Reference(sum(map(len, outputs)) / seconds, outputs, [m for _, m in results], load_seconds)
 
 
-def run_micro(entry: Micro, context: MicroContext) -> dict:
+def run_micro(entry: Micro, context: MicroContext, *, whole_target_fits: bool = True) -> dict:
     if entry.cuda_only and context.device.type != "cuda":
         return {"title": entry.title, "status": "skipped: needs CUDA"}
+    if entry.whole_target and not whole_target_fits:
+        return {"title": entry.title, "status": "skipped: the target does not fit one device"}
     result = entry.run(context)
     gc.collect()  # what it built goes before the swarms need the device
     if context.device.type == "cuda":
@@ -260,12 +285,18 @@ def run_micro(entry: Micro, context: MicroContext) -> dict:
     return {"title": entry.title, "status": "ran", **result}
 
 
-def check_rows(rows: list[Row], reference: Reference, *, exact: bool) -> list[Row]:
+def check_rows(rows: list[Row], reference: Reference | None, *, exact: bool) -> list[Row]:
     """Each row against the reference and against the same swarm's plain decode. In float32
     every mode must give `generate()`'s tokens; in bfloat16 a verify chunk and a plain step
     run the same graphed shape, so every mode must give the swarm's plain tokens, while
-    `generate()` may part at numeric near-ties (their margins are recorded)."""
+    `generate()` may part at numeric near-ties (their margins are recorded). Without a
+    reference (a target no one device holds) every mode must give the swarm's plain tokens."""
     plain = next(r for r in rows if r.k == 0).outputs
+    if reference is None:
+        for row in rows:
+            row.extra.update(equals_swarm_plain=row.outputs == plain, must_equal="swarm plain decode",
+                             ok=row.outputs == plain)
+        return rows
     for row in rows:
         prefixes = [_matched(out, ref) for out, ref in zip(row.outputs, reference.outputs)]
         row.extra.update(

@@ -42,6 +42,11 @@ def _memory_arguments(parser) -> None:
 
 def _gpu_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (tiny shapes: the CI run)")
+    parser.add_argument("--gpus", metavar="DEV,DEV,...",
+                        help="the stages' devices, round robin (one stage per GPU: cuda:0,cuda:1,...); the draft "
+                             "runs on the first. Default: --device")
+    parser.add_argument("--shape", default="8b", choices=("8b", "70b", "405b"),
+                        help="the Llama-3 shape of the GPU target (default 8b); a CPU run uses tiny shapes")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="default auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES),

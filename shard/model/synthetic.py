@@ -136,6 +136,11 @@ LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
+# Llama-3-70B's and Llama-3.1-405B's shapes: targets no single GPU holds (one stage per GPU).
+LLAMA_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                 intermediate_size=28672, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
+LLAMA_405B = dict(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
+                  intermediate_size=53248, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=4096)
 # Their stand-ins for CPU runs of the same harness: the tiny llama, and a 2-layer draft.
 TINY_TARGET = {k: v for k, v in _COMMON.items() if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                           "num_attention_heads", "num_key_value_heads", "head_dim",

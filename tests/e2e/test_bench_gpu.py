@@ -23,7 +23,7 @@ LABELS = [d.partition("=")[0] for d in DRAFTS]
 
 def test_bench_gpu_on_cpu(tmp_path):
     results, docs = tmp_path / "results", tmp_path / "docs"
-    argv = ["bench", "gpu", "--device", "cpu", "--quick", *(f"--draft={d}" for d in DRAFTS),
+    argv = ["bench", "gpu", "--gpus", "cpu,cpu", "--quick", *(f"--draft={d}" for d in DRAFTS),
             *(f"--topology={t}" for t in TOPOLOGIES), "--out", str(results), "--docs", str(docs)]
     done = subprocess.run([sys.executable, "-m", "shard", "--log-level", "WARNING", *argv],
                           capture_output=True, text=True, timeout=840)
@@ -31,6 +31,7 @@ def test_bench_gpu_on_cpu(tmp_path):
     payload = json.loads((results / "gpu.json").read_text())
     assert payload["command"] == shlex.join(["shard", *argv])
     assert (payload["device"], payload["dtype"], payload["max_tokens"], payload["prompts"]) == ("cpu", "float32", 16, 1)
+    assert payload["gpus"] == ["cpu", "cpu"]
 
     reference = payload["one_process"]["outputs"]
     assert payload["one_process"]["tokens_per_second"] > 0

@@ -1,11 +1,13 @@
 """The GPU harness's verdicts: in float32 every mode must give generate()'s tokens; in
 bfloat16 every mode must give the swarm's plain decode, and a departure from generate()
-is recorded with the reference's margin there; drafts name the run's dummy folders."""
+is recorded with the reference's margin there; without a reference (a target no one GPU
+holds) every mode must give the swarm's plain decode; drafts name the run's dummy folders."""
 
 from pathlib import Path
 
 from shard.bench.gpu import Reference, check_rows, parse_drafts
 from shard.bench.run import Row
+from shard.local import stage_device
 
 REFERENCE = Reference(tokens_per_second=1.0, outputs=[[5, 6, 7, 8], [1, 2, 3, 4]],
                       margins=[[0.5, 0.25, 0.125, 2.0], [1.0, 1.0, 1.0, 1.0]], load_seconds=0.0)
@@ -36,6 +38,21 @@ def test_float32_rows_must_equal_generate():
     rows = check_rows([row("plain", 0, plain), row("sync", 4, [[5, 6, 7, 0], [1, 2, 3, 4]])], REFERENCE, exact=True)
     assert [r.extra["ok"] for r in rows] == [True, False]
     assert rows[1].extra["matched_prefix"] == [3, 4] and rows[1].extra["divergence_margins"] == [2.0, None]
+
+
+def test_without_a_one_process_reference_every_mode_must_equal_the_swarms_plain_decode():
+    plain = [[5, 6, 9, 9], [1, 2, 3, 4]]
+    rows = check_rows([row("plain", 0, plain), row("sync", 4, plain), row("pipelined", 4, [[5, 6, 9, 1], [1, 2, 3, 4]])],
+                      None, exact=True)  # a 70B target on four GPUs: nothing to run generate() on
+    assert [r.extra["ok"] for r in rows] == [True, True, False]
+    assert {r.extra["must_equal"] for r in rows} == {"swarm plain decode"}
+    assert all("matched_prefix" not in r.extra for r in rows)
+
+
+def test_stages_take_the_gpus_round_robin():
+    assert [stage_device("cuda:0,cuda:1,cuda:2,cuda:3", i) for i in range(6)] == \
+        ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert stage_device("cpu", 2) == "cpu"
 
 
 def test_drafts_name_the_runs_folders():
