@@ -38,6 +38,7 @@ RESULTS, DOC = "gpu.json", "benchmarks-gpu.md"
 # LABEL=SPEC; {target} and {draft} stand for the dummy target and draft folders.
 DEFAULT_DRAFTS = ("target={target}", "oracle-1.0=oracle:1.0:{draft}", "oracle-0.8=oracle:0.8:{draft}")
 SETTINGS = ((4, 1), (4, 4))  # (K, W): synchronous and pipelined, K+1 = a stage's graphed chunk of 5
+LARGER_CHUNKS = (16, 64, 256)  # a stage's chunk sizes above K + 1: prompts
 GiB = 2**30
 # A target whose weights take more than this share of one device is not run in one process.
 ONE_PROCESS_SHARE = 0.8
@@ -136,6 +137,7 @@ def main(args) -> int:
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     shapes = shapes_for(device, args.shape)
+    settings = parse_settings(args.setting) if args.setting else list(SETTINGS)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     prompts = prompt_ids(args.prompts or (1 if args.quick else 2), shapes.target["vocab_size"])
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
@@ -156,9 +158,9 @@ def main(args) -> int:
             print(f"shard bench gpu: {topology.name} ({topology.stages} stages)", file=sys.stderr)
             probe = MemoryProbe(device)
             topology_rows = bench_topology(
-                topology, target_dir, drafts, modes_for(list(drafts), list(SETTINGS)), prompts, max_tokens,
+                topology, target_dir, drafts, modes_for(list(drafts), settings), prompts, max_tokens,
                 reference.outputs if reference else None, device=",".join(devices), dtype=dtype_name,
-                stage_args=stage_args(devices, topology.stages, checkpoint),
+                stage_args=stage_args(devices, topology.stages, checkpoint, spec_k=settings[0][0]),
                 coordinator_args=coordinator_args(device, dtype_name), inspect=probe)
             rows += check_rows(topology_rows, reference, exact=dtype == torch.float32)
             memory[topology.name] = {"nodes": probe.rows, "device_used_bytes": probe.device_used_bytes}
@@ -203,16 +205,33 @@ def _portable(spec: str) -> str:
     return spec.replace(str(Path(tempfile.gettempdir())), "$TMP")
 
 
-def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint) -> list[str]:
+def parse_settings(values: list[str]) -> list[tuple[int, int]]:
+    """K,W values -> [(K, W)]; one K per run, since the stages graph chunks of K + 1 (a
+    verify chunk and a plain step must run one shape for bf16 speculation to equal plain)."""
+    try:
+        settings = [tuple(int(part) for part in value.split(",")) for value in values]
+    except ValueError:
+        settings = []
+    if not settings or any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in settings):
+        raise SystemExit(f"--setting takes K,W with K and W at least 1, not {values}")
+    if len({k for k, _ in settings}) != 1:
+        raise SystemExit(f"one K per run (the stages graph chunks of K + 1), not {sorted({k for k, _ in settings})}")
+    return settings
+
+
+def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint, *, spec_k: int) -> list[str]:
     """The stage processes share the devices, so speeds measured at start-up (at once, on
     the same chips) say nothing: all report the same, and blocks are cut by bytes. On GPUs
     each is told what it may take (any block's weights fit, plus KV, within its share of
-    a GPU) and how many sessions to preallocate, instead of each claiming 90% of what is free."""
+    a GPU) and how many sessions to preallocate, instead of each claiming 90% of what is
+    free; its smallest graphed chunk is K + 1."""
     if torch.device(devices[0]).type != "cuda":
         return ["--speed=1"]
     sharing = -(-stages // len(devices))  # stages on the busiest GPU
     share = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices) * 0.9 // sharing
-    return ["--speed=1", "--max-sessions=4", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}"]
+    chunks = sorted({spec_k + 1, *(size for size in LARGER_CHUNKS if size > spec_k + 1)})
+    return ["--speed=1", "--max-sessions=4", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}",
+            f"--chunk-sizes={','.join(map(str, chunks))}"]
 
 
 def fits_one_device(model_bytes: int, device: torch.device) -> bool:

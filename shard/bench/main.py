@@ -55,6 +55,9 @@ def _gpu_arguments(parser) -> None:
                         help="repeatable; a --draft value of the coordinator, {target} and {draft} standing for "
                              "the dummy target and draft folders (default: target={target}, "
                              "oracle-1.0=oracle:1.0:{draft}, oracle-0.8=oracle:0.8:{draft})")
+    parser.add_argument("--setting", action="append", metavar="K,W",
+                        help="repeatable, one K per run: draft tokens per chunk and chunks in flight of the "
+                             "speculative modes (default: 4,1 and 4,4)")
     parser.add_argument("--max-tokens", type=int, help="new tokens per generation (default 64; 16 with --quick)")
     parser.add_argument("--prompts", type=int, help="generations per mode (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and prompts: a run that fits one call")

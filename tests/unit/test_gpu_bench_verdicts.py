@@ -5,7 +5,9 @@ holds) every mode must give the swarm's plain decode; drafts name the run's dumm
 
 from pathlib import Path
 
-from shard.bench.gpu import Reference, check_rows, parse_drafts
+import pytest
+
+from shard.bench.gpu import Reference, check_rows, parse_drafts, parse_settings
 from shard.bench.run import Row
 from shard.local import stage_device
 
@@ -59,3 +61,10 @@ def test_drafts_name_the_runs_folders():
     drafts = parse_drafts(["target={target}", "oracle-0.8=oracle:0.8:{draft}", "ngram"],
                           target=Path("/t/target"), draft=Path("/t/draft"))
     assert drafts == {"target": "/t/target", "oracle-0.8": "oracle:0.8:/t/draft", "ngram": "ngram"}
+
+
+def test_settings_share_one_k_because_stages_graph_chunks_of_k_plus_one():
+    assert parse_settings(["8,1", "8,8"]) == [(8, 1), (8, 8)]
+    for bad in (["4,1", "8,8"], ["8"], ["0,4"], ["a,b"]):
+        with pytest.raises(SystemExit):
+            parse_settings(bad)
