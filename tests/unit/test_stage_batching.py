@@ -92,3 +92,17 @@ def test_max_batch_one_runs_chunks_one_at_a_time(tiny_model_dirs):
         assert (compute.frames_batched, compute.largest_batch) == (0, 0)
     finally:
         compute.close()
+
+
+def test_a_deep_window_does_not_starve_another_session(tiny_model_dirs):
+    """A long session's four pipelined chunks queued before a short session's one: each
+    forward takes one chunk per session, so the short one is answered in the first."""
+    compute, sent = start_compute(tiny_model_dirs["llama"], max_batch=16)
+    try:
+        long_chunks = [frame("long", 0, [5] * 8)] + [frame("long", 8 + i, [7]) for i in range(3)]
+        run_queued(compute, [*long_chunks, frame("short", 0, [1, 2])])
+        assert [(out.header.session_id, out.header.start_pos) for out in sent] == [
+            ("long", 0), ("short", 0), ("long", 8), ("long", 9), ("long", 10)]
+        assert compute.largest_batch == 2
+    finally:
+        compute.close()
