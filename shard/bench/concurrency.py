@@ -48,7 +48,7 @@ class Round:
     token_ms_p99: float
     stage_busy: list[float]  # each stage's compute seconds / the round's seconds
     stage_batched: list[float]  # each stage's share of chunks run in a forward with others
-    largest_batch: list[int]
+    chunks_per_forward: list[float]  # each stage's mean batch size in the round
     lossless: bool
     speedup: float = 1.0  # aggregate / the one-session round's aggregate
     extra: dict = field(default_factory=dict)
@@ -107,7 +107,8 @@ async def _round(swarm_addresses, tls, stage_tls, topology: Topology, mode: str,
         token_ms_p50=_percentile(per_token, 0.5), token_ms_p99=_percentile(per_token, 0.99),
         stage_busy=[(a.compute_seconds - b.compute_seconds) / seconds for a, b in zip(after, before)],
         stage_batched=[(a.frames_batched - b.frames_batched) / n for a, b, n in zip(after, before, frames)],
-        largest_batch=[a.largest_batch for a in after],
+        chunks_per_forward=[(a.frames_processed - b.frames_processed) / max(a.forwards - b.forwards, 1)
+                            for a, b in zip(after, before)],
         lossless=all(s.ids == expected[p] for s, p in zip(done, picks)))
 
 
@@ -179,7 +180,7 @@ def markdown(payload: dict) -> str:
             rows = [r for r in payload["rounds"] if r["topology"] == topology and r["mode"] == mode]
             lines += [f"### {topology}, {mode}", "", f"Model `{rows[0]['extra']['model']}`.", "",
                       "| sessions | aggregate tok/s | x one | per-session tok/s | TTFT p50 / p99 ms "
-                      "| per-token p50 / p99 ms | stage busy | chunks batched | largest batch | lossless |",
+                      "| per-token p50 / p99 ms | stage busy | chunks batched | chunks per forward | lossless |",
                       "|---:|---:|---:|---:|---:|---:|---|---|---|:-:|"]
             for r in rows:
                 lines.append(
@@ -188,7 +189,8 @@ def markdown(payload: dict) -> str:
                     f"| {r['token_ms_p50']:.0f} / {r['token_ms_p99']:.0f} "
                     f"| {' '.join(f'{b:.0%}' for b in r['stage_busy'])} "
                     f"| {' '.join(f'{b:.0%}' for b in r['stage_batched'])} "
-                    f"| {' '.join(str(b) for b in r['largest_batch'])} | {'yes' if r['lossless'] else 'NO'} |")
+                    f"| {' '.join(f'{b:.1f}' for b in r['chunks_per_forward'])} "
+                    f"| {'yes' if r['lossless'] else 'NO'} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -201,6 +203,6 @@ def document(payload: dict) -> str:
         "runs one generation. `x one`: the round's aggregate over the one-session round's. Stage busy:",
         "each stage's compute time over the round's wall time (stage order). Chunks batched: each",
         "stage's share of chunks that ran in one forward with other sessions' chunks (continuous",
-        "batching, [batching.md](batching.md)); largest batch: the most chunks in one forward since",
-        "the swarm started. Lossless: every session's tokens equal single-process `generate()`.", "",
+        "batching, [batching.md](batching.md)); chunks per forward: each stage's mean batch in the",
+        "round. Lossless: every session's tokens equal single-process `generate()`.", "",
         markdown(payload)])

@@ -256,7 +256,7 @@ class StageNode:
             plan_version=self.plan_version, frames_processed=compute.frames_processed,
             frames_dropped_stale=compute.frames_dropped_stale, compute_seconds=compute.compute_seconds,
             positions_computed=compute.positions_computed, positions_replayed=compute.positions_replayed,
-            frames_batched=compute.frames_batched, largest_batch=compute.largest_batch)
+            frames_batched=compute.frames_batched, largest_batch=compute.largest_batch, forwards=compute.forwards)
         block, kv = compute.block, compute.kv
         if block is not None:
             info.layer_start, info.layer_end = block.start, block.end

@@ -140,6 +140,7 @@ class StageCompute:
         self.positions_replayed = 0  # of REPLAY frames: rebuilding KV after a fail-over
         self.frames_batched = 0  # verify chunks that ran in a forward with other sessions' chunks
         self.largest_batch = 0  # most chunks in one forward
+        self.forwards = 0  # forwards that ran verify chunks: one per batch
 
     # ---- lifecycle: load -> allocate KV -> serve ----------------------------------
 
@@ -293,6 +294,7 @@ class StageCompute:
         span.set_attribute("shard.compute_seconds", seconds)
         if header.kind == K.FRAME_KIND_FORWARD:  # per-chunk figures stay those of verify chunks
             self.frames_processed += 1
+            self.forwards += 1
             self.compute_seconds += seconds
         return self._result(header, output)
 
@@ -336,6 +338,7 @@ class StageCompute:
             spans[index].set_attribute("shard.compute_seconds", seconds)
             spans[index].set_attribute("shard.batch", len(ready))
         self.compute_seconds += seconds  # the stage's busy time: the forward once, not per chunk
+        self.forwards += 1 if ready else 0
         if len(ready) > 1:
             self.frames_batched += len(ready)
             self.largest_batch = max(self.largest_batch, len(ready))

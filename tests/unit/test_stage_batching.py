@@ -78,6 +78,7 @@ def test_waiting_chunks_of_sessions_run_as_one_forward_and_answer_alone(tiny_mod
         assert "stale" not in results and compute.frames_dropped_stale == 1
         # a, b and f's first chunks in one forward; then a's and f's second chunks in another.
         assert (compute.frames_batched, compute.largest_batch, compute.frames_processed) == (5, 3, 5)
+        assert compute.forwards == 2
         assert [compute.kv.get(s).positions for s in sessions] == [6, 2, 13]
         assert compute.kv.get("vocab") is None and compute.kv.get("gap") is None
     finally:
@@ -89,7 +90,7 @@ def test_max_batch_one_runs_chunks_one_at_a_time(tiny_model_dirs):
     try:
         run_queued(compute, [frame(s, 0, [1, 2, 3]) for s in "abcd"])
         assert len(sent) == 4 and compute.frames_processed == 4
-        assert (compute.frames_batched, compute.largest_batch) == (0, 0)
+        assert (compute.frames_batched, compute.largest_batch, compute.forwards) == (0, 0, 4)
     finally:
         compute.close()
 
