@@ -82,6 +82,7 @@ helm-test: setup $(HELM)
 
 bench: setup
 	$(VENV)/bin/shard --log-level WARNING bench wan --compute-check
+	$(VENV)/bin/shard --log-level WARNING bench concurrency
 	$(VENV)/bin/shard --log-level WARNING bench seal
 	$(VENV)/bin/shard --log-level WARNING bench memory
 

@@ -107,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     flags.add("--dtype", f"{', '.join(DTYPES)} (default auto: bfloat16 on a GPU, float32 on a CPU)")
     flags.add("--memory-budget", "bytes this stage offers, e.g. 24GiB (default: 90%% of free)", metavar="SIZE")
     flags.add("--max-sessions", "sessions held at most; their KV bytes are capped too (default 64)", type=int)
+    flags.add("--max-batch", "waiting chunks of different sessions run as one forward, at most this many "
+              "(default 16; 1: one at a time; dynamic KV only)", type=int)
     flags.add("--session-idle-seconds", "free a session's KV cache after this long without a chunk (default 300)",
               type=float, metavar="SECONDS")
     flags.add("--kv", "static: each session's KV preallocated, chunks padded to fixed sizes (CUDA graphs on a "

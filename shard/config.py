@@ -173,6 +173,7 @@ class StageConfig(JoiningConfig):
     dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     memory_budget: int | None = None  # bytes; default: 90% of what is free
     max_sessions: int = 64
+    max_batch: int = 16  # waiting chunks of different sessions run as one forward (1: no batching)
     session_idle_seconds: float = 300.0
     kv: str = "auto"  # static on CUDA
     session_positions: int | None = None
@@ -199,6 +200,8 @@ class StageConfig(JoiningConfig):
             self.memory_budget = byte_size(self.memory_budget)
         if self.max_sessions < 1:
             raise ConfigError("--max-sessions must be at least 1")
+        if self.max_batch < 1:
+            raise ConfigError("--max-batch must be at least 1")
         if not self.session_idle_seconds > 0:
             raise ConfigError("--session-idle-seconds must be positive")
         if self.speed is not None and not self.speed > 0:

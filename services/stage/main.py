@@ -31,7 +31,7 @@ async def start(config: StageConfig) -> RunningNode:
     memory_budget = config.memory_budget or default_memory_budget(device)
     node = StageNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=node_secrets(config),
                      device=device, dtype=resolve_dtype(config.dtype, device), memory_budget_bytes=memory_budget,
-                     max_sessions=config.max_sessions, session_idle_seconds=config.session_idle_seconds,
+                     max_sessions=config.max_sessions, max_batch=config.max_batch, session_idle_seconds=config.session_idle_seconds,
                      progress=not config.quiet, kv_layout=_kv_layout(config, device))
     server, port, health = await start_server(
         config.listen, tls,

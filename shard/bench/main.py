@@ -1,4 +1,4 @@
-"""`shard bench {wan,seal,memory,gpu}`: one subcommand per benchmark, each writing its JSON
+"""`shard bench {wan,concurrency,seal,memory,gpu}`: one subcommand per benchmark, each writing its JSON
 results under --out and its rendered Markdown (and plot) under --docs.
 
 Only the arguments live here: the benchmarks' modules (torch, model code) are imported
@@ -25,6 +25,19 @@ def _wan_arguments(parser) -> None:
     parser.add_argument("--from-json", metavar="RESULTS", nargs="+",
                         help="run nothing: write one table and plot of results files (from another machine, "
                              "or several runs of one)")
+
+
+def _concurrency_arguments(parser) -> None:
+    parser.add_argument("--model", help="target model folder (default: the shared tiny model)")
+    parser.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES),
+                        help="repeatable (default: lan, wan-3)")
+    parser.add_argument("--mode", action="append", choices=("plain", "pipelined"),
+                        help="repeatable (default: both; pipelined: the target as its own draft, K=4, W=4)")
+    parser.add_argument("--sessions", default="1,2,4,8,16", metavar="N,N,...",
+                        help="concurrent sessions per round (default 1,2,4,8,16)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per session")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="the stages' --max-batch (1: no batching, to compare)")
 
 
 def _seal_arguments(parser) -> None:
@@ -66,6 +79,8 @@ def _gpu_arguments(parser) -> None:
 # name -> (one-line help, its own arguments)
 BENCHMARKS = {
     "wan": ("every decoding mode side by side over emulated WAN links", _wan_arguments),
+    "concurrency": ("1 to 16 sessions at once on one ring: aggregate and per-session tok/s, latencies, "
+                    "stage busy", _concurrency_arguments),
     "seal": ("what the AEAD layer costs per frame, alone and on a loopback gRPC hop", _seal_arguments),
     "memory": ("a stage's peak memory against its block's share of the model", _memory_arguments),
     "gpu": ("8B-shaped dummy-weight models on a GPU: one process, micro benchmarks, every mode end to end",
@@ -85,6 +100,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from shard.bench import gpu, memory, seal, wan
+    from shard.bench import concurrency, gpu, memory, seal, wan
 
-    return {"wan": wan, "seal": seal, "memory": memory, "gpu": gpu}[args.benchmark].main(args)
+    return {"wan": wan, "concurrency": concurrency, "seal": seal, "memory": memory,
+            "gpu": gpu}[args.benchmark].main(args)

@@ -42,7 +42,7 @@ def main(args) -> int:
         targets: dict[Path, Target] = {}
         rows = []
         for topology in topologies:
-            target_dir = _deep_enough(model_dir, topology.stages, Path(scratch))
+            target_dir = deep_enough(model_dir, topology.stages, Path(scratch))
             if target_dir not in targets:
                 targets[target_dir] = Target.prepare(target_dir, args, Path(scratch))
             target = targets[target_dir]
@@ -113,7 +113,7 @@ class Target:
         return cls(drafts, prompts_ids, ceiling, expected)
 
 
-def _deep_enough(model_dir: Path, stages: int, scratch: Path) -> Path:
+def deep_enough(model_dir: Path, stages: int, scratch: Path) -> Path:
     """The model itself if it can be cut into `stages` blocks (embedding, layers and head
     are the units), else the 6-layer demo model (random weights, byte tokenizer)."""
     from shard.model.checkpoint import Checkpoint
@@ -138,5 +138,6 @@ def _doc(payload: dict, with_plot: bool) -> str:
         "Every node is its own process, and the bound assumes each has a core to itself, as",
         "machines far apart do; on fewer cores than nodes the draft, the stages and the relays",
         "take turns and the efficiency drops.", "",
-        "GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md).", "",
+        "GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md). Many sessions at once",
+        "(`shard bench concurrency`): [benchmarks-concurrency.md](benchmarks-concurrency.md).", "",
         markdown(payload), "", *figure])

@@ -33,6 +33,31 @@ class SerialThread:
         with self._jobs.mutex:
             return [(fn, args) for _, fn, args in self._jobs.queue if fn is not _STOP]
 
+    def take(self, fn: Callable[..., Any], select: Callable[[tuple], bool | None], limit: int) -> list[tuple]:
+        """Remove up to `limit` queued jobs of `fn`, oldest first, for the running job to
+        run itself (a batch); their args are returned and their futures resolve to None, so
+        only jobs whose results nobody awaits may be taken. `select(args)` says per job:
+        True take it, False leave it queued, None stop looking (a job that must not be
+        overtaken); the scan stops at the first job of another fn too."""
+        taken = []
+        with self._jobs.mutex:
+            jobs = self._jobs.queue
+            index = 0
+            while index < len(jobs) and len(taken) < limit:
+                future, job_fn, args = jobs[index]
+                choice = select(args) if job_fn == fn else None
+                if choice is None:
+                    break
+                if choice and future.set_running_or_notify_cancel():
+                    del jobs[index]
+                    future.set_result(None)
+                    taken.append(args)
+                elif choice:
+                    del jobs[index]  # cancelled: dropped, as _serve would
+                else:
+                    index += 1
+        return taken
+
     def close(self) -> None:
         """Stop after the running job; jobs still queued are cancelled."""
         with self._jobs.mutex:

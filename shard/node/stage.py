@@ -20,7 +20,7 @@ import torch
 
 from shard.errors import ShardError
 from shard.model.checkpoint import Checkpoint
-from shard.node.stage_compute import BlockSpec, KVLayout, ReplayStep, StageCompute
+from shard.node.stage_compute import DEFAULT_MAX_BATCH, BlockSpec, KVLayout, ReplayStep, StageCompute
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
@@ -98,10 +98,12 @@ class StageNode:
         session_idle_seconds: float = 300.0,
         progress: bool = True,
         kv_layout: KVLayout = KVLayout(),
+        max_batch: int = DEFAULT_MAX_BATCH,
     ):
         """`memory_budget_bytes` holds the block's weights and every session's KV cache;
         a session idle for `session_idle_seconds` is freed; `kv_layout` says whether the
-        caches grow with their sessions or are preallocated (and graphed on CUDA)."""
+        caches grow with their sessions or are preallocated (and graphed on CUDA); up to
+        `max_batch` waiting chunks of different sessions run as one forward."""
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
         self._tls = tls
@@ -119,7 +121,7 @@ class StageNode:
         self.compute = StageCompute(
             node_id, model_dir=model_dir, device=device, dtype=dtype, memory_budget_bytes=memory_budget_bytes,
             max_sessions=max_sessions, session_idle_seconds=session_idle_seconds, progress=progress,
-            send=self._emit, call_on_loop=self._call_on_loop, kv_layout=kv_layout)
+            send=self._emit, call_on_loop=self._call_on_loop, kv_layout=kv_layout, max_batch=max_batch)
 
     @property
     def block(self):
@@ -253,7 +255,8 @@ class StageNode:
             node_id=self.node_id, num_layers=self.checkpoint.num_layers,
             plan_version=self.plan_version, frames_processed=compute.frames_processed,
             frames_dropped_stale=compute.frames_dropped_stale, compute_seconds=compute.compute_seconds,
-            positions_computed=compute.positions_computed, positions_replayed=compute.positions_replayed)
+            positions_computed=compute.positions_computed, positions_replayed=compute.positions_replayed,
+            frames_batched=compute.frames_batched, largest_batch=compute.largest_batch, forwards=compute.forwards)
         block, kv = compute.block, compute.kv
         if block is not None:
             info.layer_start, info.layer_end = block.start, block.end

@@ -1,7 +1,7 @@
 """A stage's compute: one thread that loads the block, allocates its KV store and runs
 validated frames in arrival order, fencing stale epochs, and hands each output frame to
-the stage's outbound edge. The one place a batcher (many sessions' frames in one forward)
-or a graphed forward replaces.
+the stage's outbound edge. Frames of different sessions that wait for it together run as
+one batched forward (continuous batching; each frame's result and error stay its own).
 
 Lifecycle, as in vLLM: load the block -> allocate the KV store (static: preallocate the
 sessions' caches and capture the CUDA graphs) -> serve frames. Everything that touches
@@ -23,7 +23,8 @@ from opentelemetry.trace import Status, StatusCode
 from shard.errors import ShardError
 from shard.model.block import Block, CacheGapError
 from shard.model.static_block import StaticBlock
-from shard.node.kv_store import KVStore
+from shard.model.batch import Row, forward_batch
+from shard.node.kv_store import KVStore, Session
 from shard.node.resources import memory_report
 from shard.node.serial_thread import SerialThread
 from shard.telemetry import context_of, tracer
@@ -47,6 +48,8 @@ _SESSION_ERROR_CODES = (
 # decode step and a verify chunk run in the same shape; then prefill buckets.
 DEFAULT_CHUNK_SIZES = (5, 16, 64, 256)
 DEFAULT_SESSION_POSITIONS = 4096
+# Chunks in one batched forward at most: past a few the forward's cost grows with the rows.
+DEFAULT_MAX_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,31 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class _Queued:
+    """A frame waiting for the compute thread: `_run_frame`'s arguments."""
+
+    header: frame_pb2.FrameHeader
+    body: object
+    on_done: Callable[[frame_pb2.FrameHeader], None]
+    arrived_ns: int
+
+
+class _BatchSelector:
+    """Which queued frames may join a batch led by a verify chunk of `session_id`: verify
+    chunks of other sessions, one per session, never overtaking an earlier frame of their
+    own session (a session's frames run in order)."""
+
+    def __init__(self, session_id: str):
+        self._seen = {session_id}
+
+    def __call__(self, args: tuple) -> bool:
+        header = args[0]
+        take = header.kind == K.FRAME_KIND_FORWARD and header.session_id not in self._seen
+        self._seen.add(header.session_id)
+        return take
+
+
+@dataclass(frozen=True)
 class ReplayStep:
     """What this stage does with a REPLAY frame, given its place in the ring."""
 
@@ -86,15 +114,17 @@ class StageCompute:
     def __init__(self, node_id: str, *, model_dir: str, device: str, dtype: torch.dtype | None,
                  memory_budget_bytes: int, max_sessions: int, session_idle_seconds: float, progress: bool,
                  send: Callable[[frame_pb2.Frame], None], call_on_loop: Callable[..., None],
-                 kv_layout: KVLayout = KVLayout()):
+                 kv_layout: KVLayout = KVLayout(), max_batch: int = DEFAULT_MAX_BATCH):
         """`send(frame)` and `call_on_loop(fn, *args)` are called from the compute thread and
-        hand over to the event loop (thread-safe, no wait)."""
+        hand over to the event loop (thread-safe, no wait). Up to `max_batch` waiting chunks
+        of different sessions run as one forward (1: one at a time)."""
         self.node_id = node_id
         self._model_dir, self._device, self._dtype, self._progress = model_dir, device, dtype, progress
         self._memory_budget = memory_budget_bytes
         self._max_sessions, self._idle_seconds = max_sessions, session_idle_seconds
         self._send, self._call_on_loop = send, call_on_loop
         self.kv_layout = kv_layout
+        self.max_batch = max_batch
         self.block: Block | None = None
         self.runner: Block | StaticBlock | None = None  # what runs chunks: the block, or it over static KV
         self.kv: KVStore | None = None
@@ -108,6 +138,9 @@ class StageCompute:
         self.compute_seconds = 0.0
         self.positions_computed = 0  # of verify chunks
         self.positions_replayed = 0  # of REPLAY frames: rebuilding KV after a fail-over
+        self.frames_batched = 0  # verify chunks that ran in a forward with other sessions' chunks
+        self.largest_batch = 0  # most chunks in one forward
+        self.forwards = 0  # forwards that ran verify chunks: one per batch
 
     # ---- lifecycle: load -> allocate KV -> serve ----------------------------------
 
@@ -205,24 +238,39 @@ class StageCompute:
 
     def _run_frame(self, header, body, on_done: Callable[[frame_pb2.FrameHeader], None],
                    arrived_ns: int) -> None:
-        """One queued frame, in arrival order. A frame that carries a trace context gets a
+        """One queued frame, with the verify chunks of other sessions queued behind it when
+        it is one: they run as one forward. A frame that carries a trace context gets a
         span from its arrival to its output's hand-off to the loop."""
+        frames = [_Queued(header, body, on_done, arrived_ns)]
+        if header.kind == K.FRAME_KIND_FORWARD and self.max_batch > 1 and self.runner is self.block:
+            taken = self._thread.take(self._run_frame, _BatchSelector(header.session_id), self.max_batch - 1)
+            frames += [_Queued(*args) for args in taken]
+        spans = [self._span(frame) for frame in frames]
+        try:
+            try:
+                if len(frames) == 1:
+                    outs = [self._process(header, body, spans[0])]
+                else:
+                    outs = self._process_batch(frames, spans)
+            finally:
+                for span in spans:
+                    span.end()  # before the hand-off: the traversal may end right after it
+            for out in outs:
+                if out is not None:
+                    self._send(out)
+        finally:
+            for frame in frames:
+                self._call_on_loop(frame.on_done, frame.header)
+
+    def _span(self, frame: _Queued) -> trace.Span:
+        header = frame.header
         context = context_of(header)
-        span = trace.INVALID_SPAN if context is None else tracer.start_span(
-            "shard.stage", context=context, start_time=arrived_ns, attributes={
+        return trace.INVALID_SPAN if context is None else tracer.start_span(
+            "shard.stage", context=context, start_time=frame.arrived_ns, attributes={
                 "shard.node": self.node_id, "shard.session": header.session_id, "shard.chunk": header.chunk_id,
                 "shard.start_pos": header.start_pos, "shard.tokens": header.num_tokens,
                 "shard.frame_kind": K.FrameKind.Name(header.kind),
                 "shard.layers": f"[{self.spec.start}, {self.spec.end})"})
-        try:
-            try:
-                out = self._process(header, body, span)
-            finally:
-                span.end()  # before the hand-off: the traversal may end right after it
-            if out is not None:
-                self._send(out)
-        finally:
-            self._call_on_loop(on_done, header)
 
     def _process(self, header, body, span: trace.Span) -> frame_pb2.Frame | None:
         """What to send on for one frame, if anything."""
@@ -231,9 +279,7 @@ class StageCompute:
             return None if self.spec.last else frame_pb2.Frame(header=header)
         if header.kind == K.FRAME_KIND_ERROR:
             return frame_pb2.Frame(header=header, payload=body)
-        if header.epoch < self._min_epoch.get(header.session_id, 0):
-            self.frames_dropped_stale += 1
-            span.set_attribute("shard.dropped", True)  # cancelled out of band
+        if self._fenced(header, span):
             return None
         began = time.perf_counter()
         try:
@@ -243,16 +289,83 @@ class StageCompute:
                 output = self._forward(header, body, header.num_outputs)
                 self.positions_computed += header.num_tokens
         except Exception as error:
-            if not isinstance(error, (ShardError, CacheGapError, ValueError)):
-                # A bug: it must cost one session, not the node.
-                log.exception("%s failed a chunk of %s", self.node_id, header.session_id)
-            span.set_status(Status(StatusCode.ERROR, str(error)))
-            return self._error_frame(header, error)
+            return self._failed(header, error, span)
         seconds = time.perf_counter() - began
         span.set_attribute("shard.compute_seconds", seconds)
         if header.kind == K.FRAME_KIND_FORWARD:  # per-chunk figures stay those of verify chunks
             self.frames_processed += 1
+            self.forwards += 1
             self.compute_seconds += seconds
+        return self._result(header, output)
+
+    def _process_batch(self, frames: list[_Queued], spans: list[trace.Span]) -> list[frame_pb2.Frame | None]:
+        """What to send on for each of several sessions' verify chunks, run as one forward.
+        A chunk that cannot run (fenced, over the budget, a gap) fails or drops alone."""
+        outs: list[frame_pb2.Frame | None] = [None] * len(frames)
+        ready: list[tuple[int, Session, Row]] = []
+        for index, (frame, span) in enumerate(zip(frames, spans)):
+            header = frame.header
+            if self._fenced(header, span):
+                continue
+            try:
+                session, tensor = self._prepare(header, frame.body, header.num_outputs)
+            except Exception as error:
+                outs[index] = self._failed(header, error, span)
+                continue
+            # Claimed now, so that the next chunk's reservation counts this one's positions.
+            self.kv.record(session, header.start_pos + header.num_tokens)
+            ready.append((index, session, Row(session.cache, header.start_pos, tensor, header.num_outputs)))
+        began = time.perf_counter()
+        try:
+            try:
+                results: list[torch.Tensor | Exception] = forward_batch(self.block, [row for _, _, row in ready])
+            except Exception:  # a bug: run them one by one, so that it costs only the chunk that has it
+                log.exception("%s failed a batch of %d chunks; running them one at a time", self.node_id, len(ready))
+                results = [self._alone(row) for _, _, row in ready]
+            for (index, session, _), result in zip(ready, results):
+                header = frames[index].header
+                if isinstance(result, Exception):
+                    outs[index] = self._failed(header, result, spans[index])
+                    continue
+                outs[index] = self._result(header, self._encode(header, session, result))
+                self.positions_computed += header.num_tokens
+                self.frames_processed += 1
+        finally:
+            for _, session, _ in ready:
+                self.kv.record(session, self.runner.cache_length(session.cache))
+        seconds = time.perf_counter() - began
+        for index, _, _ in ready:
+            spans[index].set_attribute("shard.compute_seconds", seconds)
+            spans[index].set_attribute("shard.batch", len(ready))
+        self.compute_seconds += seconds  # the stage's busy time: the forward once, not per chunk
+        self.forwards += 1 if ready else 0
+        if len(ready) > 1:
+            self.frames_batched += len(ready)
+            self.largest_batch = max(self.largest_batch, len(ready))
+        return outs
+
+    def _alone(self, row: Row) -> torch.Tensor | Exception:
+        try:
+            return forward_batch(self.block, [row])
+        except Exception as error:
+            return error
+
+    def _fenced(self, header, span: trace.Span) -> bool:
+        """Whether the frame's epoch was cancelled out of band (it is dropped)."""
+        if header.epoch < self._min_epoch.get(header.session_id, 0):
+            self.frames_dropped_stale += 1
+            span.set_attribute("shard.dropped", True)
+            return True
+        return False
+
+    def _failed(self, header, error: Exception, span: trace.Span) -> frame_pb2.Frame:
+        if not isinstance(error, (ShardError, CacheGapError, ValueError)):
+            # A bug: it must cost one session, not the node.
+            log.error("%s failed a chunk of %s", self.node_id, header.session_id, exc_info=error)
+        span.set_status(Status(StatusCode.ERROR, str(error)))
+        return self._error_frame(header, error)
+
+    def _result(self, header, output: bytes) -> frame_pb2.Frame:
         out = frame_pb2.FrameHeader()
         out.CopyFrom(header)
         if self.spec.last:
@@ -260,27 +373,43 @@ class StageCompute:
         return frame_pb2.Frame(header=out, payload=output)
 
     def _forward(self, header, wire: WireTensor, num_outputs: int) -> bytes:
-        """Run the chunk through the block; its output in wire form. A block that is not the
-        tail keeps its output rows with the session."""
-        kv, block, runner = self.kv, self.block, self.runner
+        """Run the chunk through the block; its output in wire form."""
+        session, tensor = self._prepare(header, wire, num_outputs)
+        try:
+            input_ids, hidden = self._inputs(tensor)
+            output = self.runner.forward(session.cache, header.start_pos, input_ids=input_ids, hidden=hidden,
+                                         num_outputs=num_outputs)
+            return self._encode(header, session, output)
+        finally:
+            self.kv.record(session, self.runner.cache_length(session.cache))
+
+    def _prepare(self, header, wire: WireTensor, num_outputs: int) -> tuple[Session, torch.Tensor]:
+        """The chunk's input tensor, checked, and its session with room reserved for its
+        positions: a chunk that cannot run fails here, before it holds anything."""
+        kv, block = self.kv, self.block
+        tensor = wire.to_torch()
+        block.check_chunk(header.start_pos, *self._inputs(tensor), num_outputs)
         if kv.get(header.session_id) is None and header.start_pos > 0:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
                                 f"to continue at position {header.start_pos}")
         # Reserved before computing, so that a chunk over the budget costs nothing.
         session = kv.reserve(header.session_id, self._incarnation, header.start_pos + header.num_tokens)
-        tensor = wire.to_torch()
-        if runner is block:  # the static runner stages its inputs itself, through pinned memory
+        if self.runner is block:  # the static runner stages its inputs itself, through pinned memory
             tensor = tensor.to(block.device)
-        inputs = {"input_ids": tensor} if block.is_first else {"hidden": tensor}
-        try:
-            output = runner.forward(session.cache, header.start_pos, **inputs, num_outputs=num_outputs)
-            if block.is_last:
-                return encode_tensor(output)
-            rows = tensor_data(output)
-            kv.keep_outputs(session, header.start_pos, rows)
-            return encode_data(output.dtype, list(output.shape), rows)
-        finally:
-            kv.record(session, runner.cache_length(session.cache))
+        return session, tensor
+
+    def _inputs(self, tensor: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(input_ids, hidden) for the block."""
+        return (tensor, None) if self.block.is_first else (None, tensor)
+
+    def _encode(self, header, session: Session, output: torch.Tensor) -> bytes:
+        """The block's output in wire form; a block that is not the tail keeps its rows
+        with the session."""
+        if self.block.is_last:
+            return encode_tensor(output)
+        rows = tensor_data(output)
+        self.kv.keep_outputs(session, header.start_pos, rows)
+        return encode_data(output.dtype, list(output.shape), rows)
 
     def _replay(self, header, step: ReplayStep) -> bytes:
         """A REPLAY frame: compute its positions where this stage replaced a lost one (the

@@ -74,3 +74,19 @@ def test_seal_smoke(tmp_path):
     for head in report["headline"].values():
         assert head["sealed_us"] > 0 and head["plain_us"] > 0 and isinstance(head["goal_met"], bool)
     assert [r["segments"] for r in report["split_seal"]] == [1, 2, 4]
+
+
+def test_concurrency_bench_smoke(tinystories_dir, tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    done = subprocess.run(
+        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "concurrency", "--model",
+         str(tinystories_dir), "--topology", "lan", "--mode", "plain", "--sessions", "1,3", "--max-tokens", "6",
+         "--out", str(results), "--docs", str(docs)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((results / "concurrency.json").read_text())["rounds"]
+    assert [(r["mode"], r["sessions"], r["tokens"]) for r in rounds] == [("plain", 1, 6), ("plain", 3, 18)]
+    for r in rounds:
+        assert r["lossless"] and 0 < r["ttft_ms_p50"] <= r["ttft_ms_p99"] and r["token_ms_p50"] <= r["token_ms_p99"]
+        assert len(r["stage_busy"]) == 2 and all(0 < busy <= 1 for busy in r["stage_busy"])
+    assert "| 3 |" in (docs / "benchmarks-concurrency.md").read_text()

@@ -1,0 +1,87 @@
+"""Batch invariance of a block's forward, across the equivalence matrix's architectures:
+each session's chunks give the same tokens alone and batched with 1, 3 or 7 other
+sessions at other positions, with other chunk lengths, rolling back at other times."""
+
+import random
+
+import pytest
+import torch
+
+from shard.model.batch import Row, forward_batch
+from shard.model.block import Block
+from shard.model.synthetic import ARCHS
+
+SESSIONS = 8
+STEPS = 6
+
+
+def schedule(seed: int, vocab: int) -> list[tuple[int, list[int]]]:
+    """One session's chunks as (start_pos, tokens): a prefill, then verify-sized chunks,
+    some of which start before the cache's end (a rejected draft rolled back)."""
+    rng = random.Random(seed)
+    chunks, end = [], rng.randint(2, 20)
+    chunks.append((0, [rng.randrange(vocab) for _ in range(end)]))
+    for _ in range(STEPS):
+        start = end - rng.choice([0, 0, 0, 1, 3]) if end > 4 else end
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 5))]
+        chunks.append((start, tokens))
+        end = start + len(tokens)
+    return chunks
+
+
+def run(blocks: list[Block], schedules: list[list[tuple[int, list[int]]]], group: int) -> list[list[list[int]]]:
+    """Every session's tail ids per chunk (all positions), its sessions run `group` at a
+    time: each step one batched forward per block for a chunk of every session of the group."""
+    outputs = [[] for _ in schedules]
+    for first in range(0, len(schedules), group):
+        members = range(first, min(first + group, len(schedules)))
+        caches = {i: [block.new_cache() for block in blocks] for i in members}
+        for step in range(len(schedules[first])):
+            x = {i: torch.tensor(schedules[i][step][1]) for i in members}
+            for b, block in enumerate(blocks):
+                rows = [Row(caches[i][b], schedules[i][step][0], x[i], num_outputs=0) for i in members]
+                x = dict(zip(members, forward_batch(block, rows)))
+            for i in members:
+                outputs[i].append(x[i].tolist())
+    return outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokens_alone_equal_tokens_batched(tiny_model_dirs, arch):
+    model_dir = tiny_model_dirs[arch]
+    blocks = [Block.load(model_dir, 0, 2, progress=False), Block.load(model_dir, 2, 6, progress=False)]
+    schedules = [schedule(seed, blocks[0].vocab_size) for seed in range(SESSIONS)]
+    alone = run(blocks, schedules, group=1)
+    for group in (2, 4, 8):  # each session with 1, 3, 7 others
+        assert run(blocks, schedules, group) == alone, f"{arch}: batches of {group} changed a session's tokens"
+
+
+def test_batched_rows_write_each_session_cache_alone(tiny_model_dirs):
+    """After a batch each cache holds exactly its own session's positions, with the keys
+    the session computed alone (padding never leaks into a cache)."""
+    block = Block.load(tiny_model_dirs["llama"], 0, 3, progress=False)
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([9, 8, 7, 6, 5, 4, 3])]
+    alone = [block.new_cache() for _ in prompts]
+    for cache, prompt in zip(alone, prompts):
+        block.forward(cache, 0, input_ids=prompt)
+    batched = [block.new_cache() for _ in prompts]
+    forward_batch(block, [Row(cache, 0, prompt) for cache, prompt in zip(batched, prompts)])
+    forward_batch(block, [Row(batched[0], 3, torch.tensor([1])), Row(batched[1], 5, torch.tensor([2, 3, 4]))])
+    block.forward(alone[0], 3, input_ids=torch.tensor([1]))
+    block.forward(alone[1], 5, input_ids=torch.tensor([2, 3, 4]))
+    assert [block.cache_length(c) for c in batched] == [4, 8]
+    for a, b in zip(alone, batched):
+        for layer_a, layer_b in zip(a.layers, b.layers):
+            torch.testing.assert_close(layer_b.keys, layer_a.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer_b.values, layer_a.values, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_without_layers_batches_row_by_row(tiny_model_dirs):
+    """The embedding-only and head-only blocks of a ring longer than the model count
+    positions per session."""
+    model_dir = tiny_model_dirs["llama"]
+    embed = Block.load(model_dir, 0, 0, first=True, last=False, progress=False)
+    caches = [embed.new_cache(), embed.new_cache()]
+    out = forward_batch(embed, [Row(caches[0], 0, torch.tensor([1, 2])), Row(caches[1], 0, torch.tensor([3]))])
+    assert [tuple(o.shape) for o in out] == [(2, embed.hidden_size), (1, embed.hidden_size)]
+    assert [embed.cache_length(c) for c in caches] == [2, 1]
