@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
@@ -15,6 +16,7 @@ from shard.v1 import api_pb2
 def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
     request = api_pb2.GenerateRequest(max_tokens=max(config.max_tokens, 0), stop_at_eos=not config.ignore_eos,
                                       draft=config.draft[0] if config.draft else "")
+    request.receipt, request.receipt_private = config.receipt is not None, config.receipt_private
     if config.spec_k is not None:
         request.spec_k = config.spec_k
     if config.in_flight is not None:
@@ -26,6 +28,15 @@ def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
     else:
         request.prompt = config.prompt
     return request
+
+
+def write_receipt(generation, config: RequestConfig) -> None:
+    """Write the signed receipt where --receipt says, and say so on stderr."""
+    if config.receipt is None:
+        return
+    Path(config.receipt).write_text(generation.summary.receipt + "\n")
+    print(f"receipt written to {config.receipt} (check it with: shard receipt verify {config.receipt} "
+          f"--ca CA.pem)", file=sys.stderr)
 
 
 def print_generation(generation, as_json: bool, note: str = "") -> None:

@@ -177,7 +177,7 @@ def up(config: UpConfig) -> int:
     shows the prompt, the streamed text and one summary line; the nodes log into files
     (named in the summary) unless `config.verbose`."""
     from shard.client import generate
-    from shard.generation import build_request, print_generation
+    from shard.generation import build_request, print_generation, write_receipt
 
     model_dir = config.model or default_model_dir()
     speculation = [f"--draft={draft}" for draft in config.draft]
@@ -197,6 +197,7 @@ def up(config: UpConfig) -> int:
         generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), build_request(config),
                                           on_text=on_text, wait_ready_seconds=300))
         print_generation(generation, config.json, note=f"; logs in {workdir}" if workdir else "")
+        write_receipt(generation, config)
     return 0
 
 
