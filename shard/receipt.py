@@ -228,25 +228,21 @@ def _check_transcript(envelope: dict) -> None:
     prompt_length = len(envelope["prompt"]["ids"])
     results = {e["chunk_id"]: e for entries in transcript["received"].values() for e in entries
                if e["kind"] == "RESULT"}
-    epochs: dict[int, list[dict]] = {}
-    for entries in transcript["sent"].values():
-        for chunk in entries:
-            if chunk["kind"] == "FORWARD":
-                epochs.setdefault(chunk["epoch"], []).append(chunk)
+    chunks = sorted((e for entries in transcript["sent"].values() for e in entries
+                     if e["kind"] in ("FORWARD", "REPLAY")), key=lambda e: e["chunk_id"])
     returned: dict[int, set[int]] = {}
-    for chunks in epochs.values():
-        for chunk in _on_committed_context(sorted(chunks, key=lambda c: c["chunk_id"]), sequence):
-            if chunk["chunk_id"] not in results:
-                continue
-            tokens, argmaxes = _ids(chunk), _ids(results[chunk["chunk_id"]])
-            start, n = chunk["start_pos"], chunk["num_tokens"]
-            skip = n - len(argmaxes)  # the tail returns the argmaxes of the last positions only
-            for j, token in enumerate(argmaxes):
-                fed = skip + j + 1  # inputs [start, start + fed) produced this argmax
-                position = start + fed
-                if position >= len(sequence) or tokens[:fed] != sequence[start:start + fed]:
-                    continue  # computed on a draft the output rejected: says nothing of it
-                returned.setdefault(position, set()).add(token)
+    for chunk, on_committed in _contexts(chunks, sequence):
+        if not on_committed or chunk["chunk_id"] not in results or chunk["kind"] != "FORWARD":
+            continue
+        tokens, argmaxes = _ids(chunk), _ids(results[chunk["chunk_id"]])
+        start, n = chunk["start_pos"], chunk["num_tokens"]
+        skip = n - len(argmaxes)  # the tail returns the argmaxes of the last positions only
+        for j, token in enumerate(argmaxes):
+            fed = skip + j + 1  # inputs [start, start + fed) produced this argmax
+            position = start + fed
+            if position >= len(sequence) or tokens[:fed] != sequence[start:start + fed]:
+                continue  # computed on a draft the output rejected: says nothing of it
+            returned.setdefault(position, set()).add(token)
     for position in range(prompt_length, len(sequence)):
         found = returned.get(position, set())
         if found != {sequence[position]}:
@@ -255,19 +251,16 @@ def _check_transcript(envelope: dict) -> None:
                                  f"ring computed: {said} for position {position}")
 
 
-def _on_committed_context(chunks: list[dict], sequence: list[int]):
-    """The chunks of one epoch, in order, whose KV context is the committed sequence: the
-    epoch's first chunk starts on it (a new epoch starts from the committed prefix), each
-    next one only while every token before it in the epoch was committed too."""
-    expected_start = None
+def _contexts(chunks: list[dict], sequence: list[int]):
+    """Each chunk (in the order the stages computed them) and whether the KV it was
+    computed on held the committed tokens: positions are absolute, so a chunk at start_pos
+    s sees what the chunks before it wrote at [0, s) (a REPLAY rewrites committed tokens)."""
+    kv: list[int] = []
     for chunk in chunks:
-        start, n = chunk["start_pos"], chunk["num_tokens"]
-        if expected_start is not None and start != expected_start:
-            return
-        yield chunk
-        if _ids(chunk) != sequence[start:start + n]:
-            return  # a rejected draft: the epoch's later chunks were computed on it
-        expected_start = start + n
+        start = chunk["start_pos"]
+        tokens = _ids(chunk) if chunk["payload"] else sequence[start:start + chunk["num_tokens"]]
+        yield chunk, len(kv) >= start and kv[:start] == sequence[:start]
+        kv = kv[:start] + tokens
 
 
 def summary(verified: Verified) -> list[str]:
