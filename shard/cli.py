@@ -296,6 +296,39 @@ async def _generate(config: GenerateConfig) -> int:
     return 0
 
 
+def verify_receipt(path: str, *, ca: str | None = None, replay: str | None = None) -> int:
+    """`shard receipt verify`: 0 valid, 1 invalid, 2 unreadable (or a usage mistake)."""
+    from pathlib import Path
+
+    from shard.receipt import ReceiptInvalid, load, summary, verify
+
+    try:
+        receipt = load(path)
+        ca_pem = Path(ca).read_bytes() if ca else None
+    except (OSError, ValueError) as error:
+        print(f"shard receipt verify: cannot read {error}", file=sys.stderr)
+        return 2
+    try:
+        verified = verify(receipt, ca_pem)
+        notes = []
+        if replay:
+            try:
+                from shard.receipt_replay import replay as replay_run
+            except ImportError as error:
+                print(f"shard receipt verify: --replay needs the server extra ({error.name} is missing): "
+                      f"{SERVER_HINT}", file=sys.stderr)
+                return 2
+            notes = replay_run(verified, Path(replay))
+    except ReceiptInvalid as error:
+        print(f"receipt INVALID: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:  # a model folder that cannot be read
+        print(f"shard receipt verify: cannot replay: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(verified) + notes))
+    return 0
+
+
 def _serve(command: str, config) -> int:
     from shard.telemetry import configure_tracing
 
@@ -313,9 +346,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "certs":
         return _certs(args)
     if args.command == "receipt":
-        from shard.receipt import verify_command
-
-        return verify_command(args.file, ca=args.ca, replay=args.replay)
+        return verify_receipt(args.file, ca=args.ca, replay=args.replay)
     if args.command == "bench":
         from shard.bench.main import main as bench
 

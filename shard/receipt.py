@@ -302,29 +302,3 @@ def _where(node: dict) -> str:
         device += f" {node['device_id']}"
     return device + (f", region {node['region']}" if node.get("region") else "")
 
-
-def verify_command(path: str, *, ca: str | None = None, replay: str | None = None) -> int:
-    """`shard receipt verify`: 0 valid, 1 invalid, 2 unreadable (or a usage mistake)."""
-    import sys
-
-    try:
-        receipt = load(path)
-        ca_pem = Path(ca).read_bytes() if ca else None
-    except (OSError, ValueError) as error:
-        print(f"shard receipt verify: cannot read {error}", file=sys.stderr)
-        return 2
-    try:
-        verified = verify(receipt, ca_pem)
-        notes = []
-        if replay:
-            from shard.receipt_replay import replay as replay_run
-
-            notes = replay_run(verified, Path(replay))
-    except ReceiptInvalid as error:
-        print(f"receipt INVALID: {error}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as error:  # a model folder that cannot be read
-        print(f"shard receipt verify: cannot replay: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(summary(verified) + notes))
-    return 0

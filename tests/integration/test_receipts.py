@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from shard import receipt as receipts
+from shard.cli import verify_receipt
 from shard.client import generate
 from shard.receipt_replay import replay
 from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
@@ -113,11 +114,11 @@ def test_verify_exit_codes(genuine, ca_pem, tmp_path, capsys):
     good.write_text(json.dumps(genuine[1]))
     bad.write_text("{not json")
     (tmp_path / "ca.pem").write_bytes(ca_pem)
-    assert receipts.verify_command(str(good), ca=str(tmp_path / "ca.pem")) == 0
-    assert receipts.verify_command(str(bad)) == 2
-    assert receipts.verify_command(str(tmp_path / "absent.json")) == 2
-    assert receipts.verify_command(str(good), ca=str(tmp_path / "absent.pem")) == 2
-    assert receipts.verify_command(str(good), replay=str(tmp_path)) == 2  # not a model folder
+    assert verify_receipt(str(good), ca=str(tmp_path / "ca.pem")) == 0
+    assert verify_receipt(str(bad)) == 2
+    assert verify_receipt(str(tmp_path / "absent.json")) == 2
+    assert verify_receipt(str(good), ca=str(tmp_path / "absent.pem")) == 2
+    assert verify_receipt(str(good), replay=str(tmp_path)) == 2  # not a model folder
     assert "cannot" in capsys.readouterr().err
 
 
