@@ -104,8 +104,8 @@ def _check_attestations(attestations: list, envelope: dict, ca_pem: bytes | None
         if node_id in stages:
             raise ReceiptInvalid(f"two attestations of {node_id}")
         if bound.get(node_id) != digest(statement):
-            raise ReceiptInvalid(f"the attestation of {node_id} is not the one the coordinator signed"
-                                 if node_id in bound else f"the coordinator did not sign for an attestation of {node_id}")
+            raise ReceiptInvalid(f"the attestation of {node_id} is not the one the coordinator signed" if node_id in bound
+                                 else f"the coordinator did not sign for an attestation of {node_id}")
         stages[node_id] = statement
     missing = sorted(set(bound) - set(stages))
     if missing:
@@ -184,7 +184,8 @@ def _check_chains(envelope: dict, stages: dict[str, dict], verified: Verified) -
 def _check_output(envelope: dict) -> None:
     for part in ("prompt", "output"):
         record = envelope[part]
-        if "ids" in record and (ids_sha256(record["ids"]) != record["sha256"] or len(record["ids"]) != record["tokens"]):
+        ids = record.get("ids")
+        if ids is not None and (ids_sha256(ids) != record["sha256"] or len(ids) != record["tokens"]):
             raise ReceiptInvalid(f"the {part} token ids do not match the {part} hash the coordinator signed")
 
 
@@ -280,7 +281,8 @@ def summary(verified: Verified) -> list[str]:
                      f"weights {block['weights_sha256'][:16]}, {_where(s['node'])}, skipped {len(s['skipped_chunks'])} "
                      f"stale chunks")
     for node_id, reason in verified.lost.items():
-        lines.append(f"  LOST {node_id} (did not attest: {reason}); its block was recomputed by the replacement's replay")
+        lines.append(f"  LOST {node_id} (did not attest: {reason}); its block was recomputed by the replay "
+                     "into the final plan's holder")
     ring = [e["node_id"], *(entry["node_id"] for entry in e["layouts"][-1]), e["node_id"]]
     sides = {e["node_id"]: e, **verified.stages}
     rtts = [f"{a}->{b} {sides[a]['rtts'][b] * 1e3:.1f} ms" for a, b in zip(ring, ring[1:]) if b in sides[a]["rtts"]]
@@ -290,7 +292,8 @@ def summary(verified: Verified) -> list[str]:
                  f"chunks sent/wasted/cancelled {stats['chunks_sent']}/{stats['chunks_wasted']}/"
                  f"{stats['chunks_cancelled']}, replays {stats['replays']}")
     lines.append(f"output sha256 {output['sha256'][:16]}; {verified.checked_edges} edges' chains match"
-                 + (f", {len(verified.unchecked_edges)} edges of lost nodes unchecked" if verified.unchecked_edges else "")
+                 + (f", {len(verified.unchecked_edges)} edges of lost nodes unchecked"
+                    if verified.unchecked_edges else "")
                  + ("; every output token is the tail's argmax (transcript)" if verified.transcript_checked
                     else "; private: no transcript"))
     return lines

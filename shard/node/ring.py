@@ -175,7 +175,8 @@ class Ring:
         still is. Raises InboundError for a frame that fails to open."""
         payload = self.inbound.open(frame, peer_id)
         future = self._pending.get((frame.header.session_id, frame.header.chunk_id))
-        self.notary.received(frame.header.sender, frame.header, payload, claimed=future is not None and not future.done())
+        self.notary.received(frame.header.sender, frame.header, payload,
+                             claimed=future is not None and not future.done())
         if future is None or future.done():
             return
         try:
