@@ -46,6 +46,7 @@ def print_generation(generation, as_json: bool, note: str = "") -> None:
     if as_json:
         fields = MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         fields["finish_reason"] = api_pb2.FinishReason.Name(summary.finish_reason)
+        fields.pop("receipt", None)  # written to its own file (--receipt)
         print(json.dumps(fields))
     else:
         print(file=sys.stderr)
