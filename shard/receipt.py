@@ -17,7 +17,7 @@ from shard.v1 import frame_pb2
 from shard.wire.certs import Identity
 from shard.wire.chain import GENESIS, chain_of, frame_entry
 from shard.wire.ids import ids_sha256
-from shard.wire.signing import SignatureError, digest, verify_signed
+from shard.wire.signing import SignatureError, digest, fingerprint, verify_signed
 
 FORMAT = "shard-receipt/1"
 ENVELOPE = "shard/v1 receipt"
@@ -38,6 +38,7 @@ class Verified:
     lost: dict[str, str] = field(default_factory=dict)  # unattested node -> why
     unchecked_edges: list[tuple[str, str]] = field(default_factory=list)  # edges touching a lost node
     checked_edges: int = 0
+    fingerprints: dict[str, str] = field(default_factory=dict)  # signer -> sha256 of its certificate
     with_ca: bool = False
     transcript_checked: bool = False
 
@@ -70,6 +71,8 @@ def _verify(receipt: dict, ca_pem: bytes | None) -> Verified:
     _check_signature(signed_envelope, Identity("coordinator", envelope["node_id"]), ca_pem, made_at, "the envelope")
     stages = _check_attestations(receipt["attestations"], envelope, ca_pem, made_at)
     verified = Verified(envelope, stages, with_ca=ca_pem is not None)
+    verified.fingerprints = {signed["statement"]["node_id"]: fingerprint(signed["certificate"])
+                             for signed in [signed_envelope, *receipt["attestations"]]}
     verified.lost = _check_plan(envelope, stages)
     _check_chains(envelope, stages, verified)
     _check_output(envelope)
@@ -104,8 +107,8 @@ def _check_attestations(attestations: list, envelope: dict, ca_pem: bytes | None
         if node_id in stages:
             raise ReceiptInvalid(f"two attestations of {node_id}")
         if bound.get(node_id) != digest(statement):
-            raise ReceiptInvalid(f"the attestation of {node_id} is not the one the coordinator signed" if node_id in bound
-                                 else f"the coordinator did not sign for an attestation of {node_id}")
+            raise ReceiptInvalid(f"the attestation of {node_id} is not the one the coordinator signed"
+                                 if node_id in bound else f"the coordinator signed no attestation of {node_id}")
         stages[node_id] = statement
     missing = sorted(set(bound) - set(stages))
     if missing:
@@ -272,14 +275,15 @@ def summary(verified: Verified) -> list[str]:
              + ("" if verified.with_ca else " (signatures checked, signers NOT tied to a CA: give --ca)"),
              f"model: config {e['model']['config_sha256'][:16]}, tokenizer {e['model']['tokenizer_sha256'][:16]}, "
              f"{e['model']['num_layers']} layers",
-             f"coordinator {e['node_id']} ({_where(e['node'])})"]
+             f"coordinator {e['node_id']} ({_where(e['node'])}), "
+             f"certificate {verified.fingerprints[e['node_id']][:16]}"]
     for entry in e["layouts"][-1]:
         s = verified.stages[entry["node_id"]]
         block = s["block"]
         extras = "".join((" + embedding" if block["first"] else "", " + head" if block["last"] else ""))
         lines.append(f"  stage {entry['node_id']}: layers [{block['layer_start']}, {block['layer_end']}){extras}, "
-                     f"weights {block['weights_sha256'][:16]}, {_where(s['node'])}, skipped {len(s['skipped_chunks'])} "
-                     f"stale chunks")
+                     f"weights {block['weights_sha256'][:16]}, {_where(s['node'])}, certificate "
+                     f"{verified.fingerprints[entry['node_id']][:16]}, skipped {len(s['skipped_chunks'])} stale chunks")
     for node_id, reason in verified.lost.items():
         lines.append(f"  LOST {node_id} (did not attest: {reason}); its block was recomputed by the replay "
                      "into the final plan's holder")

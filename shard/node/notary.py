@@ -26,9 +26,13 @@ from shard.wire.signing import Signer
 K = frame_pb2
 ATTESTATION = "shard/v1 stage attestation"
 # Chains of sessions whose END never comes (a coordinator that died) are dropped oldest
-# first beyond this many; each costs a few hundred bytes plus a digest per frame.
+# first beyond this many, or once idle as long as a stage keeps an idle session's KV; each
+# costs a few hundred bytes plus a digest per frame.
 SESSIONS_KEPT = 1024
 ATTEST_WAIT_SECONDS = 10.0
+# A session whose END passed and that nobody asked to attest (its generation failed) is
+# dropped this long after its END.
+UNCLAIMED_SECONDS = 60.0
 _COMPUTED = (K.FRAME_KIND_FORWARD, K.FRAME_KIND_REPLAY)
 
 
@@ -50,6 +54,7 @@ class _Session:
     sent_chunks: set[int] = field(default_factory=set)
     end_in: asyncio.Event = field(default_factory=asyncio.Event)  # END accepted
     end_out: asyncio.Event = field(default_factory=asyncio.Event)  # END passed on (or, at the tail, done)
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 class StageNotary:
@@ -76,6 +81,7 @@ class StageNotary:
         if not header.receipt:
             return
         session = self._session(header.session_id)
+        session.last_seen = time.monotonic()
         session.received.setdefault(header.sender, Chain()).add(header_entry(header, payload), header.kind)
         if header.kind in _COMPUTED:
             session.received_chunks.add(header.chunk_id)
@@ -93,6 +99,14 @@ class StageNotary:
             session.end_out.set()
         else:
             session.sent_chunks.add(header.chunk_id)
+
+    def expire(self, idle_seconds: float) -> None:
+        """Drop the chains of sessions idle that long, or ended and not attested for a while."""
+        now = time.monotonic()
+        for session_id, session in list(self._sessions.items()):
+            ended = session.end_in.is_set() and session.end_out.is_set()
+            if now - session.last_seen > (min(idle_seconds, UNCLAIMED_SECONDS) if ended else idle_seconds):
+                del self._sessions[session_id]
 
     def ended(self, session_id: str) -> None:
         """The tail is through with the session's END (it sends nothing on for it)."""

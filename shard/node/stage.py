@@ -312,6 +312,7 @@ class StageNode:
             await asyncio.sleep(min(5.0, self._idle_seconds / 5))
             for session_id in await self.compute.expire_idle():
                 log.info("%s freed idle session %s", self.node_id, session_id)
+            self.notary.expire(self._idle_seconds)
 
     def _emit(self, frame: frame_pb2.Frame) -> None:
         """From the compute thread: hand a frame to the loop for sending downstream."""
