@@ -49,7 +49,8 @@ def swarm(tinystories_dir, tmp_path_factory):
 def run_receipt(swarm, prompt, **fields) -> tuple[api_pb2.GenerationSummary, dict]:
     request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=prompt), max_tokens=48, receipt=True,
                                       draft="ngram", spec_k=4, in_flight=4, **fields)
-    summary = swarm.run(generate(swarm.coordinator.address, swarm.tls(), request)).summary
+    # The registry may re-order the ring once it has measured round trips: wait it out.
+    summary = swarm.run(generate(swarm.coordinator.address, swarm.tls(), request, wait_ready_seconds=60)).summary
     return summary, json.loads(summary.receipt)
 
 
@@ -70,24 +71,31 @@ def ca_pem(swarm) -> bytes:
     return (swarm.certs / certs.CA_CERT).read_bytes()
 
 
+def ring(receipt: dict) -> list[str]:
+    """The final ring's stages, head first (the registry orders them by round trips)."""
+    return [entry["node_id"] for entry in receipt["envelope"]["statement"]["layouts"][-1]]
+
+
 def test_a_genuine_receipt_verifies_and_says_what_ran(swarm, genuine, ca_pem, tinystories_dir):
     summary, receipt = genuine
     verified = receipts.verify(receipt, ca_pem)
     envelope = verified.envelope
+    head, _, tail = ring(receipt)
     assert list(summary.output_ids) == reference_greedy(tinystories_dir, PROMPT, 48) == envelope["output"]["ids"]
     assert [(e["node_id"], e["layer_start"], e["layer_end"]) for e in envelope["layouts"][-1]] == [
-        (s["node_id"], s["block"]["layer_start"], s["block"]["layer_end"]) for s in verified.stages.values()]
+        (s["node_id"], s["block"]["layer_start"], s["block"]["layer_end"])
+        for s in (verified.stages[node_id] for node_id in ring(receipt))]
     assert sorted(verified.stages) == ["stage-0", "stage-1", "stage-2"]
-    assert verified.checked_edges == 4 and not verified.lost and verified.transcript_checked
+    assert verified.checked_edges >= 4 and not verified.lost and verified.transcript_checked
     # Speculation's waste is on the record: the chains cover the frames nobody used.
     assert envelope["stats"]["chunks_sent"] == summary.chunks_sent > summary.traversals
-    sent = envelope["sent"]["stage-0"]["kinds"]
-    assert sent == {"FORWARD": summary.chunks_sent, "END": 1}
+    sent = envelope["sent"][head]["kinds"]
+    assert sent.get("FORWARD", 0) + sent.get("REPLAY", 0) == summary.chunks_sent and sent["END"] == 1
     skipped = sum(len(s["skipped_chunks"]) for s in verified.stages.values())
-    returned = envelope["received"]["stage-2"]["count"]
+    returned = envelope["received"][tail]["count"]
     assert returned + skipped == summary.chunks_sent  # every chunk came back or a stage skipped it
     lines = receipts.summary(verified)
-    assert lines[0].endswith("VALID") and any("stage-1: layers" in line for line in lines)
+    assert lines[0].endswith("VALID") and any(f"{head}: layers [0, 0) + embedding" in line for line in lines)
     for statement in verified.stages.values():
         assert statement["node"]["device_name"] == "cpu" and len(statement["block"]["weights_sha256"]) == 64
     assert set(envelope["rtts"]) >= {"stage-0", "stage-1", "stage-2"}
@@ -182,6 +190,7 @@ class Tamper:
 
     def __init__(self, receipt: dict, other: dict, certs_dir: Path, tmp: Path):
         self.receipt, self.other, self.certs, self.tmp = receipt, other, certs_dir, tmp
+        self.head, self.middle, self.tail = ring(receipt)
 
     def resign_envelope(self) -> None:
         self.receipt["envelope"] = signer(self.certs, "coordinator").signed(envelope_of(self.receipt))
@@ -222,37 +231,37 @@ def swap_blocks_in_plan(t):
 
 
 def swap_block_in_attestation(t):
-    block = attestation(t.receipt, "stage-1")["statement"]["block"]
+    block = attestation(t.receipt, t.middle)["statement"]["block"]
     block["layer_start"], block["layer_end"] = 1, 2
 
 
 def remove_stage(t):
-    t.receipt["attestations"] = [a for a in t.receipt["attestations"] if a["statement"]["node_id"] != "stage-1"]
+    t.receipt["attestations"] = [a for a in t.receipt["attestations"] if a["statement"]["node_id"] != t.middle]
 
 
 def remove_stage_and_its_binding(t):
     remove_stage(t)
     envelope = envelope_of(t.receipt)
-    envelope["attestations"] = [e for e in envelope["attestations"] if e["node_id"] != "stage-1"]
+    envelope["attestations"] = [e for e in envelope["attestations"] if e["node_id"] != t.middle]
     t.resign_envelope()
 
 
 def remove_stage_from_plan_too(t):
     remove_stage_and_its_binding(t)
     envelope = envelope_of(t.receipt)
-    envelope["layouts"][-1] = [e for e in envelope["layouts"][-1] if e["node_id"] != "stage-1"]
+    envelope["layouts"][-1] = [e for e in envelope["layouts"][-1] if e["node_id"] != t.middle]
     t.resign_envelope()
 
 
 def forge_signature(t):
-    signed = attestation(t.receipt, "stage-0")
+    signed = attestation(t.receipt, t.head)
     raw = bytearray(base64.b64decode(signed["signature"]))
     raw[-1] ^= 1
     signed["signature"] = base64.b64encode(bytes(raw)).decode()
 
 
 def reuse_signature(t):
-    attestation(t.receipt, "stage-0")["signature"] = attestation(t.other, "stage-0")["signature"]
+    attestation(t.receipt, t.head)["signature"] = attestation(t.other, t.head)["signature"]
 
 
 def reuse_envelope_signature(t):
@@ -262,70 +271,70 @@ def reuse_envelope_signature(t):
 def reorder_chain(t):
     """The coordinator reorders two frames it sent, and re-chains and re-signs consistently."""
     envelope = envelope_of(t.receipt)
-    frames = envelope["transcript"]["sent"]["stage-0"]
+    frames = envelope["transcript"]["sent"][t.head]
     frames[1], frames[2] = frames[2], frames[1]
     from shard.receipt import _entry
 
-    envelope["sent"]["stage-0"]["head"] = chain_of(_entry(envelope["session_id"], f) for f in frames).hex()
+    envelope["sent"][t.head]["head"] = chain_of(_entry(envelope["session_id"], f) for f in frames).hex()
     t.resign_envelope()
 
 
 def reorder_transcript(t):
-    frames = envelope_of(t.receipt)["transcript"]["sent"]["stage-0"]
+    frames = envelope_of(t.receipt)["transcript"]["sent"][t.head]
     frames[1], frames[2] = frames[2], frames[1]
     t.resign_envelope()
 
 
 def change_round_trip(t):
-    rtts = attestation(t.receipt, "stage-1")["statement"]["rtts"]
-    rtts["stage-2"] = rtts.get("stage-2", 0.0) + 0.05
+    rtts = attestation(t.receipt, t.middle)["statement"]["rtts"]
+    rtts[t.tail] = rtts.get(t.tail, 0.0) + 0.05
 
 
 def change_coordinator_round_trip(t):
-    envelope_of(t.receipt)["rtts"]["stage-0"] = 0.0001
+    envelope_of(t.receipt)["rtts"][t.head] = 0.0001
 
 
 def stage_signs_with_client_certificate(t):
-    """A certificate of the deployment's CA for id stage-1, but of role client."""
+    """A certificate of the deployment's CA with the middle stage's id, but of role client."""
     shutil.copy(t.certs / certs.CA_CERT, t.tmp / certs.CA_CERT)
     shutil.copy(t.certs / certs.CA_KEY, t.tmp / certs.CA_KEY)
-    certs.issue(t.tmp, role="client", node_id="stage-1")
-    t.resign_stage("stage-1", signer(t.tmp, "stage-1"), rebind=True)
+    certs.issue(t.tmp, role="client", node_id=t.middle)
+    t.resign_stage(t.middle, signer(t.tmp, t.middle), rebind=True)
 
 
 def stage_signs_with_coordinator_certificate(t):
-    t.resign_stage("stage-1", signer(t.certs, "coordinator"), rebind=True)
+    t.resign_stage(t.middle, signer(t.certs, "coordinator"), rebind=True)
 
 
 def stage_certificate_of_another_ca(t):
     certs.create_ca(t.tmp)
-    certs.issue(t.tmp, role="stage", node_id="stage-1")
-    t.resign_stage("stage-1", signer(t.tmp, "stage-1"), rebind=True)
+    certs.issue(t.tmp, role="stage", node_id=t.middle)
+    t.resign_stage(t.middle, signer(t.tmp, t.middle), rebind=True)
 
 
 def splice_attestation_from_other_run(t):
-    index = next(i for i, a in enumerate(t.receipt["attestations"]) if a["statement"]["node_id"] == "stage-1")
-    t.receipt["attestations"][index] = attestation(t.other, "stage-1")
+    index = next(i for i, a in enumerate(t.receipt["attestations"]) if a["statement"]["node_id"] == t.middle)
+    t.receipt["attestations"][index] = attestation(t.other, t.middle)
 
 
 def splice_and_rebind(t):
     """The coordinator splices another run's (genuinely signed) attestation in and binds it."""
     splice_attestation_from_other_run(t)
     for entry in envelope_of(t.receipt)["attestations"]:
-        if entry["node_id"] == "stage-1":
-            entry["sha256"] = digest(attestation(t.receipt, "stage-1")["statement"])
+        if entry["node_id"] == t.middle:
+            entry["sha256"] = digest(attestation(t.receipt, t.middle)["statement"])
     t.resign_envelope()
 
 
 def stage_rewrites_its_chain(t):
     """A stage (with its own valid key) changes what it says it sent, after the fact."""
-    attestation(t.receipt, "stage-1")["statement"]["sent"]["stage-2"]["count"] += 1
-    t.resign_stage("stage-1")
+    attestation(t.receipt, t.middle)["statement"]["sent"][t.tail]["count"] += 1
+    t.resign_stage(t.middle)
 
 
 def stage_and_coordinator_rewrite_a_chain(t):
-    attestation(t.receipt, "stage-1")["statement"]["sent"]["stage-2"]["head"] = "00" * 32
-    t.resign_stage("stage-1", rebind=True)
+    attestation(t.receipt, t.middle)["statement"]["sent"][t.tail]["head"] = "00" * 32
+    t.resign_stage(t.middle, rebind=True)
 
 
 def change_tokens_per_second(t):
@@ -333,37 +342,37 @@ def change_tokens_per_second(t):
 
 
 def change_weight_hash(t):
-    attestation(t.receipt, "stage-2")["statement"]["block"]["weights_sha256"] = "ab" * 32
+    attestation(t.receipt, t.tail)["statement"]["block"]["weights_sha256"] = "ab" * 32
 
 
-TAMPERINGS = {
+TAMPERINGS = {  # reason templates: {head}, {middle}, {tail} are the final ring's stages
     "edited output token": (edit_output_token, "bad signature on the envelope"),
     "coordinator edits the output and its hash": (edit_output_and_rehash, "is not what the ring computed"),
     "coordinator edits the output, not its hash": (edit_output_keep_hash, "do not match the output hash"),
     "swapped blocks in the plan": (swap_blocks_in_plan, "attests layers"),
-    "swapped block in an attestation": (swap_block_in_attestation, "bad signature on the attestation of stage-1"),
-    "removed stage": (remove_stage, "attestation of stage-1 was removed"),
-    "removed stage, coordinator re-signs": (remove_stage_and_its_binding, "stage-1, in the final plan, did not attest"),
+    "swapped block in an attestation": (swap_block_in_attestation, "bad signature on the attestation of {middle}"),
+    "removed stage": (remove_stage, "attestation of {middle} was removed"),
+    "removed stage, coordinator re-signs": (remove_stage_and_its_binding, "{middle}, in the final plan, did not attest"),
     "removed stage from the plan too": (remove_stage_from_plan_too, "do not tile"),
-    "forged signature": (forge_signature, "bad signature on the attestation of stage-0"),
+    "forged signature": (forge_signature, "bad signature on the attestation of {head}"),
     "re-used stage signature": (reuse_signature, "signature does not match the statement"),
     "re-used envelope signature": (reuse_envelope_signature, "bad signature on the envelope"),
-    "reordered chain": (reorder_chain, "the chains of edge coordinator -> stage-0 differ"),
-    "reordered transcript": (reorder_transcript, "transcript of frames sent to stage-0 does not match"),
-    "changed round trip": (change_round_trip, "bad signature on the attestation of stage-1"),
+    "reordered chain": (reorder_chain, "the chains of edge coordinator -> {head} differ"),
+    "reordered transcript": (reorder_transcript, "transcript of frames sent to {head} does not match"),
+    "changed round trip": (change_round_trip, "bad signature on the attestation of {middle}"),
     "changed coordinator round trip": (change_coordinator_round_trip, "bad signature on the envelope"),
     "stage signs with a client certificate": (stage_signs_with_client_certificate,
-                                              "stage/stage-1 signed with the certificate of client/stage-1"),
+                                              "stage/{middle} signed with the certificate of client/{middle}"),
     "stage signs with the coordinator's certificate": (stage_signs_with_coordinator_certificate,
                                                        "signed with the certificate of coordinator/coordinator"),
     "stage certificate from another CA": (stage_certificate_of_another_ca, "not issued by the given CA"),
     "spliced from two runs": (splice_attestation_from_other_run, "spliced from another run"),
     "spliced and re-bound by the coordinator": (splice_and_rebind, "spliced from another run"),
-    "stage rewrites its chain": (stage_rewrites_its_chain, "attestation of stage-1 is not the one the coordinator"),
+    "stage rewrites its chain": (stage_rewrites_its_chain, "attestation of {middle} is not the one the coordinator"),
     "stage and coordinator rewrite a chain": (stage_and_coordinator_rewrite_a_chain,
-                                              "the chains of edge stage-1 -> stage-2 differ"),
+                                              "the chains of edge {middle} -> {tail} differ"),
     "faster tokens per second": (change_tokens_per_second, "bad signature on the envelope"),
-    "changed weight hash": (change_weight_hash, "bad signature on the attestation of stage-2"),
+    "changed weight hash": (change_weight_hash, "bad signature on the attestation of {tail}"),
 }
 
 
@@ -371,7 +380,8 @@ TAMPERINGS = {
 def test_a_tampered_receipt_fails_with_its_reason(name, swarm, genuine, other, ca_pem, tmp_path):
     edit, reason = TAMPERINGS[name]
     receipt = copy.deepcopy(genuine[1])
+    head, middle, tail = ring(receipt)
     edit(Tamper(receipt, other[1], swarm.certs, tmp_path))
     with pytest.raises(receipts.ReceiptInvalid) as raised:
         receipts.verify(json.loads(json.dumps(receipt)), ca_pem)
-    assert reason in str(raised.value)
+    assert reason.format(head=head, middle=middle, tail=tail) in str(raised.value)
