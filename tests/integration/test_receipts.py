@@ -386,3 +386,22 @@ def test_a_tampered_receipt_fails_with_its_reason(name, swarm, genuine, other, c
     with pytest.raises(receipts.ReceiptInvalid) as raised:
         receipts.verify(json.loads(json.dumps(receipt)), ca_pem)
     assert reason.format(head=head, middle=middle, tail=tail) in str(raised.value)
+
+
+def test_an_edge_of_a_superseded_ring_may_differ_only_after_a_replay(swarm, genuine, other, ca_pem, tmp_path):
+    """The registry re-ordered the ring mid-session: frames in flight on the old edge head ->
+    tail never arrived. Reported, not fatal, when the session was replayed; fatal otherwise."""
+    receipt = copy.deepcopy(genuine[1])
+    t = Tamper(receipt, other[1], swarm.certs, tmp_path)
+    envelope = envelope_of(receipt)
+    final = envelope["layouts"][-1]
+    envelope["layouts"].insert(0, [final[0], final[2], final[1]])
+    attestation(receipt, t.head)["statement"]["sent"][t.tail] = {"head": "11" * 32, "count": 2,
+                                                                 "kinds": {"FORWARD": 2}}
+    t.resign_stage(t.head, rebind=True)
+    with pytest.raises(receipts.ReceiptInvalid, match=f"the chains of edge {t.head} -> {t.tail} differ"):
+        receipts.verify(receipt, ca_pem)
+    envelope["stats"]["replays"] = 1
+    t.resign_envelope()
+    verified = receipts.verify(receipt, ca_pem)
+    assert verified.unchecked_edges == [(t.head, t.tail)]
