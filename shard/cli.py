@@ -278,6 +278,8 @@ def _certs(args) -> int:
 
 
 async def _generate(config: GenerateConfig) -> int:
+    from pathlib import Path
+
     import grpc
 
     from shard.client import generate
@@ -292,7 +294,7 @@ async def _generate(config: GenerateConfig) -> int:
     except grpc.aio.AioRpcError as error:
         raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
     print_generation(generation, config.json)
-    write_receipt(generation, config)
+    write_receipt(generation, config, ca=Path(config.certs or ".") / "ca.pem")
     return 0
 
 

@@ -30,13 +30,14 @@ def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
     return request
 
 
-def write_receipt(generation, config: RequestConfig) -> None:
-    """Write the signed receipt where --receipt says, and say so on stderr."""
+def write_receipt(generation, config: RequestConfig, ca: Path) -> None:
+    """Write the signed receipt where --receipt says, and say on stderr how to check it
+    (`ca`: the deployment's CA certificate)."""
     if config.receipt is None:
         return
     Path(config.receipt).write_text(generation.summary.receipt + "\n")
-    print(f"receipt written to {config.receipt} (check it with: shard receipt verify {config.receipt} "
-          f"--ca CA.pem)", file=sys.stderr)
+    print(f"receipt written to {config.receipt}; check it with: shard receipt verify {config.receipt} --ca {ca}",
+          file=sys.stderr)
 
 
 def print_generation(generation, as_json: bool, note: str = "") -> None:
