@@ -152,6 +152,17 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
 
+    receipt = commands.add_parser("receipt", help="check a run's signed receipt offline")
+    receipt_commands = receipt.add_subparsers(dest="receipt_command", required=True, parser_class=_Parser)
+    verify = receipt_commands.add_parser("verify", help="check every signature and chain of a receipt; exit 0 "
+                                         "valid, 1 invalid, 2 unreadable")
+    verify.add_argument("file", help="the receipt (JSON)")
+    verify.add_argument("--ca", metavar="CA.pem", help="the deployment's CA certificate: every signer's "
+                        "certificate must chain to it and name the role it signs as")
+    verify.add_argument("--replay", metavar="MODEL_DIR", help="also regenerate the output greedily with "
+                        "transformers from this model folder, and check its config, tokenizer and block "
+                        "weight hashes (needs the server extra)")
+
     up = commands.add_parser("up", help="start a whole local swarm, generate, shut it down")
     up.add_argument("--model", help="model folder (default: the shared tiny model)", metavar="DIR")
     up.add_argument("--stages", type=int, help="stages to start (default 2)")
@@ -193,6 +204,10 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="default 64")
     parser.add_argument("--ignore-eos", action="store_true", default=None)
     parser.add_argument("--json", action="store_true", default=None, help="print token ids and text as JSON")
+    parser.add_argument("--receipt", metavar="FILE", help="write the run's signed receipt here (JSON; check it "
+                        "with `shard receipt verify`)")
+    parser.add_argument("--receipt-private", action="store_true", default=None,
+                        help="the receipt holds hashes of the prompt and output, not their token ids")
 
 
 def _certs_arguments(certs: argparse.ArgumentParser) -> None:
@@ -265,12 +280,14 @@ def _certs(args) -> int:
 
 
 async def _generate(config: GenerateConfig) -> int:
+    from pathlib import Path
+
     import grpc
 
     from shard.client import generate
     from shard.config import node_tls
     from shard.errors import ShardError
-    from shard.generation import build_request, print_generation
+    from shard.generation import build_request, print_generation, write_receipt
 
     tls = node_tls(config)
     on_text = None if config.json else (lambda text: print(text, end="", flush=True))
@@ -279,6 +296,40 @@ async def _generate(config: GenerateConfig) -> int:
     except grpc.aio.AioRpcError as error:
         raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
     print_generation(generation, config.json)
+    write_receipt(generation, config, ca=Path(config.certs or ".") / "ca.pem")
+    return 0
+
+
+def verify_receipt(path: str, *, ca: str | None = None, replay: str | None = None) -> int:
+    """`shard receipt verify`: 0 valid, 1 invalid, 2 unreadable (or a usage mistake)."""
+    from pathlib import Path
+
+    from shard.receipt import ReceiptInvalid, load, summary, verify
+
+    try:
+        receipt = load(path)
+        ca_pem = Path(ca).read_bytes() if ca else None
+    except (OSError, ValueError) as error:
+        print(f"shard receipt verify: cannot read {error}", file=sys.stderr)
+        return 2
+    try:
+        verified = verify(receipt, ca_pem)
+        notes = []
+        if replay:
+            try:
+                from shard.receipt_replay import replay as replay_run
+            except ImportError as error:
+                print(f"shard receipt verify: --replay needs the server extra ({error.name} is missing): "
+                      f"{SERVER_HINT}", file=sys.stderr)
+                return 2
+            notes = replay_run(verified, Path(replay))
+    except ReceiptInvalid as error:
+        print(f"receipt INVALID: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:  # a model folder that cannot be read
+        print(f"shard receipt verify: cannot replay: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(verified) + notes))
     return 0
 
 
@@ -298,6 +349,8 @@ def _serve(command: str, config) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "certs":
         return _certs(args)
+    if args.command == "receipt":
+        return verify_receipt(args.file, ca=args.ca, replay=args.replay)
     if args.command == "bench":
         from shard.bench.main import main as bench
 

@@ -253,8 +253,12 @@ class RequestConfig:
     draft: list[str] = field(default_factory=list)
     spec_k: int | None = None
     in_flight: int | None = None
+    receipt: Path | None = None  # write the run's signed receipt here
+    receipt_private: bool = False  # the receipt holds hashes of the prompt and output, not their ids
 
     def __post_init__(self) -> None:
+        if self.receipt_private and self.receipt is None:
+            raise ConfigError("--receipt-private needs --receipt FILE")
         if self.prompt_ids is not None:
             try:
                 [int(i) for i in self.prompt_ids.split(",")]
@@ -296,6 +300,8 @@ class UpConfig(RequestConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.receipt is not None and self.insecure:
+            raise ConfigError("--receipt needs node keys to sign with: drop --insecure")
         if self.model is not None:
             self.model = Path(self.model)
             check_model_dir(self.model)

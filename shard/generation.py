@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
@@ -15,6 +16,7 @@ from shard.v1 import api_pb2
 def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
     request = api_pb2.GenerateRequest(max_tokens=max(config.max_tokens, 0), stop_at_eos=not config.ignore_eos,
                                       draft=config.draft[0] if config.draft else "")
+    request.receipt, request.receipt_private = config.receipt is not None, config.receipt_private
     if config.spec_k is not None:
         request.spec_k = config.spec_k
     if config.in_flight is not None:
@@ -28,6 +30,16 @@ def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
     return request
 
 
+def write_receipt(generation, config: RequestConfig, ca: Path) -> None:
+    """Write the signed receipt where --receipt says, and say on stderr how to check it
+    (`ca`: the deployment's CA certificate)."""
+    if config.receipt is None:
+        return
+    Path(config.receipt).write_text(generation.summary.receipt + "\n")
+    print(f"receipt written to {config.receipt}; check it with: shard receipt verify {config.receipt} --ca {ca}",
+          file=sys.stderr)
+
+
 def print_generation(generation, as_json: bool, note: str = "") -> None:
     """The summary: JSON on stdout, or one line on stderr after the streamed text (with
     `note` at its end)."""
@@ -35,6 +47,7 @@ def print_generation(generation, as_json: bool, note: str = "") -> None:
     if as_json:
         fields = MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         fields["finish_reason"] = api_pb2.FinishReason.Name(summary.finish_reason)
+        fields.pop("receipt", None)  # written to its own file (--receipt)
         print(json.dumps(fields))
     else:
         print(file=sys.stderr)

@@ -4,6 +4,7 @@ what `shard up` runs and what the process-level tests start."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from shard.config import UpConfig
 from shard.placement import NO_FIT
-from shard.wire.certs import create_local_deployment
+from shard.wire.certs import CA_CERT, create_local_deployment
 from shard.wire.tls import NodeTLS
 
 
@@ -185,7 +186,7 @@ def up(config: UpConfig) -> int:
     shows the prompt, the streamed text and one summary line; the nodes log into files
     (named in the summary) unless `config.verbose`."""
     from shard.client import generate
-    from shard.generation import build_request, print_generation
+    from shard.generation import build_request, print_generation, write_receipt
 
     model_dir = config.model or default_model_dir()
     speculation = [f"--draft={draft}" for draft in config.draft]
@@ -205,6 +206,10 @@ def up(config: UpConfig) -> int:
         generation = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), build_request(config),
                                           on_text=on_text, wait_ready_seconds=300))
         print_generation(generation, config.json, note=f"; logs in {workdir}" if workdir else "")
+        if config.receipt is not None:  # the swarm's certificates go with it: keep its CA beside the receipt
+            ca = Path(f"{config.receipt}.ca.pem")
+            shutil.copyfile(swarm.certs / CA_CERT, ca)
+            write_receipt(generation, config, ca)
     return 0
 
 

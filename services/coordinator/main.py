@@ -11,6 +11,7 @@ from shard.decode.loading import load_draft
 from shard.model.device import resolve_device, resolve_dtype
 from shard.node.coordinator import CoordinatorNode
 from shard.node.membership import Membership
+from shard.node.notary import describe_node
 from shard.node.resources import device_identity
 from shard.services.coordinator.servicer import InferenceServicer, ReturnServicer
 from shard.v1 import api_pb2, api_pb2_grpc, registry_pb2, return_pb2, return_pb2_grpc
@@ -63,6 +64,7 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
                             join_timeout=config.join_timeout, registry_id=config.registry_id)
     node.ring.on_unreachable = membership.report_unreachable
+    node.receipts.node, node.receipts.rtts = describe_node(capabilities), membership.rtts
     try:
         await membership.start()
     except BaseException:

@@ -46,7 +46,8 @@ def generation_request(request: api_pb2.GenerateRequest) -> GenerationRequest:
         spec_k=request.spec_k if request.HasField("spec_k") else None,
         in_flight=request.in_flight if request.HasField("in_flight") else None,
         stop_at_eos=request.stop_at_eos if request.HasField("stop_at_eos") else True,
-        draft=request.draft, sampling=sampling_of(request), stop=tuple(request.stop), logprobs=request.logprobs)
+        draft=request.draft, sampling=sampling_of(request), stop=tuple(request.stop), logprobs=request.logprobs,
+        receipt=request.receipt, receipt_private=request.receipt_private)
 
 
 def sampling_of(request: api_pb2.GenerateRequest) -> Sampling:
@@ -74,7 +75,7 @@ def generate_response(event: TokenDelta | GenerationResult) -> api_pb2.GenerateR
         coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
         spec_k=event.spec_k, in_flight=event.in_flight, draft_tokens=stats.proposed,
         replays=stats.replays, pipeline_breaks=stats.pipeline_breaks, partial_replays=stats.partial_replays,
-        replayed_positions=stats.replayed_positions))
+        replayed_positions=stats.replayed_positions, receipt=event.receipt))
 
 
 class ReturnServicer(return_pb2_grpc.ReturnServiceServicer):

@@ -11,6 +11,7 @@ import torch
 from shard.config import StageConfig, node_secrets, node_tls
 from shard.model.device import resolve_device, resolve_dtype
 from shard.node.membership import Membership
+from shard.node.notary import describe_node
 from shard.node.resources import default_memory_budget, device_identity, measure_speed
 from shard.node.stage import StageNode
 from shard.node.stage_compute import KVLayout
@@ -72,6 +73,7 @@ async def start(config: StageConfig) -> RunningNode:
 
     membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout,
                             registry_id=config.registry_id)
+    node.notary.node, node.notary.rtts = describe_node(capabilities), membership.rtts
     node.on_unreachable = membership.report_unreachable
     worker = asyncio.create_task(node.run())
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 
 from shard.errors import ShardError
 from shard.node.stage import StageNode
 from shard.v1 import stage_pb2, stage_pb2_grpc
 from shard.wire.acks import CumulativeAcks
+from shard.wire.signing import canonical
 from shard.wire.tls import peer_identity
 
 
@@ -43,6 +46,17 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         except ShardError as error:
             await context.abort(error.code, error.message)
         return stage_pb2.EndSessionResponse(kv_bytes_freed=freed)
+
+    async def Attest(self, request, context):
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        try:
+            signed = await self.node.attest(request.session_id)
+        except ShardError as error:
+            await context.abort(error.code, error.message)
+        return stage_pb2.AttestResponse(statement=canonical(signed["statement"]).decode(),
+                                        signature=base64.b64decode(signed["signature"]),
+                                        certificate_pem=signed["certificate"])
 
     async def Info(self, request, context):
         return self.node.info()

@@ -22,10 +22,13 @@ from shard.decode.oracle import OracleDraft
 from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
 from shard.model.checkpoint import config_fingerprint
+from shard.model.fingerprints import tokenizer_sha256
 from shard.node.admission import Admission
 from shard.node.generation import GenerationRequest, GenerationResult, Sampling, TokenDelta
+from shard.node.receipts import ReceiptMaker
 from shard.node.ring import Ring, stages_to_rebuild
 from shard.telemetry import in_span, tracer
+from shard.wire.signing import Signer
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,8 @@ class Prepared:
     draft: Draft | None
     spec_k: int
     in_flight: int
+    receipt: bool = False
+    receipt_private: bool = False
 
 
 @dataclass
@@ -166,6 +171,9 @@ class CoordinatorNode:
         self.eos_ids = _eos_ids(path, self.config)
         self.context_length = getattr(self.config, "max_position_embeddings", None) or 1 << 20
         self.ring = Ring(node_id, tls, secrets, chunk_timeout=chunk_timeout)
+        self.receipts = ReceiptMaker(node_id, Signer(tls.key_pem, tls.cert_pem) if tls else None, model={
+            "config_sha256": self.fingerprint, "tokenizer_sha256": tokenizer_sha256(str(path)),
+            "num_layers": self.config.num_hidden_layers})
 
     def check(self, request: GenerationRequest) -> _Settings:
         """Everything that can be checked before any work (no tokenizing): a request that
@@ -199,6 +207,9 @@ class CoordinatorNode:
             raise ShardError(grpc.StatusCode.UNIMPLEMENTED,
                              "sampling, stop strings and logprobs are not served yet: leave them unset "
                              "(greedy decoding)")
+        if request.receipt and self.receipts.signer is None:
+            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
+                             "this coordinator has no node key (--insecure): it cannot sign receipts")
         draft_name = request.draft or self.default_draft
         if draft_name not in self.drafts:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -235,7 +246,7 @@ class CoordinatorNode:
                 f"{len(prompt_ids)} prompt tokens + max_tokens {request.max_tokens} exceed the context "
                 f"of {self.context_length}")
         return Prepared(prompt_ids, request.max_tokens, request.stop_at_eos, settings.draft,
-                        settings.spec_k, settings.in_flight)
+                        settings.spec_k, settings.in_flight, request.receipt, request.receipt_private)
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         if request.prompt is not None:
@@ -266,6 +277,9 @@ class CoordinatorNode:
         # What decoding commits, then None once it has finished.
         committed: asyncio.Queue[list[int] | None] = asyncio.Queue()
         draft_session = await self._draft_session(prepared)
+        record = self.ring.notary.open(session_id, transcript=not prepared.receipt_private) \
+            if prepared.receipt else None
+        ended = False
 
         async def emit(ids: list[int]) -> None:
             committed.put_nowait(ids)
@@ -295,10 +309,21 @@ class CoordinatorNode:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             span.set_attributes({"shard.tokens": len(stats.output_ids), "shard.traversals": stats.traversals,
                                  "shard.acceptance": stats.acceptance_rate})
+            receipt = ""
+            if record is not None:
+                # The END goes first: a stage attests once it has passed, with every frame before it.
+                await self.ring.end_session(session_id)
+                ended = True
+                receipt = await self.receipts.make(
+                    self.ring, session_id, record, prompt_ids=prepared.prompt_ids, stats=stats,
+                    private=prepared.receipt_private, finish=stats.finish.name,
+                    decoding={"sampling": "greedy", "draft": draft_name, "spec_k": prepared.spec_k,
+                              "in_flight": prepared.in_flight, "max_tokens": prepared.max_tokens,
+                              "stop_at_eos": prepared.stop_at_eos})
             yield GenerationResult(
                 session_id=session_id, prompt_ids=prepared.prompt_ids,
                 text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
-                spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats)
+                spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats, receipt=receipt)
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
@@ -310,7 +335,9 @@ class CoordinatorNode:
             if draft_session is not None:
                 draft_session.close()
             span.end()
-            await self.ring.end_session(session_id)
+            if not ended:
+                await self.ring.end_session(session_id)
+            self.ring.notary.close(session_id)
 
     async def _draft_session(self, prepared: Prepared) -> DraftSession | None:
         if prepared.draft is None:

@@ -48,6 +48,8 @@ class GenerationRequest:
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
     logprobs: int = 0
+    receipt: bool = False  # sign a receipt of the run (GenerationResult.receipt)
+    receipt_private: bool = False  # the receipt holds hashes of the prompt and output, not their ids
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,5 @@ class GenerationResult:
     spec_k: int
     in_flight: int
     stats: DecodeStats
+    receipt: str = ""  # the signed receipt (JSON) when the request asked for one
 

@@ -13,6 +13,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from shard.decode.speculative import RingChanged
 from shard.errors import ShardError
+from shard.node.notary import CoordinatorNotary
 from shard.placement import NO_FIT
 from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
@@ -33,6 +34,7 @@ class Ring:
         self.on_unreachable: Callable[[str, str], None] | None = None
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
+        self.notary = CoordinatorNotary()  # chains of the sessions that asked for a receipt
         self.plan: registry_pb2.Plan | None = None
         self.head_edge: Edge | None = None
         self._stage_stubs: dict[str, stage_pb2_grpc.StageServiceStub] = {}
@@ -150,6 +152,7 @@ class Ring:
         span = tracer.start_span("shard.traversal", attributes=attributes)
         future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future)))
         put_context(header, span)
+        self._notarize(header, payload)
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
@@ -172,6 +175,8 @@ class Ring:
         still is. Raises InboundError for a frame that fails to open."""
         payload = self.inbound.open(frame, peer_id)
         future = self._pending.get((frame.header.session_id, frame.header.chunk_id))
+        self.notary.received(frame.header.sender, frame.header, payload,
+                             claimed=future is not None and not future.done())
         if future is None or future.done():
             return
         try:
@@ -190,10 +195,25 @@ class Ring:
         if self.head_edge is None:
             return
         header = frame_pb2.FrameHeader(session_id=session_id, kind=frame_pb2.FRAME_KIND_END)
+        self._notarize(header, b"")
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header))
         except ConnectionError as error:
             log.warning("could not end session %s: %s (stages free it when idle)", session_id, error)
+
+    def _notarize(self, header: frame_pb2.FrameHeader, payload: bytes) -> None:
+        """A frame of a session that asked for a receipt: flag it, so that every stage keeps
+        its chains, and chain it on the edge it goes out on."""
+        if self.notary.wants(header.session_id):
+            header.receipt = True
+            self.notary.sent(self.head_edge.receiver, header, payload, self.layout)
+
+    async def attest(self, node_id: str, session_id: str, timeout: float = 15.0) -> stage_pb2.AttestResponse:
+        """A stage's signed part in a session's receipt; raises AioRpcError."""
+        stub = self._stage_stubs.get(node_id)
+        if stub is None:
+            raise ShardError(grpc.StatusCode.NOT_FOUND, f"{node_id} is no stage this coordinator knows")
+        return await stub.Attest(stage_pb2.AttestRequest(session_id=session_id), timeout=timeout)
 
     async def cancel_epoch(self, session_id: str, epoch: int) -> int:
         """Tell every stage, out of band, to skip this session's frames older than `epoch`."""

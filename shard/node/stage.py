@@ -20,11 +20,14 @@ import torch
 
 from shard.errors import ShardError
 from shard.model.checkpoint import Checkpoint
+from shard.model.fingerprints import block_weights_sha256
+from shard.node.notary import StageNotary
 from shard.node.stage_compute import DEFAULT_MAX_BATCH, BlockSpec, KVLayout, ReplayStep, StageCompute
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
 from shard.wire.inbound import Inbound, InboundError
+from shard.wire.signing import Signer
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,10 @@ class StageNode:
         `max_batch` waiting chunks of different sessions run as one forward."""
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
+        self._model_dir = model_dir
+        # Receipts: the chains of sessions that ask for one, signed with the node's TLS key.
+        self.notary = StageNotary(node_id, Signer(tls.key_pem, tls.cert_pem) if tls else None)
+        self.notary.model_config_sha256 = self.checkpoint.fingerprint
         self._tls = tls
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
@@ -143,6 +150,8 @@ class StageNode:
         self._loop = asyncio.get_running_loop()  # where the compute thread sends its frames
         if old is None or old.block != assignment.block:
             await self.compute.load(assignment.block)
+            self.notary.block = await asyncio.get_running_loop().run_in_executor(
+                None, _block_record, self._model_dir, assignment.block)
         # A chunk of the new coordinator that arrives before its plan does is filed under
         # the old incarnation and freed here: the coordinator then replays it (a KV gap).
         if old is None or old.coordinator_incarnation != assignment.coordinator_incarnation:
@@ -182,6 +191,9 @@ class StageNode:
             raise ShardError(grpc.StatusCode.UNAUTHENTICATED, f"{error.reason}: {error}") from None
         if not header.session_id:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
+        self.notary.received(header, payload)
+        if header.receipt and header.kind == K.FRAME_KIND_END and self.assignment.last:
+            on_done = self._then_end_receipt(on_done)
         if header.kind == K.FRAME_KIND_FORWARD:
             body = self._validated_input(header, payload)
         elif header.kind == K.FRAME_KIND_REPLAY:
@@ -194,6 +206,17 @@ class StageNode:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
         self.compute.submit(header, body, on_done)
+
+    def _then_end_receipt(self, on_done: Callable[[frame_pb2.FrameHeader], None]):
+        """The tail passes no END on: once it is through with one, the END goes into the outbox
+        as a marker behind every result of the session, so the notary closes the sent chain
+        only after them."""
+
+        def done(header: frame_pb2.FrameHeader) -> None:
+            on_done(header)
+            self._outbox.put_nowait(frame_pb2.Frame(header=header))
+
+        return done
 
     def _replay_step(self, header, payload: bytes) -> ReplayStep:
         """This stage's part in a replay: compute it (its index lies in the replay's range),
@@ -275,6 +298,10 @@ class StageNode:
         try:
             while True:
                 frame = await self._outbox.get()
+                if frame.header.receipt and frame.header.kind == K.FRAME_KIND_END and self.assignment.last:
+                    self.notary.ended(frame.header.session_id)  # the tail's marker, sent nowhere
+                    continue
+                self.notary.sent(self._downstream.receiver, frame)
                 try:
                     await self._downstream.send(frame)
                 except EdgeBroken as error:
@@ -288,6 +315,7 @@ class StageNode:
             await asyncio.sleep(min(5.0, self._idle_seconds / 5))
             for session_id in await self.compute.expire_idle():
                 log.info("%s freed idle session %s", self.node_id, session_id)
+            self.notary.expire(self._idle_seconds)
 
     def _emit(self, frame: frame_pb2.Frame) -> None:
         """From the compute thread: hand a frame to the loop for sending downstream."""
@@ -296,7 +324,17 @@ class StageNode:
     def _call_on_loop(self, fn: Callable[..., None], *args) -> None:
         self._loop.call_soon_threadsafe(fn, *args)
 
+    async def attest(self, session_id: str) -> dict:
+        """This stage's signed part in the receipt of a session (see StageNotary.attest)."""
+        return await self.notary.attest(session_id)
+
     async def close(self) -> None:
         if self._downstream is not None:
             await self._downstream.close()
         self.compute.close()
+
+
+def _block_record(model_dir: str, block) -> dict:
+    """The block as attestations state it; hashing its weights reads them once per process."""
+    return {"layer_start": block.start, "layer_end": block.end, "first": block.first, "last": block.last,
+            "weights_sha256": block_weights_sha256(str(model_dir), block.start, block.end, block.first, block.last)}

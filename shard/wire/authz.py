@@ -32,6 +32,7 @@ ALLOWED_ROLES: dict[str, frozenset[str]] = {
     "/shard.v1.StageService/Traverse": _MEMBERS,
     "/shard.v1.StageService/CancelEpoch": frozenset({"coordinator"}),
     "/shard.v1.StageService/EndSession": frozenset({"coordinator"}),
+    "/shard.v1.StageService/Attest": frozenset({"coordinator"}),
     "/shard.v1.StageService/Info": _NODES,
     "/shard.v1.RegistryService/Join": _MEMBERS,
     "/shard.v1.RegistryService/Heartbeat": _MEMBERS,

@@ -194,6 +194,7 @@ def edge_key(secret: bytes, sender: str, receiver: str, stream_id: bytes) -> byt
 AD_FIELDS = (
     "session_id", "chunk_id", "epoch", "start_pos", "num_tokens", "num_outputs", "kind",
     "sender", "receiver", "traceparent", "tracestate", "counter", "replay_first_stage", "replay_last_stage",
+    "receipt",
 )
 
 _INTS = struct.Struct(">QQQQQq")  # chunk_id, epoch, start_pos, num_tokens, num_outputs, kind
@@ -221,6 +222,7 @@ def header_ad(header: frame_pb2.FrameHeader) -> bytes:
         _lp(h.tracestate),
         _U64.pack(h.counter),
         _REPLAY.pack(h.replay_first_stage, h.replay_last_stage),
+        bytes([h.receipt]),
     ))
 
 

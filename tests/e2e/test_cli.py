@@ -43,9 +43,12 @@ def test_up_runs_a_whole_swarm_and_shuts_it_down(tinystories_dir):
 def test_generate_against_separate_processes(tinystories_dir, tmp_path):
     with LocalSwarm(tinystories_dir, 2, workdir=tmp_path, logs_to_files=True) as swarm:
         done = shard("generate", "--coordinator", swarm.coordinator_address, "--certs", str(swarm.certs),
-                     "--prompt-ids", "1,415,1022,264,727", "--max-tokens", "32", "--json")
+                     "--prompt-ids", "1,415,1022,264,727", "--max-tokens", "32", "--json",
+                     "--receipt", str(tmp_path / "receipt.json"))
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["output_ids"] == reference_greedy(tinystories_dir, [1, 415, 1022, 264, 727], 32)
+        verified = shard("receipt", "verify", str(tmp_path / "receipt.json"), "--ca", str(swarm.certs / "ca.pem"))
+        assert verified.returncode == 0 and "VALID" in verified.stdout, verified.stderr
         refused = shard("generate", "--coordinator", swarm.coordinator_address, "--certs", str(swarm.certs),
                         "--prompt", "", "--max-tokens", "8")
         assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
@@ -55,7 +58,7 @@ def test_generate_against_separate_processes(tinystories_dir, tmp_path):
     assert codes == {name: 0 for name in codes}, codes  # every node shut down cleanly on SIGTERM
 
 
-COMMANDS = ["certs", "registry", "stage", "coordinator", "generate", "bench", "up"]
+COMMANDS = ["certs", "registry", "stage", "coordinator", "generate", "bench", "up", "receipt"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
