@@ -134,6 +134,13 @@ def parser() -> argparse.ArgumentParser:
               type=int)
     flags.add("--queue-timeout", "seconds a generation may wait for a slot before RESOURCE_EXHAUSTED "
               "(default 30)", type=float, metavar="SECONDS")
+    flags.add("--http-listen", "also serve the OpenAI-compatible HTTP API here (/v1/chat/completions, "
+              "/v1/completions, /v1/models); beyond loopback only with --api-key-file", metavar="HOST:PORT")
+    flags.add("--api-key-file", "bearer tokens the HTTP API accepts, one a line (e.g. a mounted Secret)",
+              metavar="FILE")
+    flags.add("--http-tls", "serve the HTTP API over TLS with this node's certificate from --certs",
+              action="store_true")
+    flags.add("--served-model-name", "the model's name in the HTTP API (default: the model folder's name)")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", help="coordinator address; required", metavar="HOST:PORT")

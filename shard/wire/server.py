@@ -117,6 +117,7 @@ class RunningNode:
     def __init__(self, address: str, node=None, health: Health | None = None):
         self.address, self.node, self.health = address, node, health
         self.health_address: str | None = None
+        self.http_address: str | None = None  # a coordinator's OpenAI-compatible front, when it has one
         self._closers: list[Callable[[], Awaitable[object]]] = []
 
     def on_stop(self, closer: Callable[[], Awaitable[object]]) -> None:
