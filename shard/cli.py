@@ -168,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--memory-budget", metavar="SIZE", help="bytes each stage offers (default: 90%% of free)")
     up.add_argument("--verbose", action="store_true", default=None,
                     help="the nodes' logs on the terminal instead of in a file")
+    up.add_argument("--http-listen", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API on this "
+                    "loopback address, and keep the swarm up after the generation until Ctrl-C")
     _speculation_args(_plain(up), drafts_help="draft for the coordinator: 'ngram' or a model folder")
     _request_args(up)
     return parser
@@ -216,6 +218,9 @@ def _certs_arguments(certs: argparse.ArgumentParser) -> None:
                        "new file and give nodes both, newest first)")
     p.add_argument("file")
     p.add_argument("--force", action="store_true", help="replace an existing secret file")
+    p = sub.add_parser("api-key", help="add a new random API key for the HTTP API to FILE (made if missing, "
+                       "owner-only) and print it")
+    p.add_argument("file")
     p = sub.add_parser("local", help="CA + registry, coordinator, N stages, a client and a secret")
     p.add_argument("dir")
     p.add_argument("--stages", type=int, required=True)
@@ -255,6 +260,11 @@ def _certs(args) -> int:
             written = [directory / certs.CA_CERT, directory / certs.CA_KEY]
         elif args.certs_command == "issue":
             written = list(certs.issue(directory, role=args.role, node_id=args.node_id, hosts=args.hosts))
+        elif args.certs_command == "api-key":
+            from shard.config import add_api_key
+
+            print(add_api_key(Path(args.file)))
+            return 0
         elif args.certs_command == "secret":
             from shard.wire.seal import write_secret
 

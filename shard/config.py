@@ -285,6 +285,17 @@ def api_keys(path: Path) -> frozenset[str]:
     return keys
 
 
+def add_api_key(path: Path) -> str:
+    """A new random key appended to the HTTP front's key file (made owner-only if missing)."""
+    import os
+    import secrets
+
+    key = "sk-shard-" + secrets.token_urlsafe(32)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as file:
+        file.write(key + "\n")
+    return key
+
+
 @dataclass
 class RequestConfig:
     """One generation, as `shard generate` and `shard up` ask for it."""
@@ -338,9 +349,15 @@ class UpConfig(RequestConfig):
     draft_dtype: str | None = None
     memory_budget: int | None = None
     verbose: bool = False
+    http_listen: str | None = None  # then keep serving the HTTP API after the generation
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.http_listen is not None:
+            check_address(self.http_listen, "--http-listen", any_port=False)
+            if not is_loopback(self.http_listen.rpartition(":")[0]):
+                raise ConfigError(f"--http-listen {self.http_listen}: `shard up` serves loopback only (run "
+                                  f"`shard coordinator --http-listen ... --api-key-file FILE` to serve others)")
         if self.model is not None:
             self.model = Path(self.model)
             check_model_dir(self.model)
