@@ -279,21 +279,24 @@ def _certs(args) -> int:
     return 0
 
 
-async def _generate(config: GenerateConfig) -> int:
-    import grpc
-
-    from shard.client import generate
-    from shard.config import node_tls
+def _generate(config: GenerateConfig) -> int:
+    from shard.client import Client, ClientError, Credentials
     from shard.errors import ShardError
-    from shard.generation import build_request, print_generation
+    from shard.generation import print_generation, request_options
 
-    tls = node_tls(config)
-    on_text = None if config.json else (lambda text: print(text, end="", flush=True))
     try:
-        generation = await generate(config.coordinator, tls, build_request(config), on_text=on_text)
-    except grpc.aio.AioRpcError as error:
-        raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
-    print_generation(generation, config.json)
+        credentials = None if config.insecure else Credentials.from_folder(config.certs, config.node_id)
+    except ValueError as error:
+        raise ConfigError(f"--certs {config.certs}: {error}") from None
+    with Client(config.coordinator, credentials=credentials, insecure=config.insecure) as client:
+        try:
+            stream = client.stream(**request_options(config))
+            for delta in stream:
+                if not config.json:
+                    print(delta.text, end="", flush=True)
+        except ClientError as error:
+            raise ShardError(error.code, str(error)) from None
+    print_generation(stream, config.json)
     return 0
 
 
@@ -321,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in SERVICES:
         return _serve(args.command, config)
     if args.command == "generate":
-        return asyncio.run(_generate(config))
+        return _generate(config)
     from shard.local import up
 
     return up(config)
