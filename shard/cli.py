@@ -75,6 +75,8 @@ def _node_flags(parser: argparse.ArgumentParser, role: str, default_id: str) -> 
     flags.add("--region", "where this node runs")
     flags.add("--health-listen", "also serve the gRPC health service alone, in plaintext, here "
               "(for kubelet probes)", metavar="HOST:PORT")
+    flags.add("--metrics-listen", "serve Prometheus metrics (OpenTelemetry) at http://HOST:PORT/metrics",
+              metavar="HOST:PORT")
     if role != "registry":
         flags.add("--registry", "registry address; required", metavar="HOST:PORT")
         flags.add("--registry-id", "node id the registry's certificate must name (default registry)")

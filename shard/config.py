@@ -89,6 +89,7 @@ class NodeConfig:
     address_file: Path | None = None
     region: str = ""
     health_listen: str | None = None
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         from shard.wire.certs import check_node_id
@@ -106,6 +107,8 @@ class NodeConfig:
             check_address(self.advertise, "--advertise", any_port=False)
         if self.health_listen:
             check_address(self.health_listen, "--health-listen")
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "--metrics-listen")
         if self.insecure:
             self.certs = None
         elif not self.certs:

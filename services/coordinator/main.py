@@ -53,6 +53,7 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     running.on_stop(lambda: server.stop(grace=0.5))
     running.on_stop(node.ring.close)
     await running.listen_for_health(config.health_listen)
+    running.serve_metrics(node.metrics, config.metrics_listen)
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name="cpu", device_id="cpu", model_fingerprint=node.fingerprint, region=config.region,

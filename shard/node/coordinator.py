@@ -21,6 +21,7 @@ from shard.decode.draft import Draft, DraftSession, NgramDraft
 from shard.decode.oracle import OracleDraft
 from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
+from shard.metrics import GenerationMetrics, NodeMetrics
 from shard.model.checkpoint import config_fingerprint
 from shard.node.admission import Admission
 from shard.node.generation import GenerationRequest, GenerationResult, Sampling, TokenDelta
@@ -166,6 +167,19 @@ class CoordinatorNode:
         self.eos_ids = _eos_ids(path, self.config)
         self.context_length = getattr(self.config, "max_position_embeddings", None) or 1 << 20
         self.ring = Ring(node_id, tls, secrets, chunk_timeout=chunk_timeout)
+        self.metrics = NodeMetrics("coordinator", node_id)
+        self.generation_metrics = GenerationMetrics(self.metrics.meter)
+        self._observe()
+
+    def _observe(self) -> None:
+        observe = self.metrics.observe
+        observe("shard.generations.active", lambda: self.admission.running, unit="{generation}",
+                description="generations running (each a session on every stage)")
+        observe("shard.generations.queued", lambda: self.admission.queued, unit="{generation}",
+                description="generations waiting for a slot")
+        observe("shard.chunks.in_flight", lambda: self.ring.in_flight, unit="{chunk}",
+                description="verify chunks in the ring whose results have not come back")
+        self.metrics.observe_refused(self.ring.inbound.rejected)
 
     def check(self, request: GenerationRequest) -> _Settings:
         """Everything that can be checked before any work (no tokenizing): a request that
@@ -253,12 +267,28 @@ class CoordinatorNode:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationResult]:
         """Stream TokenDeltas as tokens are committed, then one GenerationResult. Waits in
         the admission queue for a slot first."""
-        settings = self.check(request)
-        self._check_ready()
-        async with self.admission.slot():
-            prepared = await self.prepare(request, settings)
-            async for event in self._run(prepared):
-                yield event
+        measured = self.generation_metrics.start()
+        outcome = "cancelled"  # unless it ends otherwise: a caller that went away
+        try:
+            settings = self.check(request)
+            self._check_ready()
+            async with self.admission.slot():
+                prepared = await self.prepare(request, settings)
+                async for event in self._run(prepared):
+                    if isinstance(event, TokenDelta):
+                        measured.committed(len(event.ids))
+                    else:
+                        measured.finished(len(event.prompt_ids), event.stats)
+                    yield event
+            outcome = "ok"
+        except ShardError as error:
+            outcome = error.code.name
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            measured.ended(outcome)
 
     async def _run(self, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationResult]:
         session_id = uuid.uuid4().hex

@@ -379,6 +379,7 @@ def test_scrape_annotations_from_values(rendered):
                                "prometheus.io/path": "/metrics"}
         assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in \
             workload["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert env_of(workload["spec"]["template"]["spec"]["containers"][0])["SHARD_METRICS_LISTEN"] == "0.0.0.0:9464"
     for workload in workloads(rendered["default"]):
         assert "annotations" not in workload["spec"]["template"]["metadata"]
 
