@@ -303,15 +303,15 @@ def _generate(config: GenerateConfig) -> int:
 
 
 def _serve(command: str, config) -> int:
-    from shard.telemetry import configure_tracing
+    from shard.telemetry import configure_tracing, shutdown_tracing
 
     module = __import__(f"shard.services.{command}.main", fromlist=["serve"])
-    tracing = configure_tracing(f"shard-{command}")
+    tracing = configure_tracing(f"shard-{command}", config.node_id)
     try:
         asyncio.run(module.serve(config))
     finally:
         if tracing is not None:
-            tracing.shutdown()  # flushes the spans still batched
+            shutdown_tracing(tracing)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import tempfile
 from contextlib import aclosing, contextmanager
 from pathlib import Path
@@ -29,9 +28,8 @@ from shard.node.coordinator import CoordinatorNode
 from shard.node.generation import GenerationResult, TokenDelta
 from shard.services.coordinator.openai_api import (ApiError, ChatBody, CompletionBody, Reply, api_error_of,
                                                    finish_reason, parse)
+from shard.telemetry import caller_context
 from shard.wire.tls import NodeTLS
-
-log = logging.getLogger(__name__)
 
 BODY_SLACK = 1 << 16  # JSON syntax and fields around the prompt's characters
 
@@ -68,7 +66,8 @@ class OpenAIFront:
         if body.model != self.model_name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
                            param="model", code="model_not_found")
-        events = self.node.generate(body.generation_request(self.node.context_length))
+        events = self.node.generate(body.generation_request(self.node.context_length),
+                                    caller_context(request.headers))
         reply = Reply(chat, self.model_name, self.node.fingerprint)
         # The first event comes after the node's checks, tokenizing and admission: a request
         # they refuse is answered with its HTTP status, not a 200 stream that fails.

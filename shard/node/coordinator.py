@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry.context import Context
 from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, DraftSession, NgramDraft
@@ -264,9 +265,11 @@ class CoordinatorNode:
             raise ShardError(grpc.StatusCode.UNAVAILABLE,
                              f"the ring is not ready: {problem or 'stages are still loading'}")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationResult]:
+    async def generate(self, request: GenerationRequest, trace_context: Context | None = None
+                       ) -> AsyncIterator[TokenDelta | GenerationResult]:
         """Stream TokenDeltas as tokens are committed, then one GenerationResult. Waits in
-        the admission queue for a slot first."""
+        the admission queue for a slot first. `trace_context`: the caller's trace, which
+        the generation's span then joins."""
         measured = self.generation_metrics.start()
         outcome = "cancelled"  # unless it ends otherwise: a caller that went away
         try:
@@ -274,7 +277,7 @@ class CoordinatorNode:
             self._check_ready()
             async with self.admission.slot():
                 prepared = await self.prepare(request, settings)
-                async for event in self._run(prepared):
+                async for event in self._run(prepared, trace_context):
                     if isinstance(event, TokenDelta):
                         measured.committed(len(event.ids))
                     else:
@@ -290,7 +293,8 @@ class CoordinatorNode:
         finally:
             measured.ended(outcome)
 
-    async def _run(self, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationResult]:
+    async def _run(self, prepared: Prepared, trace_context: Context | None = None
+                   ) -> AsyncIterator[TokenDelta | GenerationResult]:
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
         # What decoding commits, then None once it has finished.
@@ -305,7 +309,7 @@ class CoordinatorNode:
                 self._draft_threads, draft_session.propose, sequence, n)
 
         draft_name = prepared.draft.name if prepared.draft else "none"
-        span = tracer.start_span("shard.generate", attributes={
+        span = tracer.start_span("shard.generate", context=trace_context, attributes={
             "shard.session": session_id, "shard.prompt_tokens": len(prepared.prompt_ids),
             "shard.max_tokens": prepared.max_tokens, "shard.draft": draft_name,
             "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight})
