@@ -1,18 +1,22 @@
-"""gRPC from another language: the Node.js example (examples/node) loads the .proto files
-with @grpc/proto-loader, streams a generation over mutual TLS and gets exactly the Python
-client's tokens; a bad request comes back as its gRPC status."""
+"""The examples in examples/, run as a newcomer would: the Node.js one loads the .proto
+files with @grpc/proto-loader, streams a generation over mutual TLS and gets exactly the
+Python client's tokens (a bad request comes back as its gRPC status); the Python one
+streams the same text."""
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from shard.client import Client
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "node"
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,22 @@ def test_node_sees_a_bad_requests_status(tinystories_swarm, node_example):
     code, out, err = run_node(tinystories_swarm, node_example, "--prompt-ids", "1,99999", "--max-tokens", "4")
     assert code == 1 and out == ""
     assert err.startswith("INVALID_ARGUMENT: ") and "prompt_ids" in err
+
+
+def test_python_example_streams_the_same_text(tinystories_swarm):
+    swarm = tinystories_swarm
+
+    async def both():
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "python" / "generate.py"), "--coordinator",
+            swarm.coordinator.address, "--certs", str(swarm.certs), "--max-tokens", "16",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        async with Client(swarm.coordinator.address, credentials=swarm.certs) as client:
+            expected = await client.agenerate("Once upon a time", max_tokens=16)
+        return process.returncode, out.decode(), err.decode(), expected.summary
+
+    code, out, err, expected = swarm.run(both())
+    assert code == 0, err
+    assert out == expected.text and f"[{expected.tokens} tokens" in err
