@@ -200,6 +200,31 @@ def test_a_client_hanging_up_mid_stream_cancels_the_generation(swarm):
     assert all(n < full for n in computed), computed  # it stopped early, not at max_tokens
 
 
+def test_a_client_hanging_up_on_a_whole_response_cancels_the_generation(swarm):
+    """Without a stream the server notices the hang-up while it waits for the result."""
+    full = 400
+    before = [stage.node.info().positions_computed for stage in swarm.stages]
+    body = json.dumps({"model": "tinystories-chat", "prompt": "Once upon a time", "temperature": 0,
+                       "max_tokens": full, "ignore_eos": True, "draft": "none"}).encode()
+    host, port = swarm.coordinator.http_address.rsplit(":", 1)
+
+    async def hang_up():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        await writer.drain()
+        while not any(stage.node.info().sessions for stage in swarm.stages):  # it is generating
+            await asyncio.sleep(0.01)
+        writer.close()
+        await writer.wait_closed()
+
+    swarm.run(asyncio.wait_for(hang_up(), 30))
+    no_sessions_left(swarm)
+    computed = [stage.node.info().positions_computed - b for stage, b in zip(swarm.stages, before)]
+    assert all(n < full for n in computed), computed
+
+
 def test_https_with_the_deployments_certificate(swarm):
     """TLS with the coordinator's own certificate; clients trust the deployment's CA."""
     front = OpenAIFront(swarm.coordinator.node, model_name="tinystories-chat", api_keys=frozenset([KEY]))
