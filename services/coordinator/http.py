@@ -99,9 +99,9 @@ class OpenAIFront:
         if not self._keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # Compare with every key in constant time: no timing hint of which one nearly matched.
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), key)
-                                                 for key in self._keys):
+        # Compared with every key, each in constant time: no timing hint of which nearly matched.
+        matches = [hmac.compare_digest(token.strip().encode(), key) for key in self._keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
