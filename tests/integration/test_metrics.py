@@ -5,15 +5,41 @@ own summaries and the stages' Info."""
 import asyncio
 import urllib.request
 
+import grpc
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from shard.client import Client, InvalidRequest
+from shard.v1 import frame_pb2, stage_pb2_grpc
+from shard.wire.certs import SECRET_FILE
+from shard.wire.codec import encode_tensor
+from shard.wire.seal import EdgeSealer, load_secret
+from shard.wire.tls import open_channel
 
 from support.swarm import inprocess_swarm
 
 PROMPT = [1, 415, 1022, 264, 727]
 METRICS = ["--metrics-listen", "127.0.0.1:0"]
+
+
+async def push_forged_frame(swarm) -> grpc.StatusCode:
+    """A frame sealed for the coordinator -> stage-0 edge, one payload bit flipped on the way."""
+    header = frame_pb2.FrameHeader(session_id="forged", num_tokens=1, num_outputs=1,
+                                   kind=frame_pb2.FRAME_KIND_FORWARD, sender="coordinator", receiver="stage-0",
+                                   counter=1)
+    sealer = EdgeSealer(load_secret(swarm.certs / SECRET_FILE), "coordinator", "stage-0")
+    payload = bytearray(sealer.seal(header, encode_tensor(torch.tensor([1]))))
+    payload[-1] ^= 1
+    async with open_channel(swarm.stages[0].address, swarm.tls("coordinator")) as channel:
+        call = stage_pb2_grpc.StageServiceStub(channel).Traverse(iter([frame_pb2.Frame(header=header,
+                                                                                       payload=bytes(payload))]))
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
 
 
 def scrape(address: str) -> dict[str, list[tuple[dict, float]]]:
@@ -48,6 +74,7 @@ def measured(tinystories_dir, tmp_path_factory):
                     generations.append((stream.summary, deltas))
                 with pytest.raises(InvalidRequest):
                     await client.agenerate("", max_tokens=4)
+            assert await push_forged_frame(swarm) == grpc.StatusCode.UNAUTHENTICATED
             nodes = [swarm.coordinator, *swarm.stages, swarm.registry]
             scrapes = await asyncio.gather(*(asyncio.to_thread(scrape, node.metrics_address) for node in nodes))
             infos = [stage.node.info() for stage in swarm.stages]
@@ -84,6 +111,8 @@ def test_coordinator_counts_add_up_with_the_summaries(measured):
 
 def test_each_stage_reports_its_own_counts(measured):
     _, (_, *stages, _), infos, _ = measured
+    assert value(stages[0], "shard_frames_refused_total", reason="forged") == 1  # the AEAD layer's refusal
+    assert value(stages[1], "shard_frames_refused_total") == 0
     for scraped, info in zip(stages, infos):
         assert value(scraped, "shard_stage_frames_total", state="processed") == info.frames_processed > 0
         assert value(scraped, "shard_stage_positions_total", kind="computed") == info.positions_computed
