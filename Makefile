@@ -93,4 +93,4 @@ bench: setup
 	$(VENV)/bin/shard --log-level WARNING bench memory
 
 clean:
-	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache
+	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache examples/node/node_modules
