@@ -16,7 +16,7 @@ IMAGE ?= shard:$(if $(HAS_GPU),cuda,cpu)
 
 .PHONY: setup proto run test test-all bench clean check-stubs lint helm-test docker-tools image compose-test
 
-setup: $(STAMP) proto
+setup: $(STAMP) proto $(NODE_EXAMPLE)
 
 # The nodes and the tools (a client alone is `pip install .`); the editable install
 # generates the stubs in place, as `make proto` does.
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
+
+# The Node.js example's packages (examples/node; tests/e2e/test_node_client.py runs it),
+# where npm is.
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+$(NODE_EXAMPLE): examples/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --silent --no-audit --no-fund --prefix examples/node; \
+	else echo "npm not found: the Node.js example (and its test) are skipped"; fi
 
 # Stubs are generated, never edited, never committed.
 proto: $(STAMP) $(STUBS)
@@ -87,4 +94,4 @@ bench: setup
 	$(VENV)/bin/shard --log-level WARNING bench memory
 
 clean:
-	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache
+	rm -rf $(VENV) shard/v1/*_pb2*.py .pytest_cache examples/node/node_modules

@@ -75,6 +75,8 @@ def _node_flags(parser: argparse.ArgumentParser, role: str, default_id: str) -> 
     flags.add("--region", "where this node runs")
     flags.add("--health-listen", "also serve the gRPC health service alone, in plaintext, here "
               "(for kubelet probes)", metavar="HOST:PORT")
+    flags.add("--metrics-listen", "serve Prometheus metrics (OpenTelemetry) at http://HOST:PORT/metrics",
+              metavar="HOST:PORT")
     if role != "registry":
         flags.add("--registry", "registry address; required", metavar="HOST:PORT")
         flags.add("--registry-id", "node id the registry's certificate must name (default registry)")
@@ -136,6 +138,13 @@ def parser() -> argparse.ArgumentParser:
               type=int)
     flags.add("--queue-timeout", "seconds a generation may wait for a slot before RESOURCE_EXHAUSTED "
               "(default 30)", type=float, metavar="SECONDS")
+    flags.add("--http-listen", "also serve the OpenAI-compatible HTTP API here (/v1/chat/completions, "
+              "/v1/completions, /v1/models); beyond loopback only with --api-key-file", metavar="HOST:PORT")
+    flags.add("--api-key-file", "bearer tokens the HTTP API accepts, one a line (e.g. a mounted Secret)",
+              metavar="FILE")
+    flags.add("--http-tls", "serve the HTTP API over TLS with this node's certificate from --certs",
+              action="store_true")
+    flags.add("--served-model-name", "the model's name in the HTTP API (default: the model folder's name)")
 
     generate = commands.add_parser("generate", help="ask a coordinator for text")
     generate.add_argument("--coordinator", help="coordinator address; required", metavar="HOST:PORT")
@@ -174,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--memory-budget", metavar="SIZE", help="bytes each stage offers (default: 90%% of free)")
     up.add_argument("--verbose", action="store_true", default=None,
                     help="the nodes' logs on the terminal instead of in a file")
+    up.add_argument("--http-listen", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API on this "
+                    "loopback address, and keep the swarm up after the generation until Ctrl-C")
     _speculation_args(_plain(up), drafts_help="draft for the coordinator: 'ngram' or a model folder")
     _request_args(up)
     return parser
@@ -226,6 +237,9 @@ def _certs_arguments(certs: argparse.ArgumentParser) -> None:
                        "new file and give nodes both, newest first)")
     p.add_argument("file")
     p.add_argument("--force", action="store_true", help="replace an existing secret file")
+    p = sub.add_parser("api-key", help="add a new random API key for the HTTP API to FILE (made if missing, "
+                       "owner-only) and print it")
+    p.add_argument("file")
     p = sub.add_parser("local", help="CA + registry, coordinator, N stages, a client and a secret")
     p.add_argument("dir")
     p.add_argument("--stages", type=int, required=True)
@@ -265,6 +279,11 @@ def _certs(args) -> int:
             written = [directory / certs.CA_CERT, directory / certs.CA_KEY]
         elif args.certs_command == "issue":
             written = list(certs.issue(directory, role=args.role, node_id=args.node_id, hosts=args.hosts))
+        elif args.certs_command == "api-key":
+            from shard.config import add_api_key
+
+            print(add_api_key(Path(args.file)))
+            return 0
         elif args.certs_command == "secret":
             from shard.wire.seal import write_secret
 
@@ -279,24 +298,27 @@ def _certs(args) -> int:
     return 0
 
 
-async def _generate(config: GenerateConfig) -> int:
+def _generate(config: GenerateConfig) -> int:
     from pathlib import Path
 
-    import grpc
-
-    from shard.client import generate
-    from shard.config import node_tls
+    from shard.client import Client, ClientError, Credentials
     from shard.errors import ShardError
-    from shard.generation import build_request, print_generation, write_receipt
+    from shard.generation import print_generation, request_options, write_receipt
 
-    tls = node_tls(config)
-    on_text = None if config.json else (lambda text: print(text, end="", flush=True))
     try:
-        generation = await generate(config.coordinator, tls, build_request(config), on_text=on_text)
-    except grpc.aio.AioRpcError as error:
-        raise ShardError(error.code(), f"{error.code().name}: {error.details()}") from None
-    print_generation(generation, config.json)
-    write_receipt(generation, config, ca=Path(config.certs or ".") / "ca.pem")
+        credentials = None if config.insecure else Credentials.from_folder(config.certs, config.node_id)
+    except ValueError as error:
+        raise ConfigError(f"--certs {config.certs}: {error}") from None
+    with Client(config.coordinator, credentials=credentials, insecure=config.insecure) as client:
+        try:
+            stream = client.stream(**request_options(config))
+            for delta in stream:
+                if not config.json:
+                    print(delta.text, end="", flush=True)
+        except ClientError as error:
+            raise ShardError(error.code, str(error)) from None
+    print_generation(stream, config.json)
+    write_receipt(stream, config, ca=Path(config.certs or ".") / "ca.pem")
     return 0
 
 
@@ -334,15 +356,15 @@ def verify_receipt(path: str, *, ca: str | None = None, replay: str | None = Non
 
 
 def _serve(command: str, config) -> int:
-    from shard.telemetry import configure_tracing
+    from shard.telemetry import configure_tracing, shutdown_tracing
 
     module = __import__(f"shard.services.{command}.main", fromlist=["serve"])
-    tracing = configure_tracing(f"shard-{command}")
+    tracing = configure_tracing(f"shard-{command}", config.node_id)
     try:
         asyncio.run(module.serve(config))
     finally:
         if tracing is not None:
-            tracing.shutdown()  # flushes the spans still batched
+            shutdown_tracing(tracing)
     return 0
 
 
@@ -359,7 +381,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in SERVICES:
         return _serve(args.command, config)
     if args.command == "generate":
-        return asyncio.run(_generate(config))
+        return _generate(config)
     from shard.local import up
 
     return up(config)

@@ -89,6 +89,7 @@ class NodeConfig:
     address_file: Path | None = None
     region: str = ""
     health_listen: str | None = None
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         from shard.wire.certs import check_node_id
@@ -106,6 +107,8 @@ class NodeConfig:
             check_address(self.advertise, "--advertise", any_port=False)
         if self.health_listen:
             check_address(self.health_listen, "--health-listen")
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "--metrics-listen")
         if self.insecure:
             self.certs = None
         elif not self.certs:
@@ -220,9 +223,14 @@ class CoordinatorConfig(JoiningConfig):
     max_concurrent: int = 64
     max_queued: int = 256
     queue_timeout: float = 30.0
+    http_listen: str | None = None  # the OpenAI-compatible HTTP front
+    api_key_file: Path | None = None
+    http_tls: bool = False
+    served_model_name: str | None = None  # default: the model folder's name
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_http()
         for flag, value in (("--max-prompt-chars", self.max_prompt_chars), ("--max-concurrent", self.max_concurrent)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1")
@@ -238,6 +246,60 @@ class CoordinatorConfig(JoiningConfig):
             except ValueError as error:
                 raise ConfigError(f"--{error}") from None
         check_dtype(self.draft_dtype, "--draft-dtype")
+
+    def _check_http(self) -> None:
+        if self.http_listen is None:
+            for flag, value in (("--api-key-file", self.api_key_file), ("--http-tls", self.http_tls)):
+                if value:
+                    raise ConfigError(f"{flag} needs --http-listen")
+            return
+        check_address(self.http_listen, "--http-listen")
+        if self.api_key_file is not None:
+            self.api_key_file = Path(self.api_key_file)
+            api_keys(self.api_key_file)  # readable, and not empty
+        elif not is_loopback(self.http_listen.rpartition(":")[0]):
+            # The HTTP front has no client certificates: keys are its only gate.
+            raise ConfigError(f"--http-listen {self.http_listen} is reachable from other machines: give "
+                              f"--api-key-file FILE (one key per line), or listen on 127.0.0.1")
+        if self.http_tls and self.certs is None:
+            raise ConfigError("--http-tls serves this node's certificate from --certs: it cannot go with --insecure")
+        if self.served_model_name is None:
+            self.served_model_name = self.model.name
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def api_keys(path: Path) -> frozenset[str]:
+    """The bearer tokens the HTTP front accepts: one a line; blank lines and # comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--api-key-file {path}: {getattr(error, 'strerror', None) or error}") from None
+    keys = frozenset(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"--api-key-file {path}: holds no key")
+    return keys
+
+
+def add_api_key(path: Path) -> str:
+    """A new random key appended to the HTTP front's key file (made owner-only if missing)."""
+    import os
+    import secrets
+
+    key = "sk-shard-" + secrets.token_urlsafe(32)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as file:
+        file.write(key + "\n")
+    return key
 
 
 @dataclass
@@ -297,11 +359,17 @@ class UpConfig(RequestConfig):
     draft_dtype: str | None = None
     memory_budget: int | None = None
     verbose: bool = False
+    http_listen: str | None = None  # then keep serving the HTTP API after the generation
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.receipt is not None and self.insecure:
             raise ConfigError("--receipt needs node keys to sign with: drop --insecure")
+        if self.http_listen is not None:
+            check_address(self.http_listen, "--http-listen", any_port=False)
+            if not is_loopback(self.http_listen.rpartition(":")[0]):
+                raise ConfigError(f"--http-listen {self.http_listen}: `shard up` serves loopback only (run "
+                                  f"`shard coordinator --http-listen ... --api-key-file FILE` to serve others)")
         if self.model is not None:
             self.model = Path(self.model)
             check_model_dir(self.model)

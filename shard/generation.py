@@ -9,25 +9,25 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
+from shard.client import build_generate_request
 from shard.config import RequestConfig
 from shard.v1 import api_pb2
 
 
-def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
-    request = api_pb2.GenerateRequest(max_tokens=max(config.max_tokens, 0), stop_at_eos=not config.ignore_eos,
-                                      draft=config.draft[0] if config.draft else "")
-    request.receipt, request.receipt_private = config.receipt is not None, config.receipt_private
-    if config.spec_k is not None:
-        request.spec_k = config.spec_k
-    if config.in_flight is not None:
-        request.in_flight = config.in_flight
+def request_options(config: RequestConfig) -> dict:
+    """The request as keyword arguments of shard.client.build_generate_request."""
+    options = dict(max_tokens=max(config.max_tokens, 0), stop_at_eos=not config.ignore_eos,
+                   draft=config.draft[0] if config.draft else "", spec_k=config.spec_k, in_flight=config.in_flight,
+                   receipt=config.receipt is not None, receipt_private=config.receipt_private)
     if config.prompt_ids:
-        request.prompt_ids.ids.extend(int(i) for i in config.prompt_ids.split(","))
-    elif config.chat:
-        request.chat.messages.add(role="user", content=config.prompt)
-    else:
-        request.prompt = config.prompt
-    return request
+        return {**options, "prompt_ids": [int(i) for i in config.prompt_ids.split(",")]}
+    if config.chat:
+        return {**options, "chat": [("user", config.prompt)]}
+    return {**options, "prompt": config.prompt}
+
+
+def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
+    return build_generate_request(**request_options(config))
 
 
 def write_receipt(generation, config: RequestConfig, ca: Path) -> None:
@@ -41,7 +41,7 @@ def write_receipt(generation, config: RequestConfig, ca: Path) -> None:
 
 
 def print_generation(generation, as_json: bool, note: str = "") -> None:
-    """The summary: JSON on stdout, or one line on stderr after the streamed text (with
+    """The summary of a generation (anything with a `summary`): JSON on stdout, or one line on stderr after the streamed text (with
     `note` at its end)."""
     summary = generation.summary
     if as_json:

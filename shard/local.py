@@ -195,9 +195,10 @@ def up(config: UpConfig) -> int:
     speculation += [] if config.draft_device is None else [f"--draft-device={config.draft_device}"]
     speculation += [] if config.draft_dtype is None else [f"--draft-dtype={config.draft_dtype}"]
     budget = [] if config.memory_budget is None else [f"--memory-budget={config.memory_budget}"]
+    http = [] if config.http_listen is None else [f"--http-listen={config.http_listen}"]
     workdir = None if config.verbose else tempfile.mkdtemp(prefix="shard-up-")  # kept: it holds the logs
     with LocalSwarm(model_dir, config.stages, workdir=workdir, insecure=config.insecure, dtype=config.dtype,
-                    logs_to_files=not config.verbose, coordinator_args=speculation, stage_args=budget,
+                    logs_to_files=not config.verbose, coordinator_args=speculation + http, stage_args=budget,
                     device=config.device) as swarm:
         asyncio.run(_wait_ready(swarm))
         on_text = None if config.json else (lambda text: print(text, end="", flush=True))
@@ -210,7 +211,21 @@ def up(config: UpConfig) -> int:
             ca = Path(f"{config.receipt}.ca.pem")
             shutil.copyfile(swarm.certs / CA_CERT, ca)
             write_receipt(generation, config, ca)
+        if config.http_listen:
+            print(f"OpenAI-compatible API on http://{config.http_listen}/v1 (model "
+                  f"{Path(model_dir).name!r}); Ctrl-C stops the swarm", file=sys.stderr, flush=True)
+            _wait_for_stop()
     return 0
+
+
+def _wait_for_stop() -> None:
+    """Until SIGINT or SIGTERM; then the swarm shuts down as after a generation."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        signal.sigwait(stops)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
 
 async def _wait_ready(swarm: LocalSwarm, timeout: float = 300.0) -> None:

@@ -9,7 +9,10 @@ recorded and no context is put on the wire."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -18,25 +21,51 @@ from opentelemetry.context import Context
 from shard.v1 import frame_pb2
 
 tracer = trace.get_tracer("shard")
+log = logging.getLogger(__name__)
 
 
-def configure_tracing(service_name: str):
+def configure_tracing(service_name: str, instance_id: str = ""):
     """Install an OTLP-exporting tracer provider if the environment asks for one; returns
-    it (call its shutdown() on the way out to flush), or None."""
+    it (call its shutdown() on the way out to flush), or None. `instance_id` (the node id)
+    tells apart the nodes of one service."""
     wanted = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if not wanted or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     # OTEL_SERVICE_NAME, when set, names the service instead (Resource.create reads it).
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    if instance_id:
+        attributes[SERVICE_INSTANCE_ID] = instance_id
+    # Flushed by shutdown_tracing, not at exit, where nothing bounds how long it takes.
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def shutdown_tracing(provider, timeout: float = 3.0) -> bool:
+    """Flush the spans still batched, but never hold a node's exit up for long: with its
+    collector down, the exporter would keep retrying for its whole timeout (OTLP's default:
+    10 s a batch). Returns whether the flush finished in time."""
+    flush = threading.Thread(target=provider.shutdown, name="flush-spans", daemon=True)
+    flush.start()
+    flush.join(timeout)
+    if flush.is_alive():
+        log.warning("spans not flushed within %.0f s (is the OTLP collector reachable?): dropped", timeout)
+        return False
+    return True
+
+
+def caller_context(carrier: Mapping[str, str]) -> Context | None:
+    """The caller's trace context from its W3C `traceparent` (gRPC metadata or HTTP
+    headers, lower-case keys), or None: a generation's span then joins the caller's trace."""
+    if "traceparent" not in carrier:
+        return None
+    return propagate.extract({key: carrier[key] for key in ("traceparent", "tracestate") if key in carrier})
 
 
 def put_context(header: frame_pb2.FrameHeader, span: trace.Span) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from shard.config import ConfigError, CoordinatorConfig, node_secrets, node_tls
+from shard.config import ConfigError, CoordinatorConfig, api_keys, node_secrets, node_tls
 from shard.decode.draft import DraftMismatch
 from shard.decode.loading import load_draft
 from shard.model.device import resolve_device, resolve_dtype
@@ -56,6 +56,7 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     running.on_stop(node.ring.close)
     await running.listen_for_health(config.health_listen)
     device_name, device_id = device_identity(str(device))  # where its drafts run
+    running.serve_metrics(node.metrics, config.metrics_listen)
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_COORDINATOR, address=running.address,
         device_name=device_name, device_id=device_id, model_fingerprint=node.fingerprint, region=config.region,
@@ -72,8 +73,28 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         raise
     running.on_stop(membership.stop)
     await membership.report(registry_pb2.NODE_STATE_READY, 0)
+    if config.http_listen:
+        try:
+            await _start_http(config, node, tls, running)
+        except BaseException:
+            await running.stop()
+            raise
     log.info("coordinator %s listening on %s", config.node_id, running.address)
     return running
+
+
+async def _start_http(config: CoordinatorConfig, node: CoordinatorNode, tls, running: RunningNode) -> None:
+    """The OpenAI-compatible front, started last: it is stopped first."""
+    from shard.services.coordinator.http import HttpServer, OpenAIFront
+
+    keys = api_keys(config.api_key_file) if config.api_key_file else None
+    front = OpenAIFront(node, model_name=config.served_model_name, api_keys=keys)
+    server = HttpServer(front.app, config.http_listen, tls if config.http_tls else None)
+    await server.start()
+    running.on_stop(server.stop)
+    running.http_address = f"{config.http_listen.rpartition(':')[0]}:{server.port}"
+    log.info("OpenAI-compatible API on %s://%s/v1 (model %r%s)", "https" if config.http_tls else "http",
+             running.http_address, config.served_model_name, ", API keys required" if keys else "")
 
 
 async def serve(config: CoordinatorConfig) -> None:

@@ -8,6 +8,7 @@ import grpc
 from shard.decode.speculative import Finish
 from shard.errors import ShardError
 from shard.node.coordinator import CoordinatorNode
+from shard.telemetry import caller_context
 from shard.node.generation import ChatMessage, GenerationRequest, GenerationResult, Sampling, TokenDelta
 from shard.v1 import api_pb2, api_pb2_grpc, return_pb2_grpc
 from shard.wire.acks import CumulativeAcks
@@ -21,7 +22,8 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context):
         try:
-            async for event in self.node.generate(generation_request(request)):
+            caller = caller_context(dict(context.invocation_metadata()))
+            async for event in self.node.generate(generation_request(request), caller):
                 yield generate_response(event)
         except ShardError as error:
             await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from shard.config import RegistryConfig, node_tls
+from shard.metrics import NodeMetrics
 from shard.model.checkpoint import Checkpoint
 from shard.node.probe import answers_ping
 from shard.node.registry import RegistryState
@@ -36,6 +37,10 @@ async def start(config: RegistryConfig) -> RunningNode:
     running = RunningNode(config.advertised_address(port), state, health)
     running.on_stop(lambda: server.stop(grace=1.0))
     await running.listen_for_health(config.health_listen)
+    metrics = NodeMetrics("registry", config.node_id)
+    metrics.observe("shard.registry.nodes", lambda: len(state.nodes), unit="{node}",
+                    description="nodes holding a lease (stages, spares and coordinators)")
+    running.serve_metrics(metrics, config.metrics_listen)
 
     async def expire_forever() -> None:
         while True:

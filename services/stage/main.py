@@ -44,6 +44,7 @@ async def start(config: StageConfig) -> RunningNode:
     running.on_stop(lambda: server.stop(grace=2.0))
     running.on_stop(node.close)
     await running.listen_for_health(config.health_listen)
+    running.serve_metrics(node.metrics, config.metrics_listen)
     device_name, device_id = device_identity(device)
     capabilities = registry_pb2.NodeCapabilities(
         node_id=config.node_id, role=registry_pb2.ROLE_STAGE, address=running.address,

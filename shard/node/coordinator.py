@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry.context import Context
 from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, DraftSession, NgramDraft
 from shard.decode.oracle import OracleDraft
 from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
+from shard.metrics import GenerationMetrics, NodeMetrics
 from shard.model.checkpoint import config_fingerprint
 from shard.model.fingerprints import tokenizer_sha256
 from shard.node.admission import Admission
@@ -174,6 +176,19 @@ class CoordinatorNode:
         self.receipts = ReceiptMaker(node_id, Signer(tls.key_pem, tls.cert_pem) if tls else None, model={
             "config_sha256": self.fingerprint, "tokenizer_sha256": tokenizer_sha256(str(path)),
             "num_layers": self.config.num_hidden_layers})
+        self.metrics = NodeMetrics("coordinator", node_id)
+        self.generation_metrics = GenerationMetrics(self.metrics.meter)
+        self._observe()
+
+    def _observe(self) -> None:
+        observe = self.metrics.observe
+        observe("shard.generations.active", lambda: self.admission.running, unit="{generation}",
+                description="generations running (each a session on every stage)")
+        observe("shard.generations.queued", lambda: self.admission.queued, unit="{generation}",
+                description="generations waiting for a slot")
+        observe("shard.chunks.in_flight", lambda: self.ring.in_flight, unit="{chunk}",
+                description="verify chunks in the ring whose results have not come back")
+        self.metrics.observe_refused(self.ring.inbound.rejected)
 
     def check(self, request: GenerationRequest) -> _Settings:
         """Everything that can be checked before any work (no tokenizing): a request that
@@ -261,17 +276,36 @@ class CoordinatorNode:
             raise ShardError(grpc.StatusCode.UNAVAILABLE,
                              f"the ring is not ready: {problem or 'stages are still loading'}")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationResult]:
+    async def generate(self, request: GenerationRequest, trace_context: Context | None = None
+                       ) -> AsyncIterator[TokenDelta | GenerationResult]:
         """Stream TokenDeltas as tokens are committed, then one GenerationResult. Waits in
-        the admission queue for a slot first."""
-        settings = self.check(request)
-        self._check_ready()
-        async with self.admission.slot():
-            prepared = await self.prepare(request, settings)
-            async for event in self._run(prepared):
-                yield event
+        the admission queue for a slot first. `trace_context`: the caller's trace, which
+        the generation's span then joins."""
+        measured = self.generation_metrics.start()
+        outcome = "cancelled"  # unless it ends otherwise: a caller that went away
+        try:
+            settings = self.check(request)
+            self._check_ready()
+            async with self.admission.slot():
+                prepared = await self.prepare(request, settings)
+                async for event in self._run(prepared, trace_context):
+                    if isinstance(event, TokenDelta):
+                        measured.committed(len(event.ids))
+                    else:
+                        measured.finished(len(event.prompt_ids), event.stats)
+                    yield event
+            outcome = "ok"
+        except ShardError as error:
+            outcome = error.code.name
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            measured.ended(outcome)
 
-    async def _run(self, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationResult]:
+    async def _run(self, prepared: Prepared, trace_context: Context | None = None
+                   ) -> AsyncIterator[TokenDelta | GenerationResult]:
         session_id = uuid.uuid4().hex
         text = TextStream(self.tokenizer)
         # What decoding commits, then None once it has finished.
@@ -289,7 +323,7 @@ class CoordinatorNode:
                 self._draft_threads, draft_session.propose, sequence, n)
 
         draft_name = prepared.draft.name if prepared.draft else "none"
-        span = tracer.start_span("shard.generate", attributes={
+        span = tracer.start_span("shard.generate", context=trace_context, attributes={
             "shard.session": session_id, "shard.prompt_tokens": len(prepared.prompt_ids),
             "shard.max_tokens": prepared.max_tokens, "shard.draft": draft_name,
             "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight})

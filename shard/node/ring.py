@@ -52,6 +52,11 @@ class Ring:
         return _signature(self.plan) if self.plan else ()
 
     @property
+    def in_flight(self) -> int:
+        """Chunks sent whose results have not come back."""
+        return len(self._pending)
+
+    @property
     def tail_id(self) -> str | None:
         return self.plan.stages[-1].node_id if self.plan and self.plan.stages else None
 

@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from shard.errors import ShardError
+from shard.metrics import NodeMetrics
 from shard.model.checkpoint import Checkpoint
 from shard.model.fingerprints import block_weights_sha256
 from shard.node.notary import StageNotary
@@ -129,6 +130,27 @@ class StageNode:
             node_id, model_dir=model_dir, device=device, dtype=dtype, memory_budget_bytes=memory_budget_bytes,
             max_sessions=max_sessions, session_idle_seconds=session_idle_seconds, progress=progress,
             send=self._emit, call_on_loop=self._call_on_loop, kv_layout=kv_layout, max_batch=max_batch)
+        self.metrics = NodeMetrics("stage", node_id)
+        self._observe()
+
+    def _observe(self) -> None:
+        """What the stage counts anyway, read when scraped."""
+        compute, observe = self.compute, self.metrics.observe
+        kv = lambda: compute.kv  # noqa: E731 (made once the block is loaded)
+        observe("shard.stage.kv.used", lambda: kv().total_bytes if kv() is not None else 0, unit="By",
+                description="bytes the sessions' KV caches hold")
+        observe("shard.stage.kv.budget", lambda: kv().budget_bytes if kv() is not None else 0, unit="By",
+                description="bytes the KV caches may hold")
+        observe("shard.stage.sessions", lambda: len(kv()) if kv() is not None else 0, unit="{session}",
+                description="sessions whose KV this stage holds")
+        observe("shard.stage.frames", lambda: {(("state", "processed"),): compute.frames_processed,
+                                               (("state", "stale"),): compute.frames_dropped_stale},
+                unit="{frame}", description="frames computed, and skipped for a cancelled epoch", counter=True)
+        observe("shard.stage.positions", lambda: {(("kind", "computed"),): compute.positions_computed,
+                                                  (("kind", "replayed"),): compute.positions_replayed},
+                unit="{position}", description="token positions run through the block (of them, replayed "
+                "after a fail-over)", counter=True)
+        self.metrics.observe_refused(self.inbound.rejected)
 
     @property
     def block(self):

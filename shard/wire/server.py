@@ -117,6 +117,8 @@ class RunningNode:
     def __init__(self, address: str, node=None, health: Health | None = None):
         self.address, self.node, self.health = address, node, health
         self.health_address: str | None = None
+        self.http_address: str | None = None
+        self.metrics_address: str | None = None  # Prometheus scrapes /metrics here  # a coordinator's OpenAI-compatible front, when it has one
         self._closers: list[Callable[[], Awaitable[object]]] = []
 
     def on_stop(self, closer: Callable[[], Awaitable[object]]) -> None:
@@ -129,6 +131,17 @@ class RunningNode:
         server, port = await start_health_listener(listen, self.health)
         self.health_address = f"{listen.rpartition(':')[0]}:{port}"
         self.on_stop(lambda: server.stop(grace=0.5))
+
+    def serve_metrics(self, metrics, listen: str | None) -> None:
+        """`metrics` (a shard.metrics.NodeMetrics) served for Prometheus on `listen`, if given;
+        closed with the node either way."""
+        if listen:
+            self.metrics_address = f"{listen.rpartition(':')[0]}:{metrics.serve(listen)}"
+
+        async def close() -> None:
+            metrics.close()
+
+        self.on_stop(close)
 
     async def stop(self) -> None:
         if self.health is not None:

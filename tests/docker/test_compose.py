@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def free_port() -> int:
 def stack(tinystories_dir, image, tmp_path):
     """The compose stack under a project name of its own; always brought down."""
     project = f"shard-test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = {**os.environ, "SHARD_IMAGE": image, "SHARD_PORT": str(port), "SHARD_MODEL_DIR": str(tinystories_dir),
+    port, http_port = free_port(), free_port()
+    env = {**os.environ, "SHARD_IMAGE": image, "SHARD_PORT": str(port), "SHARD_HTTP_PORT": str(http_port),
+           "SHARD_MODEL_DIR": str(tinystories_dir),
            "SHARD_LEASE_SECONDS": "2", "COMPOSE_PROJECT_NAME": project}
     env.pop("COMPOSE_PROFILES", None)  # the file's default: the CPU stages
 
@@ -95,6 +97,8 @@ def stack(tinystories_dir, image, tmp_path):
         # spare starts only when the coordinator is healthy, i.e. the ring serves.
         compose("up", "--detach")
         compose("cp", "certs:/certs", str(tmp_path / "certs"))
+        compose.http = f"http://localhost:{http_port}/v1"
+        compose.api_key = (tmp_path / "certs" / "api-keys").read_text().split()[0]
         yield compose, f"localhost:{port}", NodeTLS.load(tmp_path / "certs", "client"), project
     finally:
         if compose("ps", "--all", check=False).returncode == 0:
@@ -125,12 +129,23 @@ async def generate_killing(address: str, tls: NodeTLS, pid: int) -> tuple:
     return await task, running_at_kill
 
 
+def http_completion(compose, prompt_ids: list[int], max_tokens: int) -> tuple[str, int]:
+    body = json.dumps({"model": "model", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0})
+    request = urllib.request.Request(f"{compose.http}/completions", data=body.encode(), headers={
+        "authorization": f"Bearer {compose.api_key}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+
+
 def test_compose_stack_generates_survives_a_stage_kill_and_leaves_nothing(stack, tinystories_dir):
     compose, address, tls, project = stack
     expected = reference_greedy(tinystories_dir, PROMPT, 300)
 
     first = asyncio.run(generate(address, tls, request(), wait_ready_seconds=120))
     assert list(first.summary.output_ids) == expected
+    # The OpenAI-compatible API on its published port, with the key the certs job made.
+    assert http_completion(compose, PROMPT, 300) == (first.summary.text, len(expected))
 
     # The spare joined, holds no block: alive, not ready.
     wait_for_log(compose, "registry", "stage-3 joined", seconds=120)

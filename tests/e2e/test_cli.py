@@ -130,6 +130,10 @@ MISTAKES = {
     "bad draft dtype": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure"],
                         {"SHARD_DRAFT_DTYPE": "int8"}, "--draft-dtype must be one of auto, float32"),
     "client without coordinator": (["generate", "--insecure"], {}, "give --coordinator HOST:PORT"),
+    "client without its certificate": (["generate", "--coordinator", "127.0.0.1:1", "--certs", "{root}/empty"], {},
+                                       "{root}/empty: no client certificate: expected ca.pem, client.pem"),
+    "HTTP API open without keys": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure",
+                                    "--http-listen", "0.0.0.0:8000"], {}, "give --api-key-file FILE"),
     "certs over an existing CA": (["certs", "init", "{certs}"], {}, "CA already exists"),
 }
 

@@ -379,8 +379,40 @@ def test_scrape_annotations_from_values(rendered):
                                "prometheus.io/path": "/metrics"}
         assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in \
             workload["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert env_of(workload["spec"]["template"]["spec"]["containers"][0])["SHARD_METRICS_LISTEN"] == "0.0.0.0:9464"
     for workload in workloads(rendered["default"]):
         assert "annotations" not in workload["spec"]["template"]["metadata"]
+
+
+def test_openai_http_api_on_the_coordinator(helm):
+    """Off by default; enabled, the coordinator listens on ports.http with the API keys
+    mounted from their Secret, and its Service publishes the port."""
+    docs = objects(helm, sets=["coordinator.http.enabled=true", "coordinator.http.apiKeySecret=shard-api-keys",
+                               "coordinator.http.tls=true", "coordinator.http.servedModelName=story"])
+    import kubernetes_validate
+
+    for doc in docs:
+        if not doc["apiVersion"].startswith("cert-manager.io/"):
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+    coordinator = of_kind(docs, "Deployment")[f"{FULLNAME}-coordinator"]
+    pod = coordinator["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    assert env["SHARD_HTTP_LISTEN"] == "0.0.0.0:8000" and env["SHARD_HTTP_TLS"] == "true"
+    assert env["SHARD_SERVED_MODEL_NAME"] == "story"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["SHARD_API_KEY_FILE"] == mounts["api-keys"] + "/api-keys"
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "shard-api-keys"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    service = of_kind(docs, "Service")[f"{FULLNAME}-coordinator"]
+    assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "https"} in \
+        service["spec"]["ports"]
+    unknown = {v for v in env if v.startswith("SHARD_")} - _flags("coordinator")
+    assert not unknown
+    for workload in workloads(objects(helm)):
+        assert "SHARD_HTTP_LISTEN" not in env_of(workload["spec"]["template"]["spec"]["containers"][0])
 
 
 def test_model_from_an_init_container(rendered):
@@ -415,7 +447,8 @@ def test_nodes_run_unprivileged(rendered):
     (["registry.enabled=false"], "set registry.address"),
     (["fullnameOverride=a-release-name-that-is-far-too-long-for-pods"], "fullnameOverride"),
     (["coordinator.ingress.enabled=true"], "coordinator.ingress.host is required"),
-], ids=["region-name", "no-registry", "long-name", "ingress-without-host"])
+    (["coordinator.http.enabled=true"], "coordinator.http.apiKeySecret is required"),
+], ids=["region-name", "no-registry", "long-name", "ingress-without-host", "http-without-keys"])
 def test_bad_values_refused_with_a_reason(helm, sets, message):
     result = render(helm, sets=sets)
     assert result.returncode != 0

@@ -3,11 +3,13 @@ a child span at each stage it crossed, the trace context riding in the sealed fr
 with the standard OTEL_* variables set, separate processes export them over OTLP."""
 
 import asyncio
+import json
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -15,7 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shard.client import generate
 from shard.local import LocalSwarm
-from shard.v1 import api_pb2
+from shard.v1 import api_pb2, api_pb2_grpc
+from shard.wire.tls import open_channel
 
 from support.reference import reference_greedy
 from support.swarm import inprocess_swarm
@@ -67,6 +70,47 @@ def test_each_traversal_has_a_child_span_at_every_stage(tinystories_dir, tmp_pat
             assert hop.attributes["shard.chunk"] == traversal.attributes["shard.chunk"]
 
 
+def test_a_callers_traceparent_becomes_the_parent_of_the_generation(tinystories_dir, tmp_path, spans):
+    """Over gRPC (metadata) and over the HTTP front (header): the caller's trace holds
+    shard.generate, and its traversals below it."""
+    spans.clear()
+    caller = trace.get_tracer("caller")
+
+    async def run():
+        async with inprocess_swarm(tinystories_dir, 2, tmp_path, coordinator_args=[
+                "--http-listen", "127.0.0.1:0"]) as swarm:
+            parents = []
+            with caller.start_as_current_span("caller.grpc") as parent:
+                carrier = {}
+                propagate.inject(carrier)
+                parents.append(parent)
+                async with open_channel(swarm.coordinator.address, swarm.tls()) as channel:
+                    calls = api_pb2_grpc.InferenceServiceStub(channel).Generate(
+                        request(draft="none"), metadata=tuple(carrier.items()))
+                    [_ async for _ in calls]
+            with caller.start_as_current_span("caller.http") as parent:
+                carrier = {"content-type": "application/json"}
+                propagate.inject(carrier)
+                parents.append(parent)
+                body = json.dumps({"model": tinystories_dir.name, "prompt": PROMPT, "max_tokens": TOKENS,
+                                   "temperature": 0}).encode()
+                http = urllib.request.Request(f"http://{swarm.coordinator.http_address}/v1/completions",
+                                              data=body, headers=carrier)
+                await asyncio.to_thread(lambda: urllib.request.urlopen(http, timeout=60).read())
+            return parents
+
+    parents = asyncio.run(run())
+    finished = spans.get_finished_spans()
+    generations = [s for s in finished if s.name == "shard.generate"]
+    assert len(generations) == 2
+    for parent, generation in zip(parents, generations):
+        assert generation.parent.span_id == parent.get_span_context().span_id
+        assert generation.context.trace_id == parent.get_span_context().trace_id
+        traversals = [s for s in finished if s.name == "shard.traversal"
+                      and s.parent.span_id == generation.context.span_id]
+        assert traversals and all(t.context.trace_id == parent.get_span_context().trace_id for t in traversals)
+
+
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     """A real OTLP/gRPC endpoint that keeps what it is sent."""
 
@@ -76,6 +120,12 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+    def services(self) -> set[tuple[str, str]]:
+        """(service.name, service.instance.id) of every resource that sent spans."""
+        return {tuple(next((a.value.string_value for a in r.resource.attributes if a.key == key), "")
+                      for key in ("service.name", "service.instance.id"))
+                for request in self.requests for r in request.resource_spans}
 
     def spans(self) -> list[tuple[str, object]]:
         """(service name, span) for every span received."""
@@ -105,6 +155,8 @@ def test_processes_export_their_spans_over_otlp(tinystories_dir, tmp_path, monke
         # Stopping the nodes flushed their spans.
     finally:
         server.stop(None)
+    assert collector.services() >= {("shard-coordinator", "coordinator"), ("shard-stage", "stage-0"),
+                                    ("shard-stage", "stage-1")}
     received = collector.spans()
     traversals = {s.span_id: s for service, s in received if service == "shard-coordinator"
                   and s.name == "shard.traversal"}

@@ -203,6 +203,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- with .Values.otel.endpoint }}
 - {name: OTEL_EXPORTER_OTLP_ENDPOINT, value: {{ . | quote }}}
 {{- end }}
+{{- if .Values.metrics.scrape }}
+- {name: SHARD_METRICS_LISTEN, value: {{ printf "%s:%v" .Values.listenHost .Values.metrics.port | quote }}}
+{{- end }}
 {{- end -}}
 
 {{/* Pod annotations: values' podAnnotations and, when metrics.scrape, Prometheus's. */}}
