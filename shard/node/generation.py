@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shard.decode.sampling import TokenLogprob
 from shard.decode.speculative import DecodeStats
 
 
@@ -47,7 +48,7 @@ class GenerationRequest:
     draft: str = ""
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
-    logprobs: int = 0
+    logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class TokenDelta:
 
     ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None  # one per id when the request asked
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,5 @@ class GenerationResult:
     spec_k: int
     in_flight: int
     stats: DecodeStats
+    seed: int | None = None  # the sampler's seed, None when greedy
 

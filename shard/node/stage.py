@@ -20,7 +20,8 @@ import torch
 
 from shard.errors import ShardError
 from shard.model.checkpoint import Checkpoint
-from shard.node.stage_compute import BlockSpec, KVLayout, ReplayStep, StageCompute
+from shard.node.stage_compute import BlockSpec, ForwardStep, KVLayout, ReplayStep, StageCompute
+from shard.node.tail_sampling import parse_spec
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
@@ -181,7 +182,11 @@ class StageNode:
         if not header.session_id:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "frame has no session_id")
         if header.kind == K.FRAME_KIND_FORWARD:
-            body = self._validated_input(header, payload)
+            sampling = None
+            if header.sampling and self.block.is_last:  # only the tail chooses tokens
+                sampling = parse_spec(header.sampling, vocab_size=self.block.vocab_size,
+                                      num_outputs=header.num_outputs or header.num_tokens)
+            body = ForwardStep(self._validated_input(header, payload), sampling)
         elif header.kind == K.FRAME_KIND_REPLAY:
             body = self._replay_step(header, payload)
         elif header.kind == K.FRAME_KIND_END:

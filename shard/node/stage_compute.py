@@ -26,6 +26,7 @@ from shard.model.static_block import StaticBlock
 from shard.node.kv_store import KVStore
 from shard.node.resources import memory_report
 from shard.node.serial_thread import SerialThread
+from shard.node.tail_sampling import ChunkSampling, choose_tokens, encode_choices
 from shard.telemetry import context_of, tracer
 from shard.v1 import frame_pb2
 from shard.wire.codec import WireTensor, encode_data, encode_ids, encode_tensor, tensor_data
@@ -72,6 +73,15 @@ class BlockSpec:
     end: int
     first: bool
     last: bool
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """A FORWARD frame's validated input, and at the tail how to choose its tokens
+    (None: argmax ids)."""
+
+    input: WireTensor
+    sampling: ChunkSampling | None = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,7 @@ class StageCompute:
             if header.kind == K.FRAME_KIND_REPLAY:
                 output = self._replay(header, body)
             else:
-                output = self._forward(header, body, header.num_outputs)
+                output = self._forward(header, body.input, header.num_outputs, body.sampling)
                 self.positions_computed += header.num_tokens
         except Exception as error:
             if not isinstance(error, (ShardError, CacheGapError, ValueError)):
@@ -259,10 +269,14 @@ class StageCompute:
             out.kind = K.FRAME_KIND_RESULT
         return frame_pb2.Frame(header=out, payload=output)
 
-    def _forward(self, header, wire: WireTensor, num_outputs: int) -> bytes:
+    def _forward(self, header, wire: WireTensor, num_outputs: int, sampling: ChunkSampling | None = None) -> bytes:
         """Run the chunk through the block; its output in wire form. A block that is not the
-        tail keeps its output rows with the session."""
+        tail keeps its output rows with the session; a sampling tail chooses from its logits."""
         kv, block, runner = self.kv, self.block, self.runner
+        if sampling is not None and runner is not block:
+            raise ShardError(grpc.StatusCode.UNIMPLEMENTED,
+                             f"{self.node_id} runs on static KV (--kv static), whose graphs return argmax ids "
+                             f"only: sampling and logprobs need a tail with --kv dynamic")
         if kv.get(header.session_id) is None and header.start_pos > 0:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
                                 f"to continue at position {header.start_pos}")
@@ -273,7 +287,12 @@ class StageCompute:
             tensor = tensor.to(block.device)
         inputs = {"input_ids": tensor} if block.is_first else {"hidden": tensor}
         try:
-            output = runner.forward(session.cache, header.start_pos, **inputs, num_outputs=num_outputs)
+            output = runner.forward(session.cache, header.start_pos, **inputs, num_outputs=num_outputs,
+                                    logits=sampling is not None)
+            if sampling is not None:
+                n = header.num_tokens
+                first_chosen = header.start_pos + n - (num_outputs or n) + 1  # the position row 0 chooses
+                return encode_choices(choose_tokens(output, sampling, first_chosen))
             if block.is_last:
                 return encode_tensor(output)
             rows = tensor_data(output)

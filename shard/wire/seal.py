@@ -221,6 +221,7 @@ def header_ad(header: frame_pb2.FrameHeader) -> bytes:
         _lp(h.tracestate),
         _U64.pack(h.counter),
         _REPLAY.pack(h.replay_first_stage, h.replay_last_stage),
+        _U32.pack(len(h.sampling)) + h.sampling,
     ))
 
 
