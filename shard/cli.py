@@ -191,6 +191,15 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="default 64")
     parser.add_argument("--ignore-eos", action="store_true", default=None)
     parser.add_argument("--json", action="store_true", default=None, help="print token ids and text as JSON")
+    parser.add_argument("--temperature", type=float, help="sample at this temperature, 0 to 2 (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens whose mass "
+                        "reaches this, in (0, 1] (needs --temperature)")
+    parser.add_argument("--top-k", type=int, help="keep the K most likely tokens (needs --temperature)")
+    parser.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one "
+                        "(needs --temperature)")
+    parser.add_argument("--seed", type=int, help="the sampler's seed: the same seed, the same tokens (default: "
+                        "a random one, printed in the summary)")
+    parser.add_argument("--stop", action="append", help="stop before this text; repeat for several (at most 4)")
 
 
 def _certs_arguments(certs: argparse.ArgumentParser) -> None:

@@ -250,8 +250,19 @@ class RequestConfig:
     draft: list[str] = field(default_factory=list)
     spec_k: int | None = None
     in_flight: int | None = None
+    # Sampling; None leaves the request's field unset (greedy). The coordinator checks ranges.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"--seed must lie in [0, 2**64), not {self.seed}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"--top-k must be at least 0, not {self.top_k}")
         if self.prompt_ids is not None:
             try:
                 [int(i) for i in self.prompt_ids.split(",")]

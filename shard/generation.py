@@ -19,6 +19,10 @@ def build_request(config: RequestConfig) -> api_pb2.GenerateRequest:
         request.spec_k = config.spec_k
     if config.in_flight is not None:
         request.in_flight = config.in_flight
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
+        if getattr(config, name) is not None:
+            setattr(request, name, getattr(config, name))
+    request.stop.extend(config.stop)
     if config.prompt_ids:
         request.prompt_ids.ids.extend(int(i) for i in config.prompt_ids.split(","))
     elif config.chat:
@@ -44,4 +48,5 @@ def print_generation(generation, as_json: bool, note: str = "") -> None:
               f"{summary.chunks_sent}/{summary.chunks_wasted}/{summary.chunks_cancelled}; time draft "
               f"{summary.draft_seconds:.2f} s, ring {summary.ring_seconds:.2f} s, coordinator "
               f"{summary.coordinator_seconds:.2f} s; "
-              f"{api_pb2.FinishReason.Name(summary.finish_reason)}{note}]", file=sys.stderr)
+              f"{api_pb2.FinishReason.Name(summary.finish_reason)}"
+              f"{f', seed {summary.seed}' if summary.HasField('seed') else ''}{note}]", file=sys.stderr)

@@ -3,15 +3,12 @@ p from the shared TinyStories model, q from a real draft (the same model cut to 
 layer). Whatever q is, the tokens chosen must follow p exactly.
 
 The statistic is Pearson's chi-square over the tokens (bins of expected count < 5 pooled),
-against its 1 - ALPHA quantile: a correct sampler fails a check with probability ALPHA
+against its 1 - 1e-4 quantile (support.stats): a correct sampler fails a check with probability 1e-4
 (1e-4; about 1e-3 over the checks here). The draws are counter-based (seeded), so each run
 of this file draws the same numbers: a check passes or fails the same way every time. The
 negative controls show the checks' power: a sampler off by 2% of probability mass fails."""
 
 from __future__ import annotations
-
-import math
-from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -24,7 +21,8 @@ from shard.decode.sampling import (MAX_SUPPORT, Proposal, Purpose, SamplingParam
                                    draw, process, propose, uniform)
 from shard.model.synthetic import truncated_copy
 
-ALPHA = 1e-4
+from support import stats
+
 DRAWS = 20_000
 PROMPTS = ["Once upon a time there was a little", "The dog ran to the"]
 SETTINGS = {  # name -> (prompt, processing)
@@ -34,29 +32,8 @@ SETTINGS = {  # name -> (prompt, processing)
 }
 
 
-def chi_square_quantile(dof: int, alpha: float = ALPHA) -> float:
-    """Wilson-Hilferty: the chi-square distribution's 1 - alpha quantile (within 1% for dof >= 3)."""
-    z = NormalDist().inv_cdf(1 - alpha)
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-
-
-def chi_square(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
-    """Pearson's statistic of `counts` against p and its degrees of freedom; tokens whose
-    expected count is under 5 are pooled into one bin (tokens with p = 0 must never occur)."""
-    n = counts.sum()
-    assert counts[p == 0].sum() == 0, "a token outside p's support was chosen"
-    expected = n * p
-    big = expected >= 5
-    observed = np.append(counts[big], counts[~big].sum())
-    expected = np.append(expected[big], expected[~big].sum())
-    keep = expected > 0
-    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    return statistic, int(keep.sum()) - 1
-
-
 def assert_follows(tokens: np.ndarray, p: np.ndarray) -> None:
-    statistic, dof = chi_square(np.bincount(tokens, minlength=p.size), p)
-    assert statistic < chi_square_quantile(dof), f"chi-square {statistic:.1f} over {dof} dof"
+    stats.assert_follows(np.bincount(tokens, minlength=p.size), p)
 
 
 @pytest.fixture(scope="module")
