@@ -85,9 +85,9 @@ def assert_joint(samples: list[tuple[int, ...]], exact: dict) -> None:
 
 
 RUNS = 300
-CONFIGS = [(None, 0, 1), ("model", 4, 4), ("ngram", 1, 1)]
-SLOW_CONFIGS = [(d, k, w) for d, k, w in itertools.product(["model", "target", "ngram"], [1, 4], [1, 4])
-                if (d, k, w) not in CONFIGS]
+CONFIGS = [("model", 4, 4), ("ngram", 1, 1)]  # the rest (and plain decode) are slow: below
+SLOW_CONFIGS = [(None, 0, 1)] + [(d, k, w) for d, k, w in itertools.product(["model", "target", "ngram"], [1, 4], [1, 4])
+                                  if (d, k, w) not in CONFIGS]
 
 
 @pytest.mark.parametrize("draft, k, w", CONFIGS)
@@ -107,9 +107,9 @@ def test_a_seed_gives_the_same_tokens_whatever_the_split_and_depth(setup, tinyst
     the bonus draw the chunk before made anyway)."""
     prompt, drafts, _ = setup
     chains = {n: LocalChain(tinystories_dir, bounds) for n, bounds in SPLITS.items()}
-    seeds = range(3)
-    for draft, k in ((None, 0), ("model", 4), ("target", 4), ("ngram", 2)):
-        runs = {(n, w): sample(setup, draft, k, w, seeds, chain=chain, tokens=24)
+    seeds = range(2)
+    for draft, k in ((None, 0), ("model", 4), ("ngram", 2)):
+        runs = {(n, w): sample(setup, draft, k, w, seeds, chain=chain, tokens=16)
                 for n, chain in chains.items() for w in ((1, 4) if draft else (1,))}
         first = next(iter(runs.values()))
         assert all(r == first for r in runs.values()), (draft, runs)
