@@ -345,6 +345,7 @@ class Decoder:
                     self.reject_after(position)
                 self.stream.append(target)  # the correction, or the bonus token
             self.committed = position + 2
+            self.proposals.pop(position + 1, None)  # final now: its q is no longer needed
             new.append(target)
             finished = _finished(target, self.eos_ids, self.committed - self.prompt_len, self.max_tokens)
             if finished or not accepted:

@@ -194,6 +194,7 @@ def edge_key(secret: bytes, sender: str, receiver: str, stream_id: bytes) -> byt
 AD_FIELDS = (
     "session_id", "chunk_id", "epoch", "start_pos", "num_tokens", "num_outputs", "kind",
     "sender", "receiver", "traceparent", "tracestate", "counter", "replay_first_stage", "replay_last_stage",
+    "sampling",
 )
 
 _INTS = struct.Struct(">QQQQQq")  # chunk_id, epoch, start_pos, num_tokens, num_outputs, kind
@@ -208,8 +209,9 @@ def _lp(text: str) -> bytes:
 
 
 def header_ad(header: frame_pb2.FrameHeader) -> bytes:
-    """Canonical encoding of every header field: fixed order, fixed widths, strings
-    length-prefixed (4-byte big-endian length, UTF-8). Independent of protobuf's encoder."""
+    """Canonical encoding of every header field: fixed order, fixed widths, strings and
+    bytes length-prefixed (4-byte big-endian length; strings UTF-8). Independent of
+    protobuf's encoder."""
     h = header
     return b"".join((
         _AD_MAGIC,
