@@ -116,5 +116,9 @@ def _doc(payload: dict) -> str:
         "model itself: q = p cut to its 64 most likely tokens), `truncated` (its first layer only,",
         "a draft that disagrees often) and `ngram` (prompt lookup: one-hot q). Acceptance is",
         "per drafted token; under sampling it is the mass p and q share (sum of min(p, q)),",
-        "so a draft that matches the target's argmax well still loses some to the tails of p.", "",
+        "so a draft that matches the target's argmax well still loses some to the tails of p.",
+        "A chunk sent ahead (W > 1) checks its first guess against the previous chunk's bonus",
+        "draw, which agrees with probability sum of p*q: pipelined rows count those positions too.",
+        "The draws are seeded, so the tokens (and tokens per traversal) repeat exactly; tok/s",
+        "depends on the machine, and on a small shared machine on whatever else runs there.", "",
         markdown(payload)])

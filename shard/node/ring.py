@@ -22,6 +22,7 @@ from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.certs import Identity
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
 from shard.wire.edge import Edge
+from shard.wire.spec_seal import seal_spec
 from shard.wire.inbound import Inbound
 from shard.wire.tls import NodeTLS, open_channel
 
@@ -123,8 +124,10 @@ class Ring:
         layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
-            num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD,
-            sampling=encode_spec(sampling) if sampling is not None else b"")
+            num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        if sampling is not None:
+            spec = encode_spec(sampling)
+            header.sampling = seal_spec(self._secret, self.node_id, header, spec) if self._secret else spec
         return await self._send(header, encode_ids(tokens))
 
     async def replay(self, *, session_id: str, chunk_id: int, epoch: int, tokens: list[int],
@@ -233,7 +236,7 @@ def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int] | Cho
         raise ShardError(_status(detail.code), detail.message)
     try:
         if header.sampling and header.kind == frame_pb2.FRAME_KIND_RESULT:
-            return parse_choices(payload, frame_pb2.SamplingSpec.FromString(header.sampling).want_logprobs)
+            return parse_choices(payload)
         return parse_tensor(payload).ints()
     except (CodecError, DecodeError, ValueError) as error:
         raise ShardError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None

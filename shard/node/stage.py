@@ -26,6 +26,8 @@ from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
 from shard.wire.inbound import Inbound, InboundError
+from shard.wire.seal import SealError
+from shard.wire.spec_seal import open_spec
 from shard.wire.tls import NodeTLS
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ class StageNode:
         self.node_id = node_id
         self.checkpoint = Checkpoint.open(model_dir)
         self._tls = tls
+        self._secrets = secrets
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
         self._idle_seconds = session_idle_seconds
@@ -184,7 +187,7 @@ class StageNode:
         if header.kind == K.FRAME_KIND_FORWARD:
             sampling = None
             if header.sampling and self.block.is_last:  # only the tail chooses tokens
-                sampling = parse_spec(header.sampling, vocab_size=self.block.vocab_size,
+                sampling = parse_spec(self._opened_spec(header), vocab_size=self.block.vocab_size,
                                       num_outputs=header.num_outputs or header.num_tokens)
             body = ForwardStep(self._validated_input(header, payload), sampling)
         elif header.kind == K.FRAME_KIND_REPLAY:
@@ -197,6 +200,15 @@ class StageNode:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"a stage does not take frames of kind {K.FrameKind.Name(header.kind)}")
         self.compute.submit(header, body, on_done)
+
+    def _opened_spec(self, header) -> bytes:
+        """The sampling spec in the header, which the coordinator sealed for the tail."""
+        if self._secrets is None:
+            return header.sampling
+        try:
+            return open_spec(self._secrets, self.assignment.coordinator_id, header, header.sampling)
+        except SealError as error:
+            raise ShardError(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
 
     def _replay_step(self, header, payload: bytes) -> ReplayStep:
         """This stage's part in a replay: compute it (its index lies in the replay's range),

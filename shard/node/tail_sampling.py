@@ -103,10 +103,11 @@ def encode_choices(chosen: Chosen) -> bytes:
     return out.SerializeToString()
 
 
-def parse_choices(payload: bytes, want_logprobs: bool) -> Chosen:
+def parse_choices(payload: bytes) -> Chosen:
+    """The tail's answer; logprobs None when it sent none (the spec asked for none)."""
     choices = frame_pb2.ChunkChoices.FromString(payload)
     ids = list(choices.ids)
-    if not want_logprobs:
+    if not choices.logprobs:
         return Chosen(ids)
     if len(choices.logprobs) != len(ids):
         raise ValueError(f"{len(choices.logprobs)} logprobs for {len(ids)} ids")
