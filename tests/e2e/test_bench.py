@@ -74,3 +74,19 @@ def test_seal_smoke(tmp_path):
     for head in report["headline"].values():
         assert head["sealed_us"] > 0 and head["plain_us"] > 0 and isinstance(head["goal_met"], bool)
     assert [r["segments"] for r in report["split_seal"]] == [1, 2, 4]
+
+
+def test_sampling_smoke(tinystories_dir, tmp_path):
+    """`shard bench sampling`: every mode at each temperature, seeded, in one table."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    done = subprocess.run(
+        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "sampling", "--model", str(tinystories_dir),
+         "--max-tokens", "8", "--prompts", "1", "--k", "2", "--w", "2", "--out", str(results), "--docs", str(docs)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((results / "sampling.json").read_text())["rows"]
+    assert {r["temperature"] for r in rows} == {0.0, 0.7, 1.0} and len(rows) == 3 * 7
+    assert all(r["tokens"] == 8 for r in rows)
+    greedy_target = next(r for r in rows if r["temperature"] == 0.0 and r["mode"] == "sync target K=2")
+    assert greedy_target["acceptance"] == 1.0  # the target as its own draft, greedy: every guess stands
+    assert "| pipelined ngram K=2 W=2 |" in (docs / "benchmarks-sampling.md").read_text()
