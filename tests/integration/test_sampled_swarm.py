@@ -50,10 +50,10 @@ def draft_dir(tinystories_dir, tmp_path_factory):
     return truncated_copy(tinystories_dir, tmp_path_factory.mktemp("draft") / "truncated", layers=1)
 
 
-@pytest.mark.parametrize("stages", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stages", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                    pytest.param(3, marks=pytest.mark.slow)])
 def test_a_seed_gives_the_chains_tokens_on_any_number_of_stages(tinystories_dir, draft_dir, tmp_path, stages):
-    runs = {"none": (None, 0), str(draft_dir): (ModelDraft.load(draft_dir), 4),
-            "ngram": (NgramDraft(), 2)}
+    runs = {"none": (None, 0), str(draft_dir): (ModelDraft.load(draft_dir), 4), "ngram": (NgramDraft(), 2)}
 
     async def main():
         async with inprocess_swarm(tinystories_dir, stages, tmp_path,
