@@ -219,6 +219,15 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
                         "with `shard receipt verify`)")
     parser.add_argument("--receipt-private", action="store_true", default=None,
                         help="the receipt holds hashes of the prompt and output, not their token ids")
+    parser.add_argument("--temperature", type=float, help="sample at this temperature, 0 to 2 (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens whose mass "
+                        "reaches this, in (0, 1] (needs --temperature)")
+    parser.add_argument("--top-k", type=int, help="keep the K most likely tokens (needs --temperature)")
+    parser.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one "
+                        "(needs --temperature)")
+    parser.add_argument("--seed", type=int, help="the sampler's seed: the same seed, the same tokens (default: "
+                        "a random one, printed in the summary)")
+    parser.add_argument("--stop", action="append", help="stop before this text; repeat for several (at most 4)")
 
 
 def _certs_arguments(certs: argparse.ArgumentParser) -> None:

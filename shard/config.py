@@ -317,10 +317,21 @@ class RequestConfig:
     in_flight: int | None = None
     receipt: Path | None = None  # write the run's signed receipt here
     receipt_private: bool = False  # the receipt holds hashes of the prompt and output, not their ids
+    # Sampling; None leaves the request's field unset (greedy). The coordinator checks ranges.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.receipt_private and self.receipt is None:
             raise ConfigError("--receipt-private needs --receipt FILE")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"--seed must lie in [0, 2**64), not {self.seed}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"--top-k must be at least 0, not {self.top_k}")
         if self.prompt_ids is not None:
             try:
                 [int(i) for i in self.prompt_ids.split(",")]

@@ -18,7 +18,9 @@ def request_options(config: RequestConfig) -> dict:
     """The request as keyword arguments of shard.client.build_generate_request."""
     options = dict(max_tokens=max(config.max_tokens, 0), stop_at_eos=not config.ignore_eos,
                    draft=config.draft[0] if config.draft else "", spec_k=config.spec_k, in_flight=config.in_flight,
-                   receipt=config.receipt is not None, receipt_private=config.receipt_private)
+                   receipt=config.receipt is not None, receipt_private=config.receipt_private,
+                   temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, min_p=config.min_p,
+                   seed=config.seed, stop=config.stop or None)
     if config.prompt_ids:
         return {**options, "prompt_ids": [int(i) for i in config.prompt_ids.split(",")]}
     if config.chat:
@@ -57,4 +59,5 @@ def print_generation(generation, as_json: bool, note: str = "") -> None:
               f"{summary.chunks_sent}/{summary.chunks_wasted}/{summary.chunks_cancelled}; time draft "
               f"{summary.draft_seconds:.2f} s, ring {summary.ring_seconds:.2f} s, coordinator "
               f"{summary.coordinator_seconds:.2f} s; "
-              f"{api_pb2.FinishReason.Name(summary.finish_reason)}{note}]", file=sys.stderr)
+              f"{api_pb2.FinishReason.Name(summary.finish_reason)}"
+              f"{f', seed {summary.seed}' if summary.HasField('seed') else ''}{note}]", file=sys.stderr)

@@ -57,10 +57,13 @@ class _Body(BaseModel):
     def _stop(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def _request(self, max_tokens: int, logprobs: int, **prompt) -> GenerationRequest:
+    def _request(self, max_tokens: int, wants_logprobs: bool, **prompt) -> GenerationRequest:
+        if wants_logprobs:  # the engine computes them (gRPC's TokenDelta.logprobs); this front does not render them yet
+            raise ApiError(400, "logprobs are served over gRPC (GenerateRequest.logprobs), not yet over HTTP",
+                           param="logprobs", code="unsupported_parameter")
         return GenerationRequest(max_tokens=max_tokens, spec_k=self.spec_k, in_flight=self.in_flight,
                                  stop_at_eos=not self.ignore_eos, draft=self.draft, sampling=self._sampling(),
-                                 stop=self._stop(), logprobs=logprobs, **prompt)
+                                 stop=self._stop(), **prompt)
 
     @property
     def include_usage(self) -> bool:
@@ -82,7 +85,7 @@ class CompletionBody(_Body):
             prompt = {"prompt_ids": tuple(self.prompt)}
         else:
             prompt = {"prompt": self.prompt}
-        return self._request(self.max_tokens or DEFAULT_COMPLETION_TOKENS, self.logprobs or 0, **prompt)
+        return self._request(self.max_tokens or DEFAULT_COMPLETION_TOKENS, self.logprobs is not None, **prompt)
 
 
 class _TextPart(BaseModel):
@@ -106,8 +109,7 @@ class ChatBody(_Body):
 
     def generation_request(self, context_length: int) -> GenerationRequest:
         limit = self.max_completion_tokens or self.max_tokens or min(DEFAULT_CHAT_TOKENS, context_length // 4)
-        logprobs = max(self.top_logprobs or 0, 1) if self.logprobs else 0
-        return self._request(limit, logprobs, chat=tuple(ChatMessage(m.role, m.text()) for m in self.messages))
+        return self._request(limit, self.logprobs, chat=tuple(ChatMessage(m.role, m.text()) for m in self.messages))
 
 
 class ApiError(Exception):

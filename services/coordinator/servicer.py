@@ -48,7 +48,8 @@ def generation_request(request: api_pb2.GenerateRequest) -> GenerationRequest:
         spec_k=request.spec_k if request.HasField("spec_k") else None,
         in_flight=request.in_flight if request.HasField("in_flight") else None,
         stop_at_eos=request.stop_at_eos if request.HasField("stop_at_eos") else True,
-        draft=request.draft, sampling=sampling_of(request), stop=tuple(request.stop), logprobs=request.logprobs,
+        draft=request.draft, sampling=sampling_of(request), stop=tuple(request.stop),
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
         receipt=request.receipt, receipt_private=request.receipt_private)
 
 
@@ -58,12 +59,17 @@ def sampling_of(request: api_pb2.GenerateRequest) -> Sampling:
                        if request.HasField(name)})
 
 
-_FINISH = {Finish.LENGTH: api_pb2.FINISH_REASON_LENGTH, Finish.EOS: api_pb2.FINISH_REASON_EOS}
+_FINISH = {Finish.LENGTH: api_pb2.FINISH_REASON_LENGTH, Finish.EOS: api_pb2.FINISH_REASON_EOS,
+           Finish.STOP: api_pb2.FINISH_REASON_STOP}
 
 
 def generate_response(event: TokenDelta | GenerationResult) -> api_pb2.GenerateResponse:
     if isinstance(event, TokenDelta):
-        return api_pb2.GenerateResponse(delta=api_pb2.TokenDelta(ids=event.ids, text=event.text))
+        delta = api_pb2.TokenDelta(ids=event.ids, text=event.text)
+        for entry in event.logprobs or ():
+            delta.logprobs.add(id=entry.id, logprob=entry.logprob,
+                               top=[api_pb2.TopLogprob(id=i, logprob=lp) for i, lp in entry.top])
+        return api_pb2.GenerateResponse(delta=delta)
     stats, seconds = event.stats, event.stats.seconds
     tokens = len(stats.output_ids)
     return api_pb2.GenerateResponse(summary=api_pb2.GenerationSummary(
@@ -77,7 +83,7 @@ def generate_response(event: TokenDelta | GenerationResult) -> api_pb2.GenerateR
         coordinator_seconds=max(seconds - stats.draft_seconds - stats.ring_seconds, 0.0),
         spec_k=event.spec_k, in_flight=event.in_flight, draft_tokens=stats.proposed,
         replays=stats.replays, pipeline_breaks=stats.pipeline_breaks, partial_replays=stats.partial_replays,
-        replayed_positions=stats.replayed_positions, receipt=event.receipt))
+        replayed_positions=stats.replayed_positions, receipt=event.receipt, seed=event.seed))
 
 
 class ReturnServicer(return_pb2_grpc.ReturnServiceServicer):

@@ -1,4 +1,4 @@
-"""`shard bench {wan,concurrency,seal,memory,gpu}`: one subcommand per benchmark, each writing its JSON
+"""`shard bench {wan,concurrency,seal,memory,gpu,sampling}`: one subcommand per benchmark, each writing its JSON
 results under --out and its rendered Markdown (and plot) under --docs.
 
 Only the arguments live here: the benchmarks' modules (torch, model code) are imported
@@ -76,6 +76,15 @@ def _gpu_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tokens and prompts: a run that fits one call")
 
 
+def _sampling_arguments(parser) -> None:
+    parser.add_argument("--model", help="target model folder (default: the shared tiny model)")
+    parser.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES), help="repeatable (default: lan)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=3, help="how many of the story prompts")
+    parser.add_argument("--k", type=int, default=4, help="draft tokens per verify chunk")
+    parser.add_argument("--w", type=int, default=4, help="chunks in flight in the pipelined rows")
+
+
 # name -> (one-line help, its own arguments)
 BENCHMARKS = {
     "wan": ("every decoding mode side by side over emulated WAN links", _wan_arguments),
@@ -83,6 +92,8 @@ BENCHMARKS = {
                     "stage busy", _concurrency_arguments),
     "seal": ("what the AEAD layer costs per frame, alone and on a loopback gRPC hop", _seal_arguments),
     "memory": ("a stage's peak memory against its block's share of the model", _memory_arguments),
+    "sampling": ("acceptance and tok/s under speculative sampling (T 0.7, 1.0) next to greedy",
+                 _sampling_arguments),
     "gpu": ("8B-shaped dummy-weight models on a GPU: one process, micro benchmarks, every mode end to end",
             _gpu_arguments),
 }
@@ -100,7 +111,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from shard.bench import concurrency, gpu, memory, seal, wan
+    from shard.bench import concurrency, gpu, memory, sampling, seal, wan
 
-    return {"wan": wan, "concurrency": concurrency, "seal": seal, "memory": memory,
-            "gpu": gpu}[args.benchmark].main(args)
+    return {"wan": wan, "concurrency": concurrency, "seal": seal, "memory": memory, "gpu": gpu,
+            "sampling": sampling}[args.benchmark].main(args)

@@ -139,5 +139,6 @@ def _doc(payload: dict, with_plot: bool) -> str:
         "machines far apart do; on fewer cores than nodes the draft, the stages and the relays",
         "take turns and the efficiency drops.", "",
         "GPU runs (`shard bench gpu`): [benchmarks-gpu.md](benchmarks-gpu.md). Many sessions at once",
-        "(`shard bench concurrency`): [benchmarks-concurrency.md](benchmarks-concurrency.md).", "",
+        "(`shard bench concurrency`): [benchmarks-concurrency.md](benchmarks-concurrency.md). Sampling at",
+        "temperatures 0.7 and 1.0 next to greedy (`shard bench sampling`): [benchmarks-sampling.md](benchmarks-sampling.md).", "",
         markdown(payload), "", *figure])

@@ -17,6 +17,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from shard.decode.static_draft import (STATIC_FAMILIES, SlotPool, StaticDraftSession, common_prefix,
                                        supports_static)
+from shard.decode.sampling import Proposal, SamplingParams, process
+from shard.decode.sampling import propose as draw_proposal
 from shard.model.causal_lm import load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ STATIC_MAX_POSITIONS = 4096  # a static cache's length: a session drafts no furt
 class DraftSession(Protocol):
     def propose(self, sequence: list[int], n: int) -> list[int]:
         """Up to `n` tokens likely to follow `sequence` (fewer, or none, is allowed)."""
+
+    def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
+        """Up to `n` guesses drawn from the draft's processed distribution, each with that
+        distribution (a deterministic draft: one-hot), with the counter-based randomness."""
 
     def close(self) -> None:
         """The generation is over: give back what the session holds."""
@@ -66,6 +72,9 @@ class NgramDraft:
                     if follow:
                         return follow
         return []
+
+    def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
+        return [Proposal.one_hot(token) for token in self.propose(sequence, n)]
 
     def close(self) -> None:
         """Stateless: nothing to give back."""
@@ -124,6 +133,22 @@ class ModelDraftSession:
         """Up to `n` tokens after `sequence`; with `forced`, the model still runs each step
         but reads forced[i] instead of its own pick (the oracle draft), and forced is returned."""
         n = n if forced is None else min(n, len(forced))
+        return [token for token, _ in self._decode(
+            sequence, n, lambda i, logits: (int(logits.argmax()) if forced is None else forced[i], None))]
+
+    @torch.inference_mode()
+    def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
+        """Guesses drawn from the processed distribution, each token's position keying its draw."""
+        def pick(i: int, logits: torch.Tensor) -> tuple[int, Proposal]:
+            probs = process(logits.to(torch.float64).cpu().numpy(), params)
+            proposal = draw_proposal(probs, params.seed, len(sequence) + i)
+            return proposal.token, proposal
+
+        return [proposal for _, proposal in self._decode(sequence, n, pick)]
+
+    def _decode(self, sequence: list[int], n: int, pick) -> list[tuple[int, object]]:
+        """n steps after `sequence`; `pick(i, logits)` gives step i's token (the next step
+        reads it) and what to return for it."""
         if n <= 0:
             return []
         common = common_prefix(self._read, sequence)
@@ -132,15 +157,13 @@ class ModelDraftSession:
         if common < len(self._read):
             self._cache.crop(common - len(self._read))  # negative: drop that many trailing positions
             del self._read[common:]
-        proposal: list[int] = []
+        picked: list[tuple[int, object]] = []
         feed = sequence[common:]
         for i in range(n):
-            logits = self._step(feed)
-            token = int(logits[-1].argmax())
-            proposal.append(token if forced is None else forced[i])
-            feed = proposal[-1:]
+            picked.append(pick(i, self._step(feed)[-1]))
+            feed = [picked[-1][0]]
         # The last proposed token was never fed: the cache ends one short of the proposal.
-        return proposal
+        return picked
 
     def close(self) -> None:
         """Nothing to give back: the cache goes with the session."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 
 from shard.decode.draft import ModelDraft
+from shard.decode.sampling import Proposal, SamplingParams
 
 SEED = 0
 
@@ -56,6 +57,11 @@ class OracleSession:
         if not wanted:
             return []
         return self._model.propose(sequence, len(wanted), forced=wanted)
+
+    def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
+        """Under sampling the oracle's guesses stay its own (the greedy reference, right with
+        probability P): one-hot proposals, accepted as often as the target samples them."""
+        return [Proposal.one_hot(token) for token in self.propose(sequence, n)]
 
     def close(self) -> None:
         self._model.close()

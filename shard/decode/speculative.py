@@ -9,7 +9,15 @@ is dropped, the epoch is bumped and the stages are told to skip the stale frames
 carries absolute positions, so the stages' caches roll back by themselves.
 
 Plain decode is K = 0, W = 1 with no draft: one token per traversal. W is a ceiling: the
-driver only drafts as deep ahead as the draft's recent record makes worth it (Lookahead)."""
+driver only drafts as deep ahead as the draft's recent record makes worth it (Lookahead).
+
+Sampled decoding is the same loop: the draft's guesses come with the distribution q they
+were drawn from, each chunk carries the q of the drafted tokens it verifies, and the tail
+answers with the tokens it chose by speculative sampling (shard.decode.sampling) instead
+of argmaxes. A correction never equals the drafted token (the residual is 0 there), so
+"a drafted token stands when it equals the tail's token" holds for both. A chunk sent
+ahead verifies its first token against the previous chunk's bonus draw from p: it stands
+when the two agree, which keeps the committed token that draw, so exactly p."""
 
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
 from shard.decode.draft import DraftSession
+from shard.decode.sampling import Chosen, Proposal, TokenLogprob
 
 MAX_REPLAYS = 5
 
@@ -63,6 +72,7 @@ class RingChanged(Exception):
 class Finish(enum.Enum):
     LENGTH = "length"
     EOS = "eos"
+    STOP = "stop"  # the consumer of the tokens asked to stop (a stop string)
 
 
 @dataclass(frozen=True)
@@ -75,9 +85,10 @@ class Rebuild:
 
 
 class Ring(Protocol):
-    async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int,
-                     epoch: int) -> Awaitable[list[int]]:
-        """Send a chunk; the awaitable yields the argmax ids of its last num_outputs positions."""
+    async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int,
+                     proposals: list[Proposal] | None = None) -> Awaitable[list[int] | Chosen]:
+        """Send a chunk; the awaitable yields the argmax ids of its last num_outputs positions,
+        or in sampled decoding (`proposals`: q of the chunk's drafted tokens) the Chosen tokens."""
 
     async def cancel(self, epoch: int) -> int:
         """Tell the stages to skip this session's frames older than `epoch`; frames dropped."""
@@ -146,7 +157,10 @@ class _Chunk:
         return (self.arrived_at or time.perf_counter()) - self.sent_at
 
 
-Propose = Callable[[list[int], int], Awaitable[list[int]]]
+Propose = Callable[[list[int], int], Awaitable[list[int] | list[Proposal]]]
+# Told each batch of committed tokens (with their logprobs when the ring reports them);
+# returns True to stop the generation there (Finish.STOP).
+Emit = Callable[[list[int], list[TokenLogprob] | None], Awaitable[bool | None]]
 
 
 class _NoDraft:
@@ -160,25 +174,27 @@ async def decode(
     *,
     max_tokens: int,
     eos_ids: frozenset[int],
-    emit: Callable[[list[int]], Awaitable[None]],
+    emit: Emit,
     draft: DraftSession | None = None,
     spec_k: int = 0,
     in_flight: int = 1,
     max_positions: int | None = None,
     propose: Propose | None = None,
     lookahead: Lookahead | None = None,
+    sampled: bool = False,
 ) -> DecodeStats:
     """Generate up to `max_tokens` tokens after `prompt_ids`, emitting them as committed.
 
     `propose` runs the draft (e.g. in a worker thread); by default it is called inline.
-    `lookahead` carries a draft's record from earlier generations."""
+    `lookahead` carries a draft's record from earlier generations. `sampled`: `propose`
+    yields Proposals, and the ring chooses tokens by speculative sampling."""
     if not prompt_ids or max_tokens < 1 or spec_k < 0 or in_flight < 1:
         raise ValueError("need a prompt, max_tokens >= 1, spec_k >= 0 and in_flight >= 1")
     draft = draft or _NoDraft()
     decoder = Decoder(ring, prompt_ids, max_tokens=max_tokens, eos_ids=eos_ids, emit=emit,
                       propose=propose or (lambda sequence, n: _inline(draft, sequence, n)),
                       spec_k=spec_k, in_flight=in_flight, max_positions=max_positions,
-                      lookahead=lookahead or Lookahead())
+                      lookahead=lookahead or Lookahead(), sampled=sampled)
     return await decoder.run()
 
 
@@ -194,9 +210,11 @@ class Decoder:
     (into the blocks that lost them, when the ring can tell which)."""
 
     def __init__(self, ring: Ring, prompt_ids: list[int], *, max_tokens: int, eos_ids: frozenset[int],
-                 emit: Callable[[list[int]], Awaitable[None]], propose: Propose, spec_k: int, in_flight: int,
-                 max_positions: int | None, lookahead: Lookahead):
+                 emit: Emit, propose: Propose, spec_k: int, in_flight: int,
+                 max_positions: int | None, lookahead: Lookahead, sampled: bool = False):
         self.ring, self.emit, self.propose, self.lookahead = ring, emit, propose, lookahead
+        self.sampled = sampled
+        self.proposals: dict[int, Proposal] = {}  # sampled: q of each drafted token, by position
         self.max_tokens, self.eos_ids, self.spec_k, self.in_flight = max_tokens, eos_ids, spec_k, in_flight
         self.prompt_len = len(prompt_ids)
         self.stream = list(prompt_ids)  # committed tokens, then speculative ones
@@ -225,9 +243,12 @@ class Decoder:
                     await self.replay()
                     await self.fill()
                     continue
-                new, finished = self.verify(chunk, argmaxes)
+                chosen = argmaxes if isinstance(argmaxes, Chosen) else Chosen(argmaxes)
+                new, finished = self.verify(chunk, chosen.ids)
                 self.stats.output_ids += new
-                await self.emit(new)
+                logprobs = chosen.logprobs[:len(new)] if chosen.logprobs is not None else None
+                if await self.emit(new, logprobs):
+                    finished = Finish.STOP
                 if finished:
                     self.stats.finish = finished
                     self.drop_in_flight()
@@ -271,8 +292,10 @@ class Decoder:
             if self.flight:
                 self.flight[-1].draft_ran_dry = True
             return False
+        # Sampled: the q of every drafted token the chunk verifies (those after its first output).
+        proposals = [self.proposals[p] for p in range(first_output + 1, end)] if self.sampled else None
         result = await self.ring.submit(start_pos=self.sent, tokens=self.stream[self.sent:end], epoch=self.epoch,
-                                        num_outputs=end - first_output)
+                                        num_outputs=end - first_output, proposals=proposals)
         chunk = _Chunk(self.sent, end, first_output, result, sent_at=time.perf_counter(), draft_ran_dry=ran_dry)
         chunk.watch_arrival()
         self.flight.append(chunk)
@@ -283,6 +306,9 @@ class Decoder:
     async def draft_ahead(self, wanted: int) -> list[int]:
         began = time.perf_counter()
         proposal = (await self.propose(list(self.stream), wanted))[:wanted]
+        if self.sampled:
+            self.proposals.update(zip(range(len(self.stream), len(self.stream) + len(proposal)), proposal))
+            proposal = [guess.token for guess in proposal]
         drafting = time.perf_counter() - began
         self.lookahead.record_draft(drafting)
         self.stats.draft_seconds += drafting
@@ -300,7 +326,8 @@ class Decoder:
 
     def verify(self, chunk: _Chunk, argmaxes: list[int]) -> tuple[list[int], Finish | None]:
         """Commit the chunk's tokens up to its first rejected guess (the target's token
-        replaces it) or its bonus token; the tokens committed and whether that finished."""
+        replaces it) or its bonus token; the tokens committed and whether that finished.
+        Sampled, `argmaxes` are the tail's choices: they end at the first that is not a guess."""
         new: list[int] = []
         finished = None
         drafted_before, rejected = self.stats.drafted, False
@@ -318,6 +345,7 @@ class Decoder:
                     self.reject_after(position)
                 self.stream.append(target)  # the correction, or the bonus token
             self.committed = position + 2
+            self.proposals.pop(position + 1, None)  # final now: its q is no longer needed
             new.append(target)
             finished = _finished(target, self.eos_ids, self.committed - self.prompt_len, self.max_tokens)
             if finished or not accepted:
@@ -330,9 +358,15 @@ class Decoder:
 
     def reject_after(self, position: int) -> None:
         """The guess after `position` was wrong: everything after it is stale."""
-        del self.stream[position + 1:]
+        self.cut(position + 1)
         self.sent = min(self.sent, position + 1)
         self.drop_in_flight()
+
+    def cut(self, length: int) -> None:
+        """Drop the stream's speculative tokens from `length` on, with their q."""
+        for position in range(length, len(self.stream)):
+            self.proposals.pop(position, None)
+        del self.stream[length:]
 
     def drop_in_flight(self) -> None:
         """Give up the chunks in flight and tell the stages to skip their frames."""
@@ -352,7 +386,7 @@ class Decoder:
             raise RingChanged(f"the ring changed {self.stats.replays} times during one generation")
         self.stats.replays += 1
         self.discard_in_flight()
-        del self.stream[self.committed:]
+        self.cut(self.committed)
         self.epoch += 1
         await self.ring.wait_ready()
         self.sent = self.committed - 1

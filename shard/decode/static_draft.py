@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
+from shard.decode.sampling import Proposal, SamplingParams
 from shard.model.block import kv_head_shape
 from shard.model.static_kv import StaticKV, chunk_mask, static_attention
 
@@ -185,6 +186,11 @@ class StaticDraftSession:
                 self._busy = False
                 if self._closed:
                     self._pool.give_back(self._slot)
+
+    def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
+        """The graph writes argmax ids only: its greedy guesses, as one-hot proposals (exact
+        all the same; a draw from the draft's distribution would be accepted more often)."""
+        return [Proposal.one_hot(token) for token in self.propose(sequence, n)]
 
     def close(self) -> None:
         with self._lock:

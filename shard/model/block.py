@@ -182,11 +182,13 @@ class Block:
         input_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         num_outputs: int = 1,
+        logits: bool = False,
     ) -> torch.Tensor:
         """Run positions start_pos..start_pos+n through the block.
 
         Returns hidden states [n, hidden_size], or on the last block the int64 argmax ids of
-        the last `num_outputs` positions (all n when num_outputs == 0).
+        the last `num_outputs` positions (all n when num_outputs == 0), or their logits
+        [num_outputs, vocab] with `logits` (what a sampling tail chooses from).
         """
         n = self.check_chunk(start_pos, input_ids, hidden, num_outputs)
         have = self.cache_length(cache)
@@ -194,7 +196,7 @@ class Block:
             raise CacheGapError(f"cache holds {have} positions, chunk starts at {start_pos}")
         if isinstance(cache, PositionCount):
             cache.length = start_pos + n
-            return self._forward_without_layers(input_ids, hidden, num_outputs)
+            return self._forward_without_layers(input_ids, hidden, num_outputs, logits)
         if have > start_pos:
             cache.crop(start_pos - have)  # a negative count: drop that many trailing positions
         positions = torch.arange(start_pos, start_pos + n, device=self.device)[None]
@@ -207,13 +209,16 @@ class Block:
         h = out.last_hidden_state[0]
         if not self.is_last:
             return h
-        return self.lm_head(h[-num_outputs:] if num_outputs else h).argmax(-1)
+        return self._head(h, num_outputs, logits)
 
-    def _forward_without_layers(self, input_ids, hidden, num_outputs) -> torch.Tensor:
+    def _forward_without_layers(self, input_ids, hidden, num_outputs, logits) -> torch.Tensor:
         if self.is_first:
             return self.model.get_input_embeddings()(input_ids.to(self.device))
-        h = self.model.norm(hidden.to(self.device, self.dtype))
-        return self.lm_head(h[-num_outputs:] if num_outputs else h).argmax(-1)
+        return self._head(self.model.norm(hidden.to(self.device, self.dtype)), num_outputs, logits)
+
+    def _head(self, h: torch.Tensor, num_outputs: int, logits: bool) -> torch.Tensor:
+        scores = self.lm_head(h[-num_outputs:] if num_outputs else h)
+        return scores if logits else scores.argmax(-1)
 
     def check_chunk(self, start_pos, input_ids, hidden, num_outputs) -> int:
         """The chunk's length; ValueError for anything this block cannot take."""

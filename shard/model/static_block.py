@@ -124,12 +124,16 @@ class StaticBlock:
 
     @torch.inference_mode()
     def forward(self, cache, start_pos: int, *, input_ids: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None, num_outputs: int = 1) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, num_outputs: int = 1, logits: bool = False) -> torch.Tensor:
         """Block.forward over a static cache: the same arguments and results, the results
-        on the CPU (on CUDA: a view of pinned memory, valid until this block's next forward)."""
+        on the CPU (on CUDA: a view of pinned memory, valid until this block's next forward).
+        Logits only from a block without layers: the graphs write argmax ids."""
         block = self.block
         if isinstance(cache, PositionCount):
-            return block.forward(cache, start_pos, input_ids=input_ids, hidden=hidden, num_outputs=num_outputs).cpu()
+            return block.forward(cache, start_pos, input_ids=input_ids, hidden=hidden, num_outputs=num_outputs,
+                                 logits=logits).cpu()
+        if logits:
+            raise ValueError("a block on static KV returns argmax ids only: logits need a dynamic cache")
         n = block.check_chunk(start_pos, input_ids, hidden, num_outputs)
         if cache.length < start_pos:
             raise CacheGapError(f"cache holds {cache.length} positions, chunk starts at {start_pos}")

@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -20,15 +20,19 @@ from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, DraftSession, NgramDraft
 from shard.decode.oracle import OracleDraft
-from shard.decode.speculative import Lookahead, Rebuild, RingChanged, decode
+from shard.decode.sampling import Proposal, TokenLogprob
+from shard.decode.speculative import Finish, Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
 from shard.metrics import GenerationMetrics, NodeMetrics
 from shard.model.checkpoint import config_fingerprint
 from shard.model.fingerprints import tokenizer_sha256
 from shard.node.admission import Admission
-from shard.node.generation import GenerationRequest, GenerationResult, Sampling, TokenDelta
+from shard.node.generation import GenerationRequest, GenerationResult, TokenDelta
 from shard.node.receipts import ReceiptMaker
+from shard.node.request_sampling import check_sampling, chunk_sampling
 from shard.node.ring import Ring, stages_to_rebuild
+from shard.node.stop_strings import StopText
+from shard.node.tail_sampling import ChunkSampling
 from shard.telemetry import in_span, tracer
 from shard.wire.signing import Signer
 from shard.wire.tls import NodeTLS
@@ -85,6 +89,8 @@ class Prepared:
     draft: Draft | None
     spec_k: int
     in_flight: int
+    sampling: ChunkSampling | None = None  # None: greedy argmax ids
+    stop: tuple[str, ...] = ()
     receipt: bool = False
     receipt_private: bool = False
 
@@ -98,22 +104,55 @@ class _Settings:
     in_flight: int
 
 
+class _Deltas:
+    """Committed tokens as the client sees them: their text, cut before the first stop string."""
+
+    def __init__(self, text: TextStream, stops: tuple[str, ...]):
+        self._text, self._stops = text, StopText(stops) if stops else None
+        self.kept = 0  # output tokens given to the client
+        self.text = ""  # the text given to the client
+
+    def push(self, ids: list[int], logprobs: list[TokenLogprob] | None) -> tuple[TokenDelta, bool]:
+        """The delta for newly committed `ids`, and whether a stop string ended the text."""
+        if self._stops is None:
+            released, taken, stop = self._text.push(ids), len(ids), False
+        else:
+            # Token by token, so the delta ends with the token that completed the stop string.
+            pieces, taken, stop = [], 0, False
+            while taken < len(ids) and not stop:
+                piece, stop = self._stops.push(self._text.push(ids[taken:taken + 1]))
+                pieces.append(piece)
+                taken += 1
+            released = "".join(pieces)
+        self.kept += taken
+        self.text += released
+        return TokenDelta(ids[:taken], released, logprobs[:taken] if logprobs is not None else None), stop
+
+    def flush(self) -> str:
+        """Text held back as a possible stop string's start, now that none can follow."""
+        return self._stops.flush() if self._stops else ""
+
+
 class SessionRing:
     """The driver's view of the ring for one session: chunk ids, futures, cancellation, and
     where the session's KV is whole, so that a replay computes only where it was lost."""
 
-    def __init__(self, ring: Ring, session_id: str):
-        self._ring, self._session_id = ring, session_id
+    def __init__(self, ring: Ring, session_id: str, sampling: ChunkSampling | None = None):
+        self._ring, self._session_id, self._sampling = ring, session_id, sampling
         self._chunk_ids = itertools.count()
         # The ring layout of the last chunk whose result came back: its stages held the
         # session's KV then. () while unknown (none yet, or a replay not yet through).
         self._held_in: tuple = ()
 
-    async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int):
+    async def submit(self, *, start_pos: int, tokens: list[int], num_outputs: int, epoch: int,
+                     proposals: list[Proposal] | None = None):
         chunk_id = next(self._chunk_ids)
+        sampling = self._sampling
+        if sampling is not None and proposals:
+            sampling = replace(sampling, proposals=tuple(proposals))
         return self._track(self._ring.layout, await self._ring.submit(
             session_id=self._session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos, tokens=tokens,
-            num_outputs=num_outputs))
+            num_outputs=num_outputs, sampling=sampling))
 
     async def rebuild(self, *, tokens: list[int], epoch: int) -> Rebuild:
         now = self._ring.layout
@@ -218,13 +257,14 @@ class CoordinatorNode:
                                  f"prompt_ids must lie in [0, {self.config.vocab_size})")
         if request.max_tokens <= 0:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
-        if request.sampling != Sampling() or request.stop or request.logprobs:
-            raise ShardError(grpc.StatusCode.UNIMPLEMENTED,
-                             "sampling, stop strings and logprobs are not served yet: leave them unset "
-                             "(greedy decoding)")
+        check_sampling(request, has_tokenizer=self.tokenizer is not None)
         if request.receipt and self.receipts.signer is None:
             raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
                              "this coordinator has no node key (--insecure): it cannot sign receipts")
+        if request.receipt and (not request.sampling.greedy or request.logprobs is not None):
+            # A receipt's transcript check recomputes each token as the argmax (docs/receipts.md).
+            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
+                             "receipts cover greedy decoding: drop the receipt, or sampling and logprobs")
         draft_name = request.draft or self.default_draft
         if draft_name not in self.drafts:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -261,7 +301,8 @@ class CoordinatorNode:
                 f"{len(prompt_ids)} prompt tokens + max_tokens {request.max_tokens} exceed the context "
                 f"of {self.context_length}")
         return Prepared(prompt_ids, request.max_tokens, request.stop_at_eos, settings.draft,
-                        settings.spec_k, settings.in_flight, request.receipt, request.receipt_private)
+                        settings.spec_k, settings.in_flight, chunk_sampling(request.sampling, request.logprobs),
+                        request.stop, request.receipt, request.receipt_private)
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         if request.prompt is not None:
@@ -307,40 +348,51 @@ class CoordinatorNode:
     async def _run(self, prepared: Prepared, trace_context: Context | None = None
                    ) -> AsyncIterator[TokenDelta | GenerationResult]:
         session_id = uuid.uuid4().hex
-        text = TextStream(self.tokenizer)
+        deltas = _Deltas(TextStream(self.tokenizer), prepared.stop)
         # What decoding commits, then None once it has finished.
-        committed: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        committed: asyncio.Queue[TokenDelta | None] = asyncio.Queue()
         draft_session = await self._draft_session(prepared)
         record = self.ring.notary.open(session_id, transcript=not prepared.receipt_private) \
             if prepared.receipt else None
         ended = False
+        sampling = prepared.sampling
+        sampled = sampling is not None and not sampling.params.greedy
 
-        async def emit(ids: list[int]) -> None:
-            committed.put_nowait(ids)
+        async def emit(ids: list[int], logprobs: list[TokenLogprob] | None) -> bool:
+            delta, stop = deltas.push(ids, logprobs)
+            committed.put_nowait(delta)
+            return stop
 
-        async def propose(sequence: list[int], n: int) -> list[int]:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._draft_threads, draft_session.propose, sequence, n)
+        async def propose(sequence: list[int], n: int) -> list[int] | list[Proposal]:
+            run = (lambda: draft_session.propose_sampled(sequence, n, sampling.params)) if sampled else (
+                lambda: draft_session.propose(sequence, n))
+            return await asyncio.get_running_loop().run_in_executor(self._draft_threads, run)
 
         draft_name = prepared.draft.name if prepared.draft else "none"
         span = tracer.start_span("shard.generate", context=trace_context, attributes={
             "shard.session": session_id, "shard.prompt_tokens": len(prepared.prompt_ids),
             "shard.max_tokens": prepared.max_tokens, "shard.draft": draft_name,
-            "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight})
+            "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight,
+            "shard.temperature": sampling.params.temperature if sampling else 0.0})
         decoding = asyncio.create_task(in_span(span, decode(
-            SessionRing(self.ring, session_id), prepared.prompt_ids, max_tokens=prepared.max_tokens,
+            SessionRing(self.ring, session_id, sampling), prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
-            lookahead=self._lookaheads.setdefault((draft_name, prepared.spec_k), Lookahead()))))
+            lookahead=self._lookaheads.setdefault((draft_name, prepared.spec_k, sampled), Lookahead()),
+            sampled=sampled)))
         decoding.add_done_callback(lambda _: committed.put_nowait(None))
         try:
-            while (ids := await committed.get()) is not None:
-                yield TokenDelta(ids=ids, text=text.push(ids))
+            while (delta := await committed.get()) is not None:
+                yield delta
             try:
                 stats = decoding.result()
             except RingChanged as error:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            if stats.finish == Finish.STOP:
+                del stats.output_ids[deltas.kept:]  # decoded past the stop string: not the client's
+            elif held := deltas.flush():
+                yield TokenDelta(ids=[], text=held)
             span.set_attributes({"shard.tokens": len(stats.output_ids), "shard.traversals": stats.traversals,
                                  "shard.acceptance": stats.acceptance_rate})
             receipt = ""
@@ -356,8 +408,10 @@ class CoordinatorNode:
                               "stop_at_eos": prepared.stop_at_eos})
             yield GenerationResult(
                 session_id=session_id, prompt_ids=prepared.prompt_ids,
-                text=self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else "",
-                spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats, receipt=receipt)
+                text=deltas.text if stats.finish == Finish.STOP else (
+                    self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else ""),
+                spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats, receipt=receipt,
+                seed=sampling.params.seed if sampled else None)
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal)
@@ -390,7 +444,7 @@ class CoordinatorNode:
         if known is None or len(known) < max_tokens:
             session_id = uuid.uuid4().hex
 
-            async def ignore(ids: list[int]) -> None:
+            async def ignore(ids: list[int], logprobs: None) -> None:
                 """The result holds the tokens."""
 
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shard.decode.sampling import TokenLogprob
 from shard.decode.speculative import DecodeStats
 
 
@@ -47,7 +48,7 @@ class GenerationRequest:
     draft: str = ""
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
-    logprobs: int = 0
+    logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
     receipt: bool = False  # sign a receipt of the run (GenerationResult.receipt)
     receipt_private: bool = False  # the receipt holds hashes of the prompt and output, not their ids
 
@@ -58,6 +59,7 @@ class TokenDelta:
 
     ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None  # one per id when the request asked
 
 
 @dataclass(frozen=True)
@@ -71,4 +73,5 @@ class GenerationResult:
     in_flight: int
     stats: DecodeStats
     receipt: str = ""  # the signed receipt (JSON) when the request asked for one
+    seed: int | None = None  # the sampler's seed, None when greedy
 

@@ -9,17 +9,21 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import Status, StatusCode
 
+from shard.decode.sampling import Chosen
 from shard.decode.speculative import RingChanged
 from shard.errors import ShardError
 from shard.node.notary import CoordinatorNotary
+from shard.node.tail_sampling import ChunkSampling, encode_spec, parse_choices
 from shard.placement import NO_FIT
 from shard.telemetry import put_context, tracer
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire.certs import Identity
 from shard.wire.codec import CodecError, encode_ids, parse_tensor
 from shard.wire.edge import Edge
+from shard.wire.spec_seal import seal_spec
 from shard.wire.inbound import Inbound
 from shard.wire.tls import NodeTLS, open_channel
 
@@ -119,15 +123,18 @@ class Ring:
             raise ShardError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
-                     tokens: list[int], num_outputs: int) -> asyncio.Future:
+                     tokens: list[int], num_outputs: int, sampling: ChunkSampling | None = None) -> asyncio.Future:
         """Send a chunk into the ring; the future yields the argmax ids the tail returns
-        for it, or raises ShardError / RingChanged.
+        for it (with `sampling`: the Chosen tokens), or raises ShardError / RingChanged.
 
         The future is resolved straight from `deliver` (no task awaits it on the way): each
         layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        if sampling is not None:
+            spec = encode_spec(sampling)
+            header.sampling = seal_spec(self._secret, self.node_id, header, spec) if self._secret else spec
         return await self._send(header, encode_ids(tokens))
 
     async def replay(self, *, session_id: str, chunk_id: int, epoch: int, tokens: list[int],
@@ -243,8 +250,9 @@ def _end(span, future: asyncio.Future) -> None:
     span.end()
 
 
-def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:
-    """The argmax ids in a tail's frame; raises what its ERROR frame says."""
+def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int] | Chosen:
+    """The argmax ids (or, for a sampled chunk, the Chosen tokens) in a tail's frame;
+    raises what its ERROR frame says."""
     if header.kind == frame_pb2.FRAME_KIND_ERROR:
         detail = frame_pb2.ErrorDetail.FromString(payload)
         if _status(detail.code) == grpc.StatusCode.FAILED_PRECONDITION:
@@ -252,8 +260,10 @@ def _result_of(header: frame_pb2.FrameHeader, payload: bytes) -> list[int]:
             raise RingChanged(detail.message)
         raise ShardError(_status(detail.code), detail.message)
     try:
+        if header.sampling and header.kind == frame_pb2.FRAME_KIND_RESULT:
+            return parse_choices(payload)
         return parse_tensor(payload).ints()
-    except CodecError as error:
+    except (CodecError, DecodeError, ValueError) as error:
         raise ShardError(grpc.StatusCode.INTERNAL, f"malformed result from the tail: {error}") from None
 
 

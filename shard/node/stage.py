@@ -23,11 +23,14 @@ from shard.metrics import NodeMetrics
 from shard.model.checkpoint import Checkpoint
 from shard.model.fingerprints import block_weights_sha256
 from shard.node.notary import StageNotary
-from shard.node.stage_compute import DEFAULT_MAX_BATCH, BlockSpec, KVLayout, ReplayStep, StageCompute
+from shard.node.stage_compute import DEFAULT_MAX_BATCH, BlockSpec, ForwardStep, KVLayout, ReplayStep, StageCompute
+from shard.node.tail_sampling import parse_spec
 from shard.v1 import frame_pb2, registry_pb2, stage_pb2
 from shard.wire.codec import CodecError, WireTensor, parse_tensor
 from shard.wire.edge import Edge, EdgeBroken
 from shard.wire.inbound import Inbound, InboundError
+from shard.wire.seal import SealError
+from shard.wire.spec_seal import open_spec
 from shard.wire.signing import Signer
 from shard.wire.tls import NodeTLS
 
@@ -115,6 +118,7 @@ class StageNode:
         self.notary = StageNotary(node_id, Signer(tls.key_pem, tls.cert_pem) if tls else None)
         self.notary.model_config_sha256 = self.checkpoint.fingerprint
         self._tls = tls
+        self._secrets = secrets
         self._secret = secrets[0] if secrets else None
         self.inbound = Inbound(node_id, secrets)
         self._idle_seconds = session_idle_seconds
@@ -217,7 +221,11 @@ class StageNode:
         if header.receipt and header.kind == K.FRAME_KIND_END and self.assignment.last:
             on_done = self._then_end_receipt(on_done)
         if header.kind == K.FRAME_KIND_FORWARD:
-            body = self._validated_input(header, payload)
+            sampling = None
+            if header.sampling and self.block.is_last:  # only the tail chooses tokens
+                sampling = parse_spec(self._opened_spec(header), vocab_size=self.block.vocab_size,
+                                      num_outputs=header.num_outputs or header.num_tokens)
+            body = ForwardStep(self._validated_input(header, payload), sampling)
         elif header.kind == K.FRAME_KIND_REPLAY:
             body = self._replay_step(header, payload)
         elif header.kind == K.FRAME_KIND_END:
@@ -239,6 +247,15 @@ class StageNode:
             self._outbox.put_nowait(frame_pb2.Frame(header=header))
 
         return done
+
+    def _opened_spec(self, header) -> bytes:
+        """The sampling spec in the header, which the coordinator sealed for the tail."""
+        if self._secrets is None:
+            return header.sampling
+        try:
+            return open_spec(self._secrets, self.assignment.coordinator_id, header, header.sampling)
+        except SealError as error:
+            raise ShardError(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
 
     def _replay_step(self, header, payload: bytes) -> ReplayStep:
         """This stage's part in a replay: compute it (its index lies in the replay's range),

@@ -22,11 +22,12 @@ from opentelemetry.trace import Status, StatusCode
 
 from shard.errors import ShardError
 from shard.model.block import Block, CacheGapError
-from shard.model.static_block import StaticBlock
 from shard.model.batch import Row, forward_batch
+from shard.model.static_block import StaticBlock
 from shard.node.kv_store import KVStore, Session
 from shard.node.resources import memory_report
 from shard.node.serial_thread import SerialThread
+from shard.node.tail_sampling import ChunkSampling, choose_tokens, encode_choices
 from shard.telemetry import context_of, tracer
 from shard.v1 import frame_pb2
 from shard.wire.codec import WireTensor, encode_data, encode_ids, encode_tensor, tensor_data
@@ -87,19 +88,34 @@ class _Queued:
     arrived_ns: int
 
 
+def _batchable(header, body) -> bool:
+    """A verify chunk whose tokens are argmax ids: a sampling tail chooses from each
+    chunk's logits, which the batched forward does not keep."""
+    return header.kind == K.FRAME_KIND_FORWARD and body.sampling is None
+
+
 class _BatchSelector:
-    """Which queued frames may join a batch led by a verify chunk of `session_id`: verify
-    chunks of other sessions, one per session, never overtaking an earlier frame of their
-    own session (a session's frames run in order)."""
+    """Which queued frames may join a batch led by a verify chunk of `session_id`:
+    batchable chunks of other sessions, one per session, never overtaking an earlier frame
+    of their own session (a session's frames run in order)."""
 
     def __init__(self, session_id: str):
         self._seen = {session_id}
 
     def __call__(self, args: tuple) -> bool:
-        header = args[0]
-        take = header.kind == K.FRAME_KIND_FORWARD and header.session_id not in self._seen
+        header, body = args[0], args[1]
+        take = _batchable(header, body) and header.session_id not in self._seen
         self._seen.add(header.session_id)
         return take
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """A FORWARD frame's validated input, and at the tail how to choose its tokens
+    (None: argmax ids)."""
+
+    input: WireTensor
+    sampling: ChunkSampling | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +258,7 @@ class StageCompute:
         it is one: they run as one forward. A frame that carries a trace context gets a
         span from its arrival to its output's hand-off to the loop."""
         frames = [_Queued(header, body, on_done, arrived_ns)]
-        if header.kind == K.FRAME_KIND_FORWARD and self.max_batch > 1 and self.runner is self.block:
+        if _batchable(header, body) and self.max_batch > 1 and self.runner is self.block:
             taken = self._thread.take(self._run_frame, _BatchSelector(header.session_id), self.max_batch - 1)
             frames += [_Queued(*args) for args in taken]
         spans = [self._span(frame) for frame in frames]
@@ -286,7 +302,7 @@ class StageCompute:
             if header.kind == K.FRAME_KIND_REPLAY:
                 output = self._replay(header, body)
             else:
-                output = self._forward(header, body, header.num_outputs)
+                output = self._forward(header, body.input, header.num_outputs, body.sampling)
                 self.positions_computed += header.num_tokens
         except Exception as error:
             return self._failed(header, error, span)
@@ -308,7 +324,7 @@ class StageCompute:
             if self._fenced(header, span):
                 continue
             try:
-                session, tensor = self._prepare(header, frame.body, header.num_outputs)
+                session, tensor = self._prepare(header, frame.body.input, header.num_outputs)
             except Exception as error:
                 outs[index] = self._failed(header, error, span)
                 continue
@@ -346,7 +362,7 @@ class StageCompute:
 
     def _alone(self, row: Row) -> torch.Tensor | Exception:
         try:
-            return forward_batch(self.block, [row])
+            return forward_batch(self.block, [row])[0]
         except Exception as error:
             return error
 
@@ -372,13 +388,22 @@ class StageCompute:
             out.kind = K.FRAME_KIND_RESULT
         return frame_pb2.Frame(header=out, payload=output)
 
-    def _forward(self, header, wire: WireTensor, num_outputs: int) -> bytes:
-        """Run the chunk through the block; its output in wire form."""
+    def _forward(self, header, wire: WireTensor, num_outputs: int, sampling: ChunkSampling | None = None) -> bytes:
+        """Run the chunk through the block; its output in wire form. A sampling tail chooses
+        the chunk's tokens from its logits."""
+        if sampling is not None and self.runner is not self.block:
+            raise ShardError(grpc.StatusCode.UNIMPLEMENTED,
+                             f"{self.node_id} runs on static KV (--kv static), whose graphs return argmax ids "
+                             f"only: sampling and logprobs need a tail with --kv dynamic")
         session, tensor = self._prepare(header, wire, num_outputs)
         try:
             input_ids, hidden = self._inputs(tensor)
             output = self.runner.forward(session.cache, header.start_pos, input_ids=input_ids, hidden=hidden,
-                                         num_outputs=num_outputs)
+                                         num_outputs=num_outputs, logits=sampling is not None)
+            if sampling is not None:
+                n = header.num_tokens
+                first_chosen = header.start_pos + n - (num_outputs or n) + 1  # the position row 0 chooses
+                return encode_choices(choose_tokens(output, sampling, first_chosen))
             return self._encode(header, session, output)
         finally:
             self.kv.record(session, self.runner.cache_length(session.cache))

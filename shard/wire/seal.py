@@ -194,7 +194,7 @@ def edge_key(secret: bytes, sender: str, receiver: str, stream_id: bytes) -> byt
 AD_FIELDS = (
     "session_id", "chunk_id", "epoch", "start_pos", "num_tokens", "num_outputs", "kind",
     "sender", "receiver", "traceparent", "tracestate", "counter", "replay_first_stage", "replay_last_stage",
-    "receipt",
+    "sampling", "receipt",
 )
 
 _INTS = struct.Struct(">QQQQQq")  # chunk_id, epoch, start_pos, num_tokens, num_outputs, kind
@@ -209,8 +209,9 @@ def _lp(text: str) -> bytes:
 
 
 def header_ad(header: frame_pb2.FrameHeader) -> bytes:
-    """Canonical encoding of every header field: fixed order, fixed widths, strings
-    length-prefixed (4-byte big-endian length, UTF-8). Independent of protobuf's encoder."""
+    """Canonical encoding of every header field: fixed order, fixed widths, strings and
+    bytes length-prefixed (4-byte big-endian length; strings UTF-8). Independent of
+    protobuf's encoder."""
     h = header
     return b"".join((
         _AD_MAGIC,
@@ -222,6 +223,7 @@ def header_ad(header: frame_pb2.FrameHeader) -> bytes:
         _lp(h.tracestate),
         _U64.pack(h.counter),
         _REPLAY.pack(h.replay_first_stage, h.replay_last_stage),
+        _U32.pack(len(h.sampling)) + h.sampling,
         bytes([h.receipt]),
     ))
 

@@ -90,3 +90,19 @@ def test_concurrency_bench_smoke(tinystories_dir, tmp_path):
         assert r["lossless"] and 0 < r["ttft_ms_p50"] <= r["ttft_ms_p99"] and r["token_ms_p50"] <= r["token_ms_p99"]
         assert len(r["stage_busy"]) == 2 and all(0 < busy <= 1 for busy in r["stage_busy"])
     assert "| 3 |" in (docs / "benchmarks-concurrency.md").read_text()
+
+
+def test_sampling_smoke(tinystories_dir, tmp_path):
+    """`shard bench sampling`: every mode at each temperature, seeded, in one table."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    done = subprocess.run(
+        [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "sampling", "--model", str(tinystories_dir),
+         "--max-tokens", "8", "--prompts", "1", "--k", "2", "--w", "2", "--out", str(results), "--docs", str(docs)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((results / "sampling.json").read_text())["rows"]
+    assert {r["temperature"] for r in rows} == {0.0, 0.7, 1.0} and len(rows) == 3 * 7
+    assert all(r["tokens"] == 8 for r in rows)
+    greedy_target = next(r for r in rows if r["temperature"] == 0.0 and r["mode"] == "sync target K=2")
+    assert greedy_target["acceptance"] == 1.0  # the target as its own draft, greedy: every guess stands
+    assert "| pipelined ngram K=2 W=2 |" in (docs / "benchmarks-sampling.md").read_text()

@@ -46,9 +46,21 @@ def test_generate_against_separate_processes(tinystories_dir, tmp_path):
                      "--prompt-ids", "1,415,1022,264,727", "--max-tokens", "32", "--json",
                      "--receipt", str(tmp_path / "receipt.json"))
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["output_ids"] == reference_greedy(tinystories_dir, [1, 415, 1022, 264, 727], 32)
+        greedy = json.loads(done.stdout)
+        assert greedy["output_ids"] == reference_greedy(tinystories_dir, [1, 415, 1022, 264, 727], 32)
         verified = shard("receipt", "verify", str(tmp_path / "receipt.json"), "--ca", str(swarm.certs / "ca.pem"))
         assert verified.returncode == 0 and "VALID" in verified.stdout, verified.stderr
+        sampled = [json.loads(shard(
+            "generate", "--coordinator", swarm.coordinator_address, "--certs", str(swarm.certs), "--prompt-ids",
+            "1,415,1022,264,727", "--max-tokens", "32", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50",
+            "--seed", "5", "--json").stdout) for _ in range(2)]
+        assert sampled[0]["output_ids"] == sampled[1]["output_ids"] and sampled[0]["seed"] == "5"
+        stop = greedy["text"][10:15]
+        stopped = json.loads(shard("generate", "--coordinator", swarm.coordinator_address, "--certs", str(swarm.certs),
+                                   "--prompt-ids", "1,415,1022,264,727", "--max-tokens", "32", "--stop", stop,
+                                   "--json").stdout)
+        assert stopped["finish_reason"] == "FINISH_REASON_STOP"
+        assert stopped["text"] == greedy["text"][:greedy["text"].index(stop)]
         refused = shard("generate", "--coordinator", swarm.coordinator_address, "--certs", str(swarm.certs),
                         "--prompt", "", "--max-tokens", "8")
         assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr

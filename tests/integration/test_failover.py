@@ -26,13 +26,14 @@ def request(max_tokens=300):
     return api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=max_tokens)
 
 
-async def generate_through(swarm: LocalSwarm, fault, after_seconds: float):
-    """Generate, run `fault` once tokens flow; return the generation and the longest
-    pause between streamed tokens (the time to recover)."""
+async def generate_through(swarm: LocalSwarm, fault, after_seconds: float,
+                           asked: api_pb2.GenerateRequest | None = None):
+    """Generate (`asked`, default request()), run `fault` once tokens flow; return the
+    generation and the longest pause between streamed tokens (the time to recover)."""
     tls = swarm.client_tls()
     await generate(swarm.coordinator_address, tls, request(2), wait_ready_seconds=60)
     arrivals = []
-    task = asyncio.create_task(generate(swarm.coordinator_address, tls, request(),
+    task = asyncio.create_task(generate(swarm.coordinator_address, tls, asked or request(),
                                         on_text=lambda _: arrivals.append(time.monotonic())))
     await asyncio.sleep(after_seconds)
     assert not task.done(), "the generation ended before the fault"
@@ -110,6 +111,21 @@ def test_a_killed_stage_costs_no_token_and_no_lease(tinystories_dir, tmp_path, s
     assert "does not answer a probe" in (tmp_path / "registry.log").read_text()
     print(f"\n{victim} killed with SIGKILL ({spares} spare, default lease): generation stalled "
           f"{stall:.2f} s, {summary.replays} replay(s)")
+
+
+def test_a_killed_stage_does_not_change_a_seeded_sample(tinystories_dir, tmp_path):
+    """Sampled with a seed, speculative: the replay and the new ring draw the same numbers
+    (they are keyed by seed and position), so the tokens are the fault-free run's."""
+    sampled = request()
+    sampled.MergeFrom(api_pb2.GenerateRequest(temperature=0.8, top_p=0.95, seed=7, stop_at_eos=False,
+                                              draft="ngram", spec_k=3, in_flight=4))
+    with LocalSwarm(tinystories_dir, 2, spares=1, workdir=tmp_path, logs_to_files=True) as swarm:
+        calm = asyncio.run(generate(swarm.coordinator_address, swarm.client_tls(), sampled, wait_ready_seconds=60))
+        generation, _ = asyncio.run(generate_through(swarm, lambda: swarm.kill("stage-1"), 0.3, sampled))
+    assert generation.summary.replays >= 1
+    assert list(generation.summary.output_ids) == list(calm.summary.output_ids)
+    assert generation.streamed_ids == list(calm.summary.output_ids)
+    assert len(calm.summary.output_ids) == 300
 
 
 def test_a_spare_recomputes_only_the_block_that_was_lost(tinystories_dir, tmp_path):

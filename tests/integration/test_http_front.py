@@ -132,6 +132,8 @@ def test_completion_at_temperature_0_is_the_grpc_greedy_output_streamed_or_whole
     ({"model": "tinystories-chat", "messages": MESSAGES, "temperature": 0, "spec_k": 9999}, 400, "spec_k"),
     ({"model": "tinystories-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "tinystories-chat", "messages": "hello"}, 400, "messages"),
+    ({"model": "tinystories-chat", "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ({"model": "tinystories-chat", "messages": MESSAGES, "temperature": 0, "top_p": 0.5}, 400, "top_p"),
 ])
 def test_bad_chat_requests_get_openai_errors_and_leave_nothing(swarm, body, status, needle):
     with pytest.raises(openai.APIStatusError) as caught:

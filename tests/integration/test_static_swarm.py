@@ -1,7 +1,8 @@
 """Stages with static KV (`--kv static`, what a GPU stage runs, here eagerly on the CPU in
 float32) through the real services: plain, speculative and pipelined decoding stay
 exactly transformers' generate(); a session longer than its preallocated cache fails
-alone with RESOURCE_EXHAUSTED; every session's cache goes back at the end."""
+alone with RESOURCE_EXHAUSTED; a sampled one is refused (UNIMPLEMENTED: the tail's graphs
+write argmax ids); every session's cache goes back at the end."""
 
 import asyncio
 
@@ -31,20 +32,24 @@ async def run_all(model_dir, workdir, settings):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await generate(swarm.coordinator.address, swarm.tls(), api_pb2.GenerateRequest(
                 prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=SESSION_POSITIONS, draft="none"))
+        with pytest.raises(grpc.aio.AioRpcError) as unsampled:  # the graphs write argmax ids, not logits
+            await generate(swarm.coordinator.address, swarm.tls(), api_pb2.GenerateRequest(
+                prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=4, temperature=0.8))
         await asyncio.sleep(0.3)
         infos = [stage.node.info() for stage in swarm.stages]
-    return results, refused.value, infos
+    return results, (refused.value, unsampled.value), infos
 
 
 def test_static_stages_are_lossless_in_every_mode(tinystories_dir, tmp_path):
     target = str(tinystories_dir)
     # K=8 makes verify chunks of 9: over the decode size, they run in the 16-token shape.
     settings = [("none", 0, 1), (target, 4, 1), (target, 4, 4), (target, 8, 4), ("ngram", 4, 4)]
-    results, refused, infos = asyncio.run(run_all(tinystories_dir, tmp_path, settings))
+    results, (refused, unsampled), infos = asyncio.run(run_all(tinystories_dir, tmp_path, settings))
     expected = reference_greedy(tinystories_dir, PROMPT, NEW)
     for key, generation in results.items():
         assert list(generation.summary.output_ids) == expected, key
     assert results[target, 4, 4].summary.acceptance_rate == 1.0
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"exceed the {SESSION_POSITIONS} positions" in refused.details()
+    assert unsampled.code() == grpc.StatusCode.UNIMPLEMENTED and "--kv dynamic" in unsampled.details()
     assert all(not info.sessions and info.kv_bytes == 0 for info in infos)

@@ -17,6 +17,7 @@ from shard.v1 import (
 from shard.wire.certs import SECRET_FILE, create_deployment
 from shard.wire.codec import encode_tensor
 from shard.wire.seal import EdgeSealer, load_secret
+from shard.wire.spec_seal import seal_spec
 from shard.wire.tls import NodeTLS, open_channel
 
 from support.reference import reference_greedy
@@ -116,6 +117,42 @@ def test_hidden_of_the_wrong_width_is_invalid_argument(swarm):
     frame = _frame(tensor=torch.randn(3, 64))
     code = status_of(swarm, _traverse(swarm, "stage-0", 1, [frame]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _sampled(swarm, spec: bytes | frame_pb2.SamplingSpec, *, seal: bool = True):
+    """A chunk for the tail whose sampling spec the coordinator sealed (unless not `seal`)."""
+    frame = _frame(tensor=torch.randn(3, 128))
+    frame.header.num_outputs = 3
+    spec = spec if isinstance(spec, bytes) else spec.SerializeToString()
+    secret = load_secret(swarm.certs / SECRET_FILE)
+    frame.header.sampling = seal_spec(secret, "coordinator", frame.header, spec) if seal else spec
+    return frame
+
+
+def _proposal(token, ids, probs):
+    return frame_pb2.DraftProposal(token=token, ids=ids, probs=probs)
+
+
+@pytest.mark.parametrize("spec", [
+    b"\xff\xff\xff",
+    frame_pb2.SamplingSpec(temperature=5.0),
+    frame_pb2.SamplingSpec(temperature=1.0, top_p=0.0),
+    frame_pb2.SamplingSpec(temperature=1.0, top_p=1.0, logprobs=500, want_logprobs=True),
+    frame_pb2.SamplingSpec(temperature=1.0, top_p=1.0, proposals=[_proposal(7, [5, 6], [0.5, 0.5])]),
+    frame_pb2.SamplingSpec(temperature=1.0, top_p=1.0, proposals=[_proposal(5, [5, 99999], [0.5, 0.5])]),
+    frame_pb2.SamplingSpec(temperature=1.0, top_p=1.0, proposals=[_proposal(5, [5], [1.0])] * 3),
+    frame_pb2.SamplingSpec(temperature=0.0, top_p=1.0, proposals=[_proposal(5, [5], [1.0])]),
+], ids=["garbage", "temperature", "top-p", "logprobs", "token-outside-q", "id-outside-vocab", "too-many-proposals",
+        "greedy-with-proposals"])
+def test_malformed_sampling_specs_are_invalid_argument_at_the_tail(swarm, spec):
+    code = status_of(swarm, _traverse(swarm, "stage-0", 1, [_sampled(swarm, spec)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_sampling_spec_not_sealed_by_the_coordinator_is_unauthenticated(swarm):
+    spec = frame_pb2.SamplingSpec(temperature=1.0, top_p=1.0)
+    code = status_of(swarm, _traverse(swarm, "stage-0", 1, [_sampled(swarm, spec, seal=False)]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_only_the_upstream_may_push_frames(swarm):

@@ -4,12 +4,14 @@ and the decoding driver run over it."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import torch
 
 from shard.decode.speculative import Lookahead, decode
 from shard.model.block import Block
 from shard.model.static_block import StaticBlock
+from shard.node.tail_sampling import ChunkSampling, choose_tokens
 
 
 class LocalChain:
@@ -22,13 +24,14 @@ class LocalChain:
         self.runners = [StaticBlock(block, **static) if static else block for block in self.blocks]
         self.caches = [runner.new_cache() for runner in self.runners]
 
-    def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1) -> list[int]:
-        """One traversal: the tail's argmax ids for the chunk `ids` written at start_pos."""
+    def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1, *, logits: bool = False):
+        """One traversal: the tail's argmax ids for the chunk `ids` written at start_pos
+        (with `logits`: the logits tensor of its last num_outputs positions)."""
         x = torch.tensor(ids, dtype=torch.int64)
         for block, runner, cache in zip(self.blocks, self.runners, self.caches):
             inputs = {"input_ids": x} if block.is_first else {"hidden": x}
-            x = runner.forward(cache, start_pos, **inputs, num_outputs=num_outputs)
-        return x.tolist()
+            x = runner.forward(cache, start_pos, **inputs, num_outputs=num_outputs, logits=logits and block.is_last)
+        return x if logits else x.tolist()
 
     def cache_lengths(self) -> list[int]:
         return [runner.cache_length(cache) for runner, cache in zip(self.runners, self.caches)]
@@ -42,14 +45,20 @@ class LocalChain:
 
 
 class ChainRing:
-    """The driver's Ring over LocalChain; checks every chunk against the caches."""
+    """The driver's Ring over LocalChain; checks every chunk against the caches. With
+    `sampling`, the tail's choice is the stage's own (shard.node.tail_sampling)."""
 
-    def __init__(self, chain: LocalChain):
-        self.chain = chain
+    def __init__(self, chain: LocalChain, sampling: ChunkSampling | None = None):
+        self.chain, self.sampling = chain, sampling
 
-    async def submit(self, *, start_pos, tokens, num_outputs, epoch):
+    async def submit(self, *, start_pos, tokens, num_outputs, epoch, proposals=None):
         result = asyncio.get_running_loop().create_future()
-        result.set_result(self.chain(start_pos, tokens, num_outputs))
+        if self.sampling is None:
+            result.set_result(self.chain(start_pos, tokens, num_outputs))
+        else:
+            logits = self.chain(start_pos, tokens, num_outputs, logits=True)
+            sampling = replace(self.sampling, proposals=tuple(proposals or ()))
+            result.set_result(choose_tokens(logits, sampling, start_pos + len(tokens) - num_outputs + 1))
         # Absolute positions: every stage cropped to start_pos, then wrote the chunk.
         assert self.chain.cache_lengths() == [start_pos + len(tokens)] * len(self.chain.blocks)
         return result
@@ -65,12 +74,20 @@ class AlwaysAhead(Lookahead):
         return True
 
 
-def run(chain, prompt, draft=None, **settings) -> tuple[list[int], object]:
+def run(chain, prompt, draft=None, sampling: ChunkSampling | None = None, **settings) -> tuple[list[int], object]:
+    """Decode over the chain; with `sampling` (not greedy), by speculative sampling: the
+    draft session's propose_sampled draws the guesses."""
     emitted = []
 
-    async def emit(ids):
+    async def emit(ids, logprobs):
         emitted.extend(ids)
 
-    stats = asyncio.run(decode(ChainRing(chain), prompt, emit=emit, draft=draft, **settings))
+    sampled = sampling is not None and not sampling.params.greedy
+    propose = None
+    if sampled and draft is not None:
+        async def propose(sequence, n):
+            return draft.propose_sampled(sequence, n, sampling.params)
+    stats = asyncio.run(decode(ChainRing(chain, sampling), prompt, emit=emit, draft=draft, propose=propose,
+                               sampled=sampled, **settings))
     assert emitted == stats.output_ids
     return emitted, stats

@@ -173,7 +173,8 @@ def test_associated_data_covers_every_header_field():
     for field in declared:
         h = copy(base)
         value = getattr(h, field)
-        setattr(h, field, value + "x" if isinstance(value, str) else value + 1)
+        setattr(h, field, value + "x" if isinstance(value, str) else value + b"x" if isinstance(value, bytes)
+                else value + 1)
         assert seal.header_ad(h) != seal.header_ad(base), field
 
 
