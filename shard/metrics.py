@@ -54,6 +54,11 @@ class NodeMetrics:
         create = self.meter.create_observable_counter if counter else self.meter.create_observable_gauge
         create(name, callbacks=[callback], unit=unit, description=description)
 
+    def observe_round_trips(self, rtts: Mapping[str, float]) -> None:
+        """The round trip to each peer, measured (a Ping over mTLS) when it joined the plan."""
+        self.observe("shard.peer.round_trip", lambda: {(("peer", p),): s for p, s in rtts.items()}, unit="s",
+                     description="the round trip to each peer of the plan, measured when it joined, by peer node id")
+
     def observe_refused(self, rejected: Mapping[str, int]) -> None:
         """Frames the AEAD layer (and edge checks) refused, by reason (shard.wire.inbound)."""
         self.observe("shard.frames.refused", lambda: {(("reason", r),): n for r, n in rejected.items()},
@@ -87,6 +92,9 @@ class GenerationMetrics:
         self.tokens = meter.create_counter(
             "shard.tokens", unit="{token}", description="tokens in (prompt) and out (generated), by "
             "gen_ai.token.type")
+        self.ring_round_trip = meter.create_histogram(
+            "shard.ring.round_trip", unit="s", description="a verify chunk's traversal of the ring: from the "
+            "coordinator sending it to its result back from the tail", explicit_bucket_boundaries_advisory=_SECONDS)
         self.tokens_per_traversal = meter.create_histogram(
             "shard.tokens_per_traversal", unit="{token}", description="committed tokens per ring traversal, "
             "per generation", explicit_bucket_boundaries_advisory=_TOKENS_PER_TRAVERSAL)

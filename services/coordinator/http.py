@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shard.config import ConfigError
+from shard.decode.sampling import TokenLogprob
 from shard.errors import ShardError
 from shard.node.coordinator import CoordinatorNode
 from shard.node.generation import GenerationResult, TokenDelta
@@ -68,7 +69,7 @@ class OpenAIFront:
                            param="model", code="model_not_found")
         events = self.node.generate(body.generation_request(self.node.context_length),
                                     caller_context(request.headers))
-        reply = Reply(chat, self.model_name, self.node.fingerprint)
+        reply = Reply(chat, self.model_name, self.node.fingerprint, self._token_text)
         # The first event comes after the node's checks, tokenizing and admission: a request
         # they refuse is answered with its HTTP status, not a 200 stream that fails.
         try:
@@ -79,8 +80,12 @@ class OpenAIFront:
         if body.stream:
             return StreamingResponse(_sse(reply, first, events, body.include_usage), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        result = await _until_disconnected(request, _last(first, events))
-        return JSONResponse(reply.whole(result))
+        result, logprobs = await _until_disconnected(request, _last(first, events))
+        return JSONResponse(reply.whole(result, logprobs))
+
+    def _token_text(self, token_id: int) -> str:
+        tokenizer = self.node.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
     # ---- translation of errors, keys and bodies ------------------------------------
 
@@ -137,12 +142,16 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def _last(first, events: AsyncIterator) -> GenerationResult:
+async def _last(first, events: AsyncIterator) -> tuple[GenerationResult, list[TokenLogprob] | None]:
+    """The generation's result, and its tokens' logprobs when the deltas carried them."""
+    logprobs = None
     async with aclosing(events):
         event = first
-        async for event in events:
-            pass
-    return event
+        while isinstance(event, TokenDelta):
+            if event.logprobs is not None:
+                logprobs = (logprobs or []) + event.logprobs
+            event = await anext(events)
+    return event, logprobs
 
 
 async def _until_disconnected(request: Request, work):
@@ -178,8 +187,8 @@ async def _sse(reply: Reply, first, events: AsyncIterator, include_usage: bool) 
         try:
             while True:
                 if isinstance(event, TokenDelta):
-                    if event.text:
-                        yield _event(reply.chunk(event.text))
+                    if event.text or event.logprobs:
+                        yield _event(reply.chunk(event.text, logprobs=event.logprobs))
                 else:
                     yield _event(reply.chunk(finish=finish_reason(event)))
                     if include_usage:

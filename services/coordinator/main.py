@@ -64,6 +64,7 @@ async def start(config: CoordinatorConfig) -> RunningNode:
         public_key=public_key_der(tls.cert_pem) if tls else b"")
     membership = Membership(config.registry, tls, capabilities, node.ring.apply_plan,
                             join_timeout=config.join_timeout, registry_id=config.registry_id)
+    node.metrics.observe_round_trips(membership.rtts)
     node.ring.on_unreachable = membership.report_unreachable
     node.receipts.node, node.receipts.rtts = describe_node(capabilities), membership.rtts
     try:

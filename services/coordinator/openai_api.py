@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shard.decode.sampling import TokenLogprob
 from shard.decode.speculative import Finish
 from shard.errors import ShardError
 from shard.node.generation import ChatMessage, GenerationRequest, GenerationResult, Sampling
@@ -57,13 +59,10 @@ class _Body(BaseModel):
     def _stop(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def _request(self, max_tokens: int, wants_logprobs: bool, **prompt) -> GenerationRequest:
-        if wants_logprobs:  # the engine computes them (gRPC's TokenDelta.logprobs); this front does not render them yet
-            raise ApiError(400, "logprobs are served over gRPC (GenerateRequest.logprobs), not yet over HTTP",
-                           param="logprobs", code="unsupported_parameter")
+    def _request(self, max_tokens: int, logprobs: int | None, **prompt) -> GenerationRequest:
         return GenerationRequest(max_tokens=max_tokens, spec_k=self.spec_k, in_flight=self.in_flight,
                                  stop_at_eos=not self.ignore_eos, draft=self.draft, sampling=self._sampling(),
-                                 stop=self._stop(), **prompt)
+                                 stop=self._stop(), logprobs=logprobs, **prompt)
 
     @property
     def include_usage(self) -> bool:
@@ -85,7 +84,7 @@ class CompletionBody(_Body):
             prompt = {"prompt_ids": tuple(self.prompt)}
         else:
             prompt = {"prompt": self.prompt}
-        return self._request(self.max_tokens or DEFAULT_COMPLETION_TOKENS, self.logprobs is not None, **prompt)
+        return self._request(self.max_tokens or DEFAULT_COMPLETION_TOKENS, self.logprobs, **prompt)
 
 
 class _TextPart(BaseModel):
@@ -109,7 +108,9 @@ class ChatBody(_Body):
 
     def generation_request(self, context_length: int) -> GenerationRequest:
         limit = self.max_completion_tokens or self.max_tokens or min(DEFAULT_CHAT_TOKENS, context_length // 4)
-        return self._request(limit, self.logprobs, chat=tuple(ChatMessage(m.role, m.text()) for m in self.messages))
+        # OpenAI's chat asks for the chosen tokens' logprobs, and top_logprobs alternatives.
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._request(limit, logprobs, chat=tuple(ChatMessage(m.role, m.text()) for m in self.messages))
 
 
 class ApiError(Exception):
@@ -184,10 +185,12 @@ def shard_summary(result: GenerationResult) -> dict:
 
 
 class Reply:
-    """One response's identity and the shapes of its bodies and chunks, per endpoint."""
+    """One response's identity and the shapes of its bodies and chunks, per endpoint.
+    `token_text(id)`: a token as text, for logprobs."""
 
-    def __init__(self, chat: bool, model: str, fingerprint: str):
+    def __init__(self, chat: bool, model: str, fingerprint: str, token_text: Callable[[int], str] = str):
         self.chat, self.model, self.fingerprint = chat, model, fingerprint
+        self._token_text = token_text
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -196,23 +199,38 @@ class Reply:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def whole(self, result: GenerationResult) -> dict:
+    def whole(self, result: GenerationResult, logprobs: list[TokenLogprob] | None = None) -> dict:
         if self.chat:
             choice = {"message": {"role": "assistant", "content": result.text}}
         else:
             choice = {"text": result.text}
-        body = self._envelope(self.object, [{"index": 0, **choice, "logprobs": None,
+        body = self._envelope(self.object, [{"index": 0, **choice, "logprobs": self.logprobs(logprobs),
                                               "finish_reason": finish_reason(result)}])
         return {**body, "usage": usage(result), "shard": shard_summary(result)}
 
-    def chunk(self, text: str | None = None, *, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None = None, *, finish: str | None = None, role: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             choice = {"delta": delta}
         else:
             choice = {"text": text or ""}
         return self._envelope(f"{self.object}.chunk" if self.chat else self.object,
-                              [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}])
+                              [{"index": 0, **choice, "logprobs": self.logprobs(logprobs), "finish_reason": finish}])
+
+    def logprobs(self, chosen: list[TokenLogprob] | None) -> dict | None:
+        """The chosen tokens' logprobs in the endpoint's shape (None when not asked for)."""
+        if chosen is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(c.id, c.logprob),
+                                 "top_logprobs": [self._token(i, lp) for i, lp in c.top]} for c in chosen]}
+        return {"tokens": [self._token_text(c.id) for c in chosen], "token_logprobs": [c.logprob for c in chosen],
+                "top_logprobs": [{self._token_text(i): lp for i, lp in c.top} for c in chosen]}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self._token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def usage_chunk(self, result: GenerationResult) -> dict:
         return {**self._envelope(f"{self.object}.chunk" if self.chat else self.object, []),

@@ -74,6 +74,7 @@ async def start(config: StageConfig) -> RunningNode:
 
     membership = Membership(config.registry, tls, capabilities, on_plan, join_timeout=config.join_timeout,
                             registry_id=config.registry_id)
+    node.metrics.observe_round_trips(membership.rtts)
     node.notary.node, node.notary.rtts = describe_node(capabilities), membership.rtts
     node.on_unreachable = membership.report_unreachable
     worker = asyncio.create_task(node.run())

@@ -217,6 +217,7 @@ class CoordinatorNode:
             "num_layers": self.config.num_hidden_layers})
         self.metrics = NodeMetrics("coordinator", node_id)
         self.generation_metrics = GenerationMetrics(self.metrics.meter)
+        self.ring.on_round_trip = self.generation_metrics.ring_round_trip.record
         self._observe()
 
     def _observe(self) -> None:

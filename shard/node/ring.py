@@ -49,6 +49,8 @@ class Ring:
         self.problem = "no plan from the registry yet"  # why the ring is not ready, if it is not
         # Told every time `ready` is set or cleared (the node's health follows it).
         self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
+        # Told each chunk's round trip in seconds, sent to its result back from the tail.
+        self.on_round_trip: Callable[[float], None] | None = None
 
     @property
     def layout(self) -> tuple:
@@ -162,7 +164,9 @@ class Ring:
         if header.kind == frame_pb2.FRAME_KIND_REPLAY:
             attributes["shard.replay_stages"] = f"[{header.replay_first_stage}, {header.replay_last_stage}]"
         span = tracer.start_span("shard.traversal", attributes=attributes)
-        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future)))
+        sent = loop.time()
+        future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future),
+                                            self._round_trip(future, loop.time() - sent)))
         put_context(header, span)
         self._notarize(header, payload)
         try:
@@ -171,6 +175,10 @@ class Ring:
             future.cancel()
             raise RingChanged(str(error)) from error
         return future
+
+    def _round_trip(self, future: asyncio.Future, seconds: float) -> None:
+        if self.on_round_trip is not None and not future.cancelled() and future.exception() is None:
+            self.on_round_trip(seconds)
 
     def _forget_chunk(self, key: tuple[str, int], future: asyncio.Future) -> None:
         if self._pending.get(key) is future:

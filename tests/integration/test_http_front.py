@@ -123,6 +123,34 @@ def test_completion_at_temperature_0_is_the_grpc_greedy_output_streamed_or_whole
     no_sessions_left(swarm)
 
 
+def test_logprobs_in_openais_shapes_whole_and_streamed(swarm):
+    """At temperature 0 the chosen token is the most likely one: its logprob leads the
+    alternatives; one entry per generated token, in chat's and in completions' shape."""
+    async def both():
+        api = client(swarm)
+        chat = await api.chat.completions.create(model="tinystories-chat", messages=MESSAGES, temperature=0,
+                                                 max_completion_tokens=12, logprobs=True, top_logprobs=3)
+        chunks = await api.completions.create(model="tinystories-chat", prompt="Once upon a time", temperature=0,
+                                              max_tokens=12, logprobs=2, stream=True, extra_body={"ignore_eos": True})
+        return chat, [c async for c in chunks]
+
+    chat, chunks = swarm.run(both())
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and "".join(c.token for c in content) == \
+        chat.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.bytes == list(entry.token.encode())
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    tokens = [t for lp in streamed for t in lp.tokens]
+    assert len(tokens) == 12 and "".join(tokens) == "".join(c.choices[0].text for c in chunks if c.choices)
+    for lp in streamed:
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert len(top) == 2 and top[token] == logprob == max(top.values())
+    no_sessions_left(swarm)
+
+
 @pytest.mark.parametrize("body, status, needle", [
     ({"model": "gpt-4o", "messages": MESSAGES}, 404, "gpt-4o"),
     ({"model": "tinystories-chat", "messages": []}, 400, "messages"),
@@ -132,7 +160,6 @@ def test_completion_at_temperature_0_is_the_grpc_greedy_output_streamed_or_whole
     ({"model": "tinystories-chat", "messages": MESSAGES, "temperature": 0, "spec_k": 9999}, 400, "spec_k"),
     ({"model": "tinystories-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "tinystories-chat", "messages": "hello"}, 400, "messages"),
-    ({"model": "tinystories-chat", "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
     ({"model": "tinystories-chat", "messages": MESSAGES, "temperature": 0, "top_p": 0.5}, 400, "top_p"),
 ])
 def test_bad_chat_requests_get_openai_errors_and_leave_nothing(swarm, body, status, needle):

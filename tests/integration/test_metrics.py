@@ -107,6 +107,10 @@ def test_coordinator_counts_add_up_with_the_summaries(measured):
     assert value(coordinator, "shard_acceptance_sum") == pytest.approx(sum(s.acceptance_rate for s in speculative))
     assert value(coordinator, "shard_generations_active") == value(coordinator, "shard_generations_queued") == 0
     assert value(coordinator, "shard_frames_refused_total") == 0
+    # Every chunk whose result came back was timed: those used, and maybe some wasted ones.
+    assert sum(s.traversals for s in summaries) <= value(coordinator, "shard_ring_round_trip_seconds_count") <= \
+        sum(s.chunks_sent for s in summaries)
+    assert value(coordinator, "shard_ring_round_trip_seconds_sum") > 0
 
 
 def test_each_stage_reports_its_own_counts(measured):
@@ -119,6 +123,8 @@ def test_each_stage_reports_its_own_counts(measured):
         assert value(scraped, "shard_stage_kv_budget_bytes") == info.kv_budget_bytes > 0
         assert value(scraped, "shard_stage_kv_used_bytes") == info.kv_bytes
         assert value(scraped, "shard_stage_sessions") == len(info.sessions) == 0
+        peers = {labels["peer"]: seconds for labels, seconds in scraped["shard_peer_round_trip_seconds"]}
+        assert {"coordinator", "stage-0", "stage-1"} - {info.node_id} <= set(peers) and all(peers.values())
         [(labels, _)] = scraped["target_info"]
         assert (labels["service_name"], labels["service_instance_id"]) == ("shard-stage", info.node_id)
 
