@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from shard.model.block import Block
-from shard.node.stage_compute import BlockSpec, StageCompute
+from shard.node.stage_compute import BlockSpec, ForwardStep, StageCompute
 from shard.v1 import frame_pb2
 from shard.wire.codec import decode_tensor, encode_tensor, parse_tensor
 
@@ -19,7 +19,7 @@ K = frame_pb2
 def frame(session: str, start_pos: int, tokens: list[int], epoch: int = 0):
     header = K.FrameHeader(session_id=session, start_pos=start_pos, num_tokens=len(tokens), num_outputs=1,
                            epoch=epoch, kind=K.FRAME_KIND_FORWARD)
-    return header, parse_tensor(encode_tensor(torch.tensor(tokens)))
+    return header, ForwardStep(parse_tensor(encode_tensor(torch.tensor(tokens))))
 
 
 def start_compute(model_dir, max_batch: int) -> tuple[StageCompute, list[K.Frame]]:
