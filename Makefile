@@ -27,12 +27,11 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
-# The Node.js example's packages (examples/node; tests/e2e/test_node_client.py runs it),
-# where npm is.
+# The Node.js example's packages (examples/node; tests/e2e/test_examples.py runs it).
 NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 $(NODE_EXAMPLE): examples/node/package-lock.json
-	@if command -v npm >/dev/null 2>&1; then npm ci --silent --no-audit --no-fund --prefix examples/node; \
-	else echo "npm not found: the Node.js example (and its test) are skipped"; fi
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 18+ (the tests run a Node.js client)"; exit 1; }
+	npm ci --silent --no-audit --no-fund --prefix examples/node
 
 # Stubs are generated, never edited, never committed.
 proto: $(STAMP) $(STUBS)
