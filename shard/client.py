@@ -209,9 +209,8 @@ class _Generated:
         return None
 
 
-class Stream:
-    """A generation's deltas as they are committed (iterate it); `summary` once it ended.
-    Leaving it early (break, close(), or the `with` block) cancels the generation."""
+class _Streaming:
+    """What Stream and AsyncStream share: the call, what it delivered, and cancelling it."""
 
     def __init__(self, call):
         self._call, self._generated = call, _Generated()
@@ -219,6 +218,14 @@ class Stream:
     @property
     def summary(self) -> api_pb2.GenerationSummary | None:
         return self._generated.generation.summary
+
+    def close(self) -> None:
+        self._call.cancel()
+
+
+class Stream(_Streaming):
+    """A generation's deltas as they are committed (iterate it); `summary` once it ended.
+    Leaving it early (break, close(), or the `with` block) cancels the generation."""
 
     def __iter__(self) -> Iterator[Delta]:
         try:
@@ -231,9 +238,6 @@ class Stream:
         finally:
             self.close()
 
-    def close(self) -> None:
-        self._call.cancel()
-
     def __enter__(self) -> Stream:
         return self
 
@@ -241,15 +245,8 @@ class Stream:
         self.close()
 
 
-class AsyncStream:
+class AsyncStream(_Streaming):
     """Stream's asyncio twin: `async for delta in stream`."""
-
-    def __init__(self, call):
-        self._call, self._generated = call, _Generated()
-
-    @property
-    def summary(self) -> api_pb2.GenerationSummary | None:
-        return self._generated.generation.summary
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
@@ -261,9 +258,6 @@ class AsyncStream:
             raise _client_error(error) from None
         finally:
             self.close()
-
-    def close(self) -> None:
-        self._call.cancel()
 
     async def __aenter__(self) -> AsyncStream:
         return self
