@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     flags.add("--chunk-sizes", "static KV: the chunk shapes, comma-separated, the decode size (spec K + 1) "
               "first (default 5,16,64,256)", metavar="N,N,...")
     flags.add("--eager", "static KV without CUDA graphs", action="store_true")
+    flags.add("--no-compile", "static KV on CUDA: graph the layers as they are, not compiled by torch.compile "
+              "first (starts sooner, runs each chunk slower)", action="store_true")
     flags.add("--trust", "trust label; 'trusted' may hold the first and last blocks")
     flags.add("--speed", "relative speed to report instead of the one measured at start-up", type=float)
     flags.add("--quiet", "no progress bar", action="store_true")

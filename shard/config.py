@@ -182,6 +182,7 @@ class StageConfig(JoiningConfig):
     session_positions: int | None = None
     chunk_sizes: str = "5,16,64,256"
     eager: bool = False
+    no_compile: bool = False
     trust: str = ""
     speed: float | None = None
     quiet: bool = False

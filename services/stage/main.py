@@ -96,6 +96,7 @@ async def start(config: StageConfig) -> RunningNode:
 def _kv_layout(config: StageConfig, device: str) -> KVLayout:
     static = config.kv == "static" or (config.kv == "auto" and device.startswith("cuda"))
     return KVLayout(static=static, session_positions=config.session_positions, graphs=not config.eager,
+                    compiled=not config.no_compile,
                     chunk_sizes=tuple(int(size) for size in config.chunk_sizes.split(",")))
 
 

@@ -1,6 +1,7 @@
 """A stage's chunk on a GPU, in-process: an 8B-shaped block of random weights made on the
 device (nothing written to disk), one chunk timed eagerly (the dynamic cache of today's
-CPU path, and the static one) and replayed as a CUDA graph. For `shard bench gpu`."""
+CPU path, and the static one) and replayed as a CUDA graph, of the layers as they are and
+compiled by torch.compile (what a stage on CUDA runs). For `shard bench gpu`."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def stage_chunk_benchmark(*, layers: int = 16, chunk: int = 9, context: int = 51
     """Median ms of one `chunk`-token chunk through `layers` layers of an 8B-shaped block
     (hidden in, hidden out: a middle stage), at position `context`, rolled back and re-run
     each time (a verify chunk's life): eager over a DynamicCache, eager over static KV,
-    graphed over static KV; whether the graph gives the eager static path's bytes; the
-    weights-over-HBM bound; peak memory against weights plus KV."""
+    graphed over static KV, and graphed over compiled layers; whether each graph gives the
+    bytes of the same layers run without it; the weights-over-HBM bound; peak memory
+    against weights plus KV."""
     device = torch.device(device)
     torch.cuda.reset_peak_memory_stats(device)
     block = Block.random(config or llama_8b_config(), layers, device=device, dtype=dtype)
@@ -67,6 +69,10 @@ def stage_chunk_benchmark(*, layers: int = 16, chunk: int = 9, context: int = 51
     began = time.perf_counter()
     graphed.capture()
     capture_seconds = time.perf_counter() - began
+    compiled = StaticBlock(block, capacity=capacity, chunk_sizes=(chunk, 64), pool_size=1, compiled=True)
+    began = time.perf_counter()
+    compiled.capture()
+    compile_seconds = time.perf_counter() - began
     outputs = {}
 
     def static_run(runner: StaticBlock, name: str):
@@ -85,9 +91,14 @@ def stage_chunk_benchmark(*, layers: int = 16, chunk: int = 9, context: int = 51
 
     times = {"dynamic_eager": _time_ms(dynamic_run, repeats, warmup),
              "static_eager": _time_ms(static_run(eager, "eager"), repeats, warmup),
-             "static_graphed": _time_ms(static_run(graphed, "graphed"), repeats, warmup)}
+             "static_graphed": _time_ms(static_run(graphed, "graphed"), repeats, warmup),
+             "compiled_graphed": _time_ms(static_run(compiled, "compiled"), repeats, warmup)}
+    # The compiled layers without the graph: a cache outside the pool has none.
+    compiled_cache = compiled.new_cache(pooled=False)
+    compiled.forward(compiled_cache, 0, hidden=prefix)
+    compiled_eager = compiled.forward(compiled_cache, context, hidden=hidden).clone()
     # Two static caches and the dynamic one; the bandwidth probe's buffers come after the peak is read.
-    kv_bytes = 2 * StaticBlock.bytes_per_session(block, capacity) + (context + chunk) * block.kv_bytes_per_position
+    kv_bytes = 3 * StaticBlock.bytes_per_session(block, capacity) + (context + chunk) * block.kv_bytes_per_position
     memory = memory_report(device, block.weight_bytes, kv_bytes, kv_bytes)
     bandwidth = hbm_bandwidth(device)
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -101,7 +112,10 @@ def stage_chunk_benchmark(*, layers: int = 16, chunk: int = 9, context: int = 51
         **{f"{name}_min_ms": min(values) for name, values in times.items()},
         "graph_speedup_over_static_eager": median["static_eager"] / median["static_graphed"],
         "graph_speedup_over_dynamic_eager": median["dynamic_eager"] / median["static_graphed"],
+        "compiled_speedup_over_static_graphed": median["static_graphed"] / median["compiled_graphed"],
         "graph_identical_to_eager": torch.equal(outputs["eager"], outputs["graphed"]),
+        "compiled_graph_identical_to_compiled_eager": torch.equal(compiled_eager, outputs["compiled"]),
         "capture_seconds": capture_seconds,
+        "compile_and_capture_seconds": compile_seconds,
         "memory": memory,
     }

@@ -59,12 +59,14 @@ class KVLayout:
     positions (the CPU default, what CI tests against transformers). Static: each session's
     cache preallocated to `session_positions` (default: the model's context, at most
     DEFAULT_SESSION_POSITIONS), chunks run padded to `chunk_sizes`, as CUDA graphs on a GPU
-    unless not `graphs` (the CUDA default)."""
+    unless not `graphs` (the CUDA default), of layers compiled by torch.compile unless not
+    `compiled`."""
 
     static: bool = False
     session_positions: int | None = None
     chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES
     graphs: bool = True
+    compiled: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ class StageCompute:
         session_bytes = StaticBlock.bytes_per_session(block, capacity)
         # Graphs are captured on caches at fixed addresses: as many as the budget holds, made now.
         pool = min(self._max_sessions, budget // session_bytes) if graphs and block.num_layers else 0
-        runner = StaticBlock(block, capacity=capacity, chunk_sizes=layout.chunk_sizes, pool_size=pool)
+        runner = StaticBlock(block, capacity=capacity, chunk_sizes=layout.chunk_sizes, pool_size=pool,
+                             compiled=layout.compiled)
         began = time.perf_counter()
         runner.capture()
         if runner.graphed:
