@@ -419,13 +419,13 @@ def test_an_edge_of_a_superseded_ring_may_differ_only_after_a_replay(swarm, genu
 
 # ---- sampled runs ------------------------------------------------------------------------
 
-SAMPLED = dict(temperature=0.8, top_p=0.9, seed=7, stop_at_eos=False)
+SAMPLED = dict(temperature=0.8, top_p=0.9, seed=7, stop_at_eos=False, logprobs=2)
 
 
 @pytest.fixture(scope="module")
 def sampled(swarm, draft_dir):
     """Seeded speculative sampling: the model draft proposes from q, the tail tests each
-    guess against p and draws corrections from the residual."""
+    guess against p and draws corrections from the residual (and reports logprobs)."""
     return run_receipt(swarm, PROMPT, draft=str(draft_dir), **SAMPLED)
 
 
@@ -435,8 +435,9 @@ def test_a_sampled_receipt_records_its_settings_and_replays_token_by_token(sampl
     verified = receipts.verify(receipt, ca_pem)
     envelope = verified.envelope
     decoding = envelope["decoding"]
-    assert (decoding["sampling"], decoding["seed"], decoding["top_k"], decoding["draft"], decoding["spec_k"],
-            decoding["in_flight"]) == ("sampled", summary.seed, 0, str(draft_dir), 4, 4) and summary.seed == 7
+    assert (decoding["sampling"], decoding["seed"], decoding["top_k"], decoding["logprobs"], decoding["draft"],
+            decoding["spec_k"], decoding["in_flight"]) == ("sampled", summary.seed, 0, 2, str(draft_dir), 4, 4)
+    assert summary.seed == 7
     assert round(decoding["temperature"], 6) == 0.8 and round(decoding["top_p"], 6) == 0.9
     assert envelope["output"]["ids"] == list(summary.output_ids) and len(summary.output_ids) == 48
     assert verified.transcript_checked and "the tail's choice" in receipts.summary(verified)[-1]
