@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from shard.v1 import frame_pb2
 from shard.wire.certs import Identity
@@ -29,6 +33,17 @@ class ReceiptInvalid(ValueError):
     """The receipt does not prove what it claims; the message says why."""
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Where the tail chose an output token: output row `row` of its answer to chunk
+    `chunk_id`, computed on the committed tokens before it, under `spec` (the chunk's
+    SamplingSpec: settings, seed and the drafted tokens' q; None for argmax ids)."""
+
+    chunk_id: int
+    row: int
+    spec: frame_pb2.SamplingSpec | None
+
+
 @dataclass
 class Verified:
     """What a valid receipt shows."""
@@ -43,6 +58,8 @@ class Verified:
     fingerprints: dict[str, str] = field(default_factory=dict)  # signer -> sha256 of its certificate
     with_ca: bool = False
     transcript_checked: bool = False
+    # From the transcript: output position -> every answer of the tail that chose its token.
+    decisions: dict[int, list[Decision]] = field(default_factory=dict)
 
 
 def load(path: str | Path) -> dict:
@@ -79,7 +96,7 @@ def _verify(receipt: dict, ca_pem: bytes | None) -> Verified:
     _check_chains(envelope, stages, verified)
     _check_output(envelope)
     if "transcript" in envelope:
-        _check_transcript(envelope)
+        verified.decisions = _check_transcript(envelope)
         verified.transcript_checked = True
     return verified
 
@@ -221,10 +238,11 @@ def _ids(entry: dict) -> list[int]:
     return [int.from_bytes(tensor.data[i:i + 8], "little", signed=True) for i in range(0, len(tensor.data), 8)]
 
 
-def _check_transcript(envelope: dict) -> None:
+def _check_transcript(envelope: dict) -> dict[int, list[Decision]]:
     """The coordinator's transcript reproduces its chains (which the stages' chains equal),
-    and every output token is the argmax the tail returned for its position, computed on
-    the committed tokens before it."""
+    and every output token is what the tail returned for its position (the argmax, or its
+    sampled choice under the recorded settings), computed on the committed tokens before
+    it. Returns where each output token was decided."""
     session_id, transcript = envelope["session_id"], envelope["transcript"]
     for direction in ("sent", "received"):
         for peer, chain in envelope[direction].items():
@@ -234,7 +252,7 @@ def _check_transcript(envelope: dict) -> None:
                 raise ReceiptInvalid(f"the transcript of frames {direction} {'to' if direction == 'sent' else 'from'} "
                                      f"{peer} does not match the coordinator's chain")
     if "ids" not in envelope["output"] or "ids" not in envelope["prompt"]:
-        return
+        return {}
     sequence = envelope["prompt"]["ids"] + envelope["output"]["ids"]
     prompt_length = len(envelope["prompt"]["ids"])
     results = {e["chunk_id"]: e for entries in transcript["received"].values() for e in entries
@@ -242,24 +260,77 @@ def _check_transcript(envelope: dict) -> None:
     chunks = sorted((e for entries in transcript["sent"].values() for e in entries
                      if e["kind"] in ("FORWARD", "REPLAY")), key=lambda e: e["chunk_id"])
     returned: dict[int, set[int]] = {}
+    decisions: dict[int, list[Decision]] = {}
     for chunk, on_committed in _contexts(chunks, sequence):
         if not on_committed or chunk["chunk_id"] not in results or chunk["kind"] != "FORWARD":
             continue
-        tokens, argmaxes = _ids(chunk), _ids(results[chunk["chunk_id"]])
-        start, n = chunk["start_pos"], chunk["num_tokens"]
-        skip = n - len(argmaxes)  # the tail returns the argmaxes of the last positions only
-        for j, token in enumerate(argmaxes):
-            fed = skip + j + 1  # inputs [start, start + fed) produced this argmax
+        spec = _spec(chunk, envelope["decoding"])
+        result = results[chunk["chunk_id"]]
+        chosen = _ids(result) if spec is None else _choices(result, chunk)
+        tokens, start, n = _ids(chunk), chunk["start_pos"], chunk["num_tokens"]
+        skip = n - (chunk["num_outputs"] or n)  # the tail answers for the last positions only
+        for j, token in enumerate(chosen):
+            fed = skip + j + 1  # inputs [start, start + fed) produced this token
             position = start + fed
             if position >= len(sequence) or tokens[:fed] != sequence[start:start + fed]:
                 continue  # computed on a draft the output rejected: says nothing of it
             returned.setdefault(position, set()).add(token)
+            decisions.setdefault(position, []).append(Decision(chunk["chunk_id"], j, spec))
     for position in range(prompt_length, len(sequence)):
         found = returned.get(position, set())
         if found != {sequence[position]}:
             said = "no result of the ring" if not found else f"the tail returned {sorted(found)}"
             raise ReceiptInvalid(f"output token {position - prompt_length} ({sequence[position]}) is not what the "
                                  f"ring computed: {said} for position {position}")
+    return decisions
+
+
+def _spec(chunk: dict, decoding: dict) -> frame_pb2.SamplingSpec | None:
+    """The sampling spec a chunk carried (None: the tail returned argmax ids), which must
+    hold the settings and seed the receipt records."""
+    if "sampling" not in chunk:
+        if decoding["sampling"] != "greedy":
+            raise ReceiptInvalid(f"chunk {chunk['chunk_id']} carried no sampling spec, but the receipt records "
+                                 "sampled decoding")
+        return None
+    try:
+        spec = frame_pb2.SamplingSpec.FromString(base64.b64decode(chunk["sampling"], validate=True))
+    except (binascii.Error, ValueError, DecodeError):
+        raise ReceiptInvalid(f"unreadable sampling spec in the transcript (chunk {chunk['chunk_id']})") from None
+    carried = _settings(spec.temperature, spec.top_p, spec.top_k, spec.min_p, spec.seed)
+    recorded = _settings(decoding["temperature"], decoding["top_p"], decoding["top_k"], decoding["min_p"],
+                         decoding["seed"] or 0)
+    if carried != recorded:
+        raise ReceiptInvalid(f"chunk {chunk['chunk_id']} was decided with {_describe(carried)}, but the receipt "
+                             f"records {_describe(recorded)}")
+    return spec
+
+
+def _settings(temperature: float, top_p: float, top_k: int, min_p: float, seed: int) -> tuple:
+    """Sampling settings as the wire carries them (floats in float32)."""
+    def f32(x: float) -> float:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+
+    return f32(temperature), f32(top_p), int(top_k), f32(min_p), int(seed)
+
+
+def _describe(settings: tuple) -> str:
+    temperature, top_p, top_k, min_p, seed = settings
+    return f"temperature {temperature:.6g}, top_p {top_p:.6g}, top_k {top_k}, min_p {min_p:.6g}, seed {seed}"
+
+
+def _choices(result: dict, chunk: dict) -> list[int]:
+    """The tokens the tail chose for a sampled chunk, which it says it chose under the
+    transcript's spec: its answer (pinned by its signed chain) names the spec's sha256."""
+    try:
+        choices = frame_pb2.ChunkChoices.FromString(_payload(result))
+    except DecodeError:
+        raise ReceiptInvalid(f"the tail's answer to chunk {chunk['chunk_id']} holds no chosen tokens") from None
+    if choices.spec_sha256 != hashlib.sha256(base64.b64decode(chunk["sampling"])).digest():
+        named = choices.spec_sha256.hex()[:12] or "none"
+        raise ReceiptInvalid(f"the tail chose the tokens of chunk {chunk['chunk_id']} under another sampling spec "
+                             f"(sha256 {named}) than the transcript holds")
+    return list(choices.ids)
 
 
 def _contexts(chunks: list[dict], sequence: list[int]):
@@ -278,10 +349,12 @@ def summary(verified: Verified) -> list[str]:
     """A few lines for a person."""
     e = verified.envelope
     stats, output = e["stats"], e["output"]
+    sampled = e["decoding"]["sampling"] != "greedy"
     lines = [f"receipt of session {e['session_id']}: VALID"
              + ("" if verified.with_ca else " (signatures checked, signers NOT tied to a CA: give --ca)"),
              f"model: config {e['model']['config_sha256'][:16]}, tokenizer {e['model']['tokenizer_sha256'][:16]}, "
              f"{e['model']['num_layers']} layers",
+             "decoding: " + _decoding(e["decoding"]),
              f"coordinator {e['node_id']} ({_where(e['node'])}), "
              f"certificate {verified.fingerprints[e['node_id']][:16]}"]
     for entry in e["layouts"][-1]:
@@ -305,9 +378,18 @@ def summary(verified: Verified) -> list[str]:
     lines.append(f"output sha256 {output['sha256'][:16]}; {verified.checked_edges} edges' chains match"
                  + (f", {len(verified.unchecked_edges)} edges of lost nodes or superseded rings unchecked"
                     if verified.unchecked_edges else "")
-                 + ("; every output token is the tail's argmax (transcript)" if verified.transcript_checked
-                    else "; private: no transcript"))
+                 + (f"; every output token is the tail's {'choice' if sampled else 'argmax'} (transcript)"
+                    if verified.transcript_checked else "; private: no transcript"))
     return lines
+
+
+def _decoding(decoding: dict) -> str:
+    draft = f"draft {decoding['draft']}, K {decoding['spec_k']}, W {decoding['in_flight']}"
+    if decoding["sampling"] == "greedy":
+        return f"greedy, {draft}"
+    settings = _settings(decoding["temperature"], decoding["top_p"], decoding["top_k"], decoding["min_p"],
+                         decoding["seed"])
+    return f"sampled, {_describe(settings)}, {draft}"
 
 
 def _where(node: dict) -> str:

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from shard.decode.draft import Draft, DraftSession, NgramDraft
 from shard.decode.oracle import OracleDraft
-from shard.decode.sampling import Proposal, TokenLogprob
+from shard.decode.sampling import Proposal, SamplingParams, TokenLogprob
 from shard.decode.speculative import Finish, Lookahead, Rebuild, RingChanged, decode
 from shard.errors import ShardError
 from shard.metrics import GenerationMetrics, NodeMetrics
@@ -131,6 +131,18 @@ class _Deltas:
     def flush(self) -> str:
         """Text held back as a possible stop string's start, now that none can follow."""
         return self._stops.flush() if self._stops else ""
+
+
+def _decoding(prepared: Prepared, draft_name: str) -> dict:
+    """The decoding settings as a receipt states them: with the seed every chunk's spec carried,
+    so a verifier can re-derive each sampled token (docs/receipts.md)."""
+    sampling = prepared.sampling
+    params = sampling.params if sampling else SamplingParams()
+    return {"sampling": "greedy" if params.greedy else "sampled", "temperature": params.temperature,
+            "top_p": params.top_p, "top_k": params.top_k, "min_p": params.min_p,
+            "seed": None if params.greedy else params.seed, "logprobs": sampling.logprobs if sampling else None,
+            "stop": list(prepared.stop), "draft": draft_name, "spec_k": prepared.spec_k,
+            "in_flight": prepared.in_flight, "max_tokens": prepared.max_tokens, "stop_at_eos": prepared.stop_at_eos}
 
 
 class SessionRing:
@@ -262,10 +274,6 @@ class CoordinatorNode:
         if request.receipt and self.receipts.signer is None:
             raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
                              "this coordinator has no node key (--insecure): it cannot sign receipts")
-        if request.receipt and (not request.sampling.greedy or request.logprobs is not None):
-            # A receipt's transcript check recomputes each token as the argmax (docs/receipts.md).
-            raise ShardError(grpc.StatusCode.FAILED_PRECONDITION,
-                             "receipts cover greedy decoding: drop the receipt, or sampling and logprobs")
         draft_name = request.draft or self.default_draft
         if draft_name not in self.drafts:
             raise ShardError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -404,9 +412,7 @@ class CoordinatorNode:
                 receipt = await self.receipts.make(
                     self.ring, session_id, record, prompt_ids=prepared.prompt_ids, stats=stats,
                     private=prepared.receipt_private, finish=stats.finish.name,
-                    decoding={"sampling": "greedy", "draft": draft_name, "spec_k": prepared.spec_k,
-                              "in_flight": prepared.in_flight, "max_tokens": prepared.max_tokens,
-                              "stop_at_eos": prepared.stop_at_eos})
+                    decoding=_decoding(prepared, draft_name))
             yield GenerationResult(
                 session_id=session_id, prompt_ids=prepared.prompt_ids,
                 text=deltas.text if stats.finish == Finish.STOP else (

@@ -142,11 +142,15 @@ class StageNotary:
         return self._signer.signed(statement)
 
 
-def _transcribed(header: frame_pb2.FrameHeader, payload: bytes) -> dict:
-    return {"chunk_id": header.chunk_id, "epoch": header.epoch, "start_pos": header.start_pos,
-            "num_tokens": header.num_tokens, "num_outputs": header.num_outputs, "kind": kind_name(header.kind),
-            "replay_stages": [header.replay_first_stage, header.replay_last_stage],
-            "payload": base64.b64encode(payload).decode()}
+def _transcribed(header: frame_pb2.FrameHeader, payload: bytes, spec: bytes = b"") -> dict:
+    entry = {"chunk_id": header.chunk_id, "epoch": header.epoch, "start_pos": header.start_pos,
+             "num_tokens": header.num_tokens, "num_outputs": header.num_outputs, "kind": kind_name(header.kind),
+             "replay_stages": [header.replay_first_stage, header.replay_last_stage],
+             "payload": base64.b64encode(payload).decode()}
+    if spec:
+        # Sealed for the tail on the wire, outside the chains: the tail's answer names its hash.
+        entry["sampling"] = base64.b64encode(spec).decode()
+    return entry
 
 
 @dataclass
@@ -182,7 +186,9 @@ class CoordinatorNotary:
     def close(self, session_id: str) -> None:
         self._records.pop(session_id, None)
 
-    def sent(self, receiver: str, header: frame_pb2.FrameHeader, payload: bytes, layout: tuple) -> None:
+    def sent(self, receiver: str, header: frame_pb2.FrameHeader, payload: bytes, layout: tuple,
+             spec: bytes = b"") -> None:
+        """`spec`: a sampled chunk's SamplingSpec in plaintext."""
         record = self._records.get(header.session_id)
         if record is None:
             return
@@ -190,7 +196,7 @@ class CoordinatorNotary:
             record.layouts.append(layout)
         if record.sent.setdefault(receiver, Chain()).add(header_entry(header, payload), header.kind) \
                 and record.transcript:
-            record.sent_frames.setdefault(receiver, []).append(_transcribed(header, payload))
+            record.sent_frames.setdefault(receiver, []).append(_transcribed(header, payload, spec))
 
     def received(self, sender: str, header: frame_pb2.FrameHeader, payload: bytes, claimed: bool) -> None:
         record = self._records.get(header.session_id)

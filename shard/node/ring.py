@@ -134,10 +134,11 @@ class Ring:
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
             num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+        spec = b""
         if sampling is not None:
             spec = encode_spec(sampling)
             header.sampling = seal_spec(self._secret, self.node_id, header, spec) if self._secret else spec
-        return await self._send(header, encode_ids(tokens))
+        return await self._send(header, encode_ids(tokens), spec)
 
     async def replay(self, *, session_id: str, chunk_id: int, epoch: int, tokens: list[int],
                      stages: tuple[int, int]) -> asyncio.Future:
@@ -151,7 +152,8 @@ class Ring:
             kind=frame_pb2.FRAME_KIND_REPLAY, replay_first_stage=first, replay_last_stage=last)
         return await self._send(header, encode_ids(tokens) if first == 0 else b"")
 
-    async def _send(self, header: frame_pb2.FrameHeader, payload: bytes) -> asyncio.Future:
+    async def _send(self, header: frame_pb2.FrameHeader, payload: bytes, spec: bytes = b"") -> asyncio.Future:
+        """`spec`: the chunk's sampling spec in plaintext (header.sampling holds it sealed)."""
         if self.head_edge is None:
             raise ShardError(grpc.StatusCode.UNAVAILABLE, "no plan: the ring has no stages yet")
         key = (header.session_id, header.chunk_id)
@@ -168,7 +170,7 @@ class Ring:
         future.add_done_callback(lambda _: (deadline.cancel(), self._forget_chunk(key, future), _end(span, future),
                                             self._round_trip(future, loop.time() - sent)))
         put_context(header, span)
-        self._notarize(header, payload)
+        self._notarize(header, payload, spec)
         try:
             await self.head_edge.send(frame_pb2.Frame(header=header, payload=payload))
         except ConnectionError as error:
@@ -221,12 +223,12 @@ class Ring:
         except ConnectionError as error:
             log.warning("could not end session %s: %s (stages free it when idle)", session_id, error)
 
-    def _notarize(self, header: frame_pb2.FrameHeader, payload: bytes) -> None:
+    def _notarize(self, header: frame_pb2.FrameHeader, payload: bytes, spec: bytes = b"") -> None:
         """A frame of a session that asked for a receipt: flag it, so that every stage keeps
         its chains, and chain it on the edge it goes out on."""
         if self.notary.wants(header.session_id):
             header.receipt = True
-            self.notary.sent(self.head_edge.receiver, header, payload, self.layout)
+            self.notary.sent(self.head_edge.receiver, header, payload, self.layout, spec)
 
     async def attest(self, node_id: str, session_id: str, timeout: float = 15.0) -> stage_pb2.AttestResponse:
         """A stage's signed part in a session's receipt; raises AioRpcError."""

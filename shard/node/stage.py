@@ -224,7 +224,7 @@ class StageNode:
             sampling = None
             if header.sampling and self.block.is_last:  # only the tail chooses tokens
                 sampling = parse_spec(self._opened_spec(header), vocab_size=self.block.vocab_size,
-                                      num_outputs=header.num_outputs or header.num_tokens)
+                                      num_outputs=header.num_outputs or header.num_tokens, receipt=header.receipt)
             body = ForwardStep(self._validated_input(header, payload), sampling)
         elif header.kind == K.FRAME_KIND_REPLAY:
             body = self._replay_step(header, payload)

@@ -406,7 +406,7 @@ class StageCompute:
             if sampling is not None:
                 n = header.num_tokens
                 first_chosen = header.start_pos + n - (num_outputs or n) + 1  # the position row 0 chooses
-                return encode_choices(choose_tokens(output, sampling, first_chosen))
+                return encode_choices(choose_tokens(output, sampling, first_chosen), sampling.spec_sha256)
             return self._encode(header, session, output)
         finally:
             self.kv.record(session, self.runner.cache_length(session.cache))

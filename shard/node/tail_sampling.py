@@ -4,6 +4,7 @@ The decisions themselves are shard.decode.sampling's, the same functions the dra
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class ChunkSampling:
     params: SamplingParams
     proposals: tuple[Proposal, ...] = ()
     logprobs: int | None = None
+    # A receipt's session: sha256 of the spec as the tail opened it, named in its answer.
+    spec_sha256: bytes = b""
 
 
 def encode_spec(sampling: ChunkSampling) -> bytes:
@@ -40,8 +43,9 @@ def encode_spec(sampling: ChunkSampling) -> bytes:
     return spec.SerializeToString()
 
 
-def parse_spec(data: bytes, *, vocab_size: int, num_outputs: int) -> ChunkSampling:
-    """The tail's reading of a chunk's spec; INVALID_ARGUMENT for one it cannot act on exactly."""
+def parse_spec(data: bytes, *, vocab_size: int, num_outputs: int, receipt: bool = False) -> ChunkSampling:
+    """The tail's reading of a chunk's spec; INVALID_ARGUMENT for one it cannot act on exactly.
+    `receipt`: the session keeps a receipt, so the answer names the spec by its hash."""
     try:
         spec = frame_pb2.SamplingSpec.FromString(data)
         params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
@@ -58,7 +62,8 @@ def parse_spec(data: bytes, *, vocab_size: int, num_outputs: int) -> ChunkSampli
             check_proposal(proposal, vocab_size)
     except (DecodeError, ValueError) as error:
         raise ShardError(grpc.StatusCode.INVALID_ARGUMENT, f"bad sampling spec: {error}") from None
-    return ChunkSampling(params, proposals, spec.logprobs if spec.want_logprobs else None)
+    return ChunkSampling(params, proposals, spec.logprobs if spec.want_logprobs else None,
+                         hashlib.sha256(data).digest() if receipt else b"")
 
 
 def check_params(params: SamplingParams) -> None:
@@ -95,8 +100,8 @@ def choose_tokens(logits: torch.Tensor, sampling: ChunkSampling, first_position:
     return Chosen(ids, reported if sampling.logprobs is not None else None)
 
 
-def encode_choices(chosen: Chosen) -> bytes:
-    out = frame_pb2.ChunkChoices(ids=chosen.ids)
+def encode_choices(chosen: Chosen, spec_sha256: bytes = b"") -> bytes:
+    out = frame_pb2.ChunkChoices(ids=chosen.ids, spec_sha256=spec_sha256)
     for entry in chosen.logprobs or ():
         out.logprobs.add(logprob=entry.logprob, top_ids=[i for i, _ in entry.top],
                          top_logprobs=[lp for _, lp in entry.top])

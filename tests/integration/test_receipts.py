@@ -1,7 +1,9 @@
 """Signed receipts from a real 3-stage swarm (real mTLS, the real TinyStories model): a
 genuine receipt verifies, also in a fresh process that holds only the receipt and the CA
 certificate, and replays to the same tokens with transformers; every tampering fails
-with its own reason, including lies that a signer with a valid key tells."""
+with its own reason, including lies that a signer with a valid key tells. A seeded
+sampled run under speculative sampling (a model draft) gets a receipt that records its
+settings and re-derives token by token."""
 
 import asyncio
 import base64
@@ -19,8 +21,9 @@ import pytest
 from shard import receipt as receipts
 from shard.cli import verify_receipt
 from shard.client import generate
+from shard.model.synthetic import truncated_copy
 from shard.receipt_replay import replay
-from shard.v1 import api_pb2, stage_pb2, stage_pb2_grpc
+from shard.v1 import api_pb2, frame_pb2, stage_pb2, stage_pb2_grpc
 from shard.wire import certs
 from shard.wire.chain import chain_of
 from shard.wire.signing import Signer, digest
@@ -35,10 +38,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def swarm(tinystories_dir, tmp_path_factory):
+def draft_dir(tinystories_dir, tmp_path_factory) -> Path:
+    """A model draft (the target cut to one layer): it proposes from a real q."""
+    return truncated_copy(tinystories_dir, tmp_path_factory.mktemp("draft") / "truncated", layers=1)
+
+
+@pytest.fixture(scope="module")
+def swarm(tinystories_dir, draft_dir, tmp_path_factory):
     """Three stages and a coordinator in one event loop; `swarm.run(coroutine)` runs in it."""
     loop = asyncio.new_event_loop()
-    context = inprocess_swarm(tinystories_dir, 3, tmp_path_factory.mktemp("receipts"))
+    context = inprocess_swarm(tinystories_dir, 3, tmp_path_factory.mktemp("receipts"),
+                              coordinator_args=[f"--draft={draft_dir}"])
     running = loop.run_until_complete(context.__aenter__())
     running.run = loop.run_until_complete
     yield running
@@ -48,7 +58,7 @@ def swarm(tinystories_dir, tmp_path_factory):
 
 def run_receipt(swarm, prompt, **fields) -> tuple[api_pb2.GenerationSummary, dict]:
     request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=prompt), max_tokens=48, receipt=True,
-                                      draft="ngram", spec_k=4, in_flight=4, **fields)
+                                      **{"draft": "ngram", "spec_k": 4, "in_flight": 4, **fields})
     # The registry may re-order the ring once it has measured round trips: wait it out.
     summary = swarm.run(generate(swarm.coordinator.address, swarm.tls(), request, wait_ready_seconds=60)).summary
     return summary, json.loads(summary.receipt)
@@ -405,3 +415,155 @@ def test_an_edge_of_a_superseded_ring_may_differ_only_after_a_replay(swarm, genu
     t.resign_envelope()
     verified = receipts.verify(receipt, ca_pem)
     assert verified.unchecked_edges == [(t.head, t.tail)]
+
+
+# ---- sampled runs ------------------------------------------------------------------------
+
+SAMPLED = dict(temperature=0.8, top_p=0.9, seed=7, stop_at_eos=False, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def sampled(swarm, draft_dir):
+    """Seeded speculative sampling: the model draft proposes from q, the tail tests each
+    guess against p and draws corrections from the residual (and reports logprobs)."""
+    return run_receipt(swarm, PROMPT, draft=str(draft_dir), **SAMPLED)
+
+
+def test_a_sampled_receipt_records_its_settings_and_replays_token_by_token(sampled, ca_pem, draft_dir,
+                                                                          tinystories_dir, tmp_path):
+    summary, receipt = sampled
+    verified = receipts.verify(receipt, ca_pem)
+    envelope = verified.envelope
+    decoding = envelope["decoding"]
+    assert (decoding["sampling"], decoding["seed"], decoding["top_k"], decoding["logprobs"], decoding["draft"],
+            decoding["spec_k"], decoding["in_flight"]) == ("sampled", summary.seed, 0, 2, str(draft_dir), 4, 4)
+    assert summary.seed == 7
+    assert round(decoding["temperature"], 6) == 0.8 and round(decoding["top_p"], 6) == 0.9
+    assert envelope["output"]["ids"] == list(summary.output_ids) and len(summary.output_ids) == 48
+    assert verified.transcript_checked and "the tail's choice" in receipts.summary(verified)[-1]
+    # Every output token was chosen by the tail; speculative sampling tested drafted guesses
+    # (accepting some, rejecting others) and drew the rest from p.
+    prompt_length = len(PROMPT)
+    assert sorted(verified.decisions) == list(range(prompt_length, prompt_length + 48))
+    decided = [(d, envelope["output"]["ids"][position - prompt_length])
+               for position, found in verified.decisions.items() for d in found]
+    tested = [(d, token) for d, token in decided if d.row < len(d.spec.proposals)]
+    accepted = [d for d, token in tested if d.spec.proposals[d.row].token == token]
+    assert accepted and len(accepted) < len(tested) < len(decided)
+    assert "re-derives all 48 sampled output tokens" in replay(verified, Path(tinystories_dir))[0]
+    (tmp_path / "receipt.json").write_text(json.dumps(receipt))
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    assert verify_receipt(str(tmp_path / "receipt.json"), ca=str(tmp_path / "ca.pem"),
+                          replay=str(tinystories_dir)) == 0
+
+
+def sampled_spec(t, edit) -> None:
+    """Edit the sampling spec every chunk of the transcript carried (the coordinator's own
+    record of what it sent; the tail's answers name the specs they were chosen under)."""
+    for frames in envelope_of(t.receipt)["transcript"]["sent"].values():
+        for frame in frames:
+            if "sampling" in frame:
+                spec = frame_pb2.SamplingSpec.FromString(base64.b64decode(frame["sampling"]))
+                edit(spec)
+                frame["sampling"] = base64.b64encode(spec.SerializeToString()).decode()
+
+
+def edit_seed(t):
+    envelope_of(t.receipt)["decoding"]["seed"] += 1
+
+
+def edit_seed_and_resign(t):
+    edit_seed(t)
+    t.resign_envelope()
+
+
+def edit_seed_everywhere(t):
+    """The coordinator says another seed, in its record and in the specs it says it sent."""
+    edit_seed(t)
+    sampled_spec(t, lambda spec: setattr(spec, "seed", spec.seed + 1))
+    t.resign_envelope()
+
+
+def edit_temperature(t):
+    envelope_of(t.receipt)["decoding"]["temperature"] = 0.5
+
+
+def edit_temperature_and_resign(t):
+    edit_temperature(t)
+    t.resign_envelope()
+
+
+def edit_temperature_everywhere(t):
+    edit_temperature(t)
+    sampled_spec(t, lambda spec: setattr(spec, "temperature", 0.5))
+    t.resign_envelope()
+
+
+def edit_a_proposal(t):
+    """The coordinator changes the q it says it sent with a drafted token."""
+    def edit(spec):
+        for proposal in spec.proposals:
+            proposal.probs[0] *= 0.5
+
+    sampled_spec(t, edit)
+    t.resign_envelope()
+
+
+def drop_the_specs(t):
+    for frames in envelope_of(t.receipt)["transcript"]["sent"].values():
+        for frame in frames:
+            frame.pop("sampling", None)
+    t.resign_envelope()
+
+
+SAMPLED_TAMPERINGS = {
+    "edited sampled output token": (edit_output_token, "bad signature on the envelope"),
+    "coordinator edits a sampled token and its hash": (edit_output_and_rehash, "is not what the ring computed"),
+    "edited seed": (edit_seed, "bad signature on the envelope"),
+    "coordinator edits the seed": (edit_seed_and_resign, "seed 7, but the receipt records"),
+    "coordinator edits the seed, in the specs too": (edit_seed_everywhere, "under another sampling spec"),
+    "edited temperature": (edit_temperature, "bad signature on the envelope"),
+    "coordinator edits the temperature": (edit_temperature_and_resign, "but the receipt records temperature 0.5"),
+    "coordinator edits the temperature, in the specs too": (edit_temperature_everywhere,
+                                                           "under another sampling spec"),
+    "coordinator edits a draft's q": (edit_a_proposal, "under another sampling spec"),
+    "coordinator drops the specs": (drop_the_specs, "carried no sampling spec"),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLED_TAMPERINGS)
+def test_a_tampered_sampled_receipt_fails_with_its_reason(name, swarm, sampled, other, ca_pem, tmp_path):
+    edit, reason = SAMPLED_TAMPERINGS[name]
+    receipt = copy.deepcopy(sampled[1])
+    edit(Tamper(receipt, other[1], swarm.certs, tmp_path))
+    with pytest.raises(receipts.ReceiptInvalid, match=reason):
+        receipts.verify(json.loads(json.dumps(receipt)), ca_pem)
+
+
+def test_replay_catches_a_tail_that_lies_about_a_sampled_token(swarm, sampled, other, ca_pem, tinystories_dir,
+                                                              tmp_path):
+    """The tail and the coordinator agree on another last token: every signature and chain
+    holds, and only computing again shows the tail did not choose as the seed says."""
+    from shard.receipt import _entry
+    from shard.wire.ids import ids_sha256
+
+    receipt = copy.deepcopy(sampled[1])
+    t = Tamper(receipt, other[1], swarm.certs, tmp_path)
+    envelope = envelope_of(receipt)
+    last = len(PROMPT) + 47
+    (decision,) = receipts.verify(receipt, ca_pem).decisions[last]
+    lie = (envelope["output"]["ids"][-1] + 1) % 2000
+    answers = envelope["transcript"]["received"][t.tail]
+    answer = next(a for a in answers if a["chunk_id"] == decision.chunk_id)
+    choices = frame_pb2.ChunkChoices.FromString(base64.b64decode(answer["payload"]))
+    choices.ids[decision.row] = lie
+    answer["payload"] = base64.b64encode(choices.SerializeToString()).decode()
+    head = chain_of(_entry(envelope["session_id"], a) for a in answers).hex()
+    envelope["received"][t.tail]["head"] = head
+    attestation(receipt, t.tail)["statement"]["sent"][envelope["node_id"]]["head"] = head
+    envelope["output"]["ids"][-1] = lie
+    envelope["output"]["sha256"] = ids_sha256(envelope["output"]["ids"])
+    t.resign_stage(t.tail, rebind=True)
+    verified = receipts.verify(receipt, ca_pem)  # the lie is consistent: signatures and chains hold
+    with pytest.raises(receipts.ReceiptInvalid, match=f"replay differs at output token 47 .*the receipt says {lie}"):
+        replay(verified, Path(tinystories_dir))
