@@ -8,9 +8,12 @@ PROTOS := $(wildcard protos/shard/v1/*.proto)
 STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # On a machine without a GPU take the CPU build of torch (an unpinned torch pulls CUDA).
-TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
+VENV_TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 # The image: built offline from a debootstrapped base and a wheelhouse made here (docker/).
 # Where a registry is reachable, BASE_IMAGE=python:3.11-slim-bookworm works as well.
+# TORCH is the image's torch, the venv's by default; a CUDA one (TORCH=torch==2.11.0)
+# builds on any host and leaves the venv as it is.
+TORCH ?= $(VENV_TORCH)
 BASE_IMAGE ?= shard-base:bookworm
 IMAGE ?= shard:$(if $(HAS_GPU),cuda,cpu)
 
@@ -23,7 +26,7 @@ setup: $(STAMP) proto $(NODE_EXAMPLE)
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(VENV_TORCH)"
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 

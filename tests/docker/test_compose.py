@@ -173,14 +173,15 @@ def test_compose_stack_generates_survives_a_stage_kill_and_leaves_nothing(stack,
 
 
 def test_gpu_profile_reserves_a_gpu_per_stage_in_place_of_the_cpu_stages(engine):
-    env = {**os.environ, "COMPOSE_PROFILES": "gpu"}
+    # A GPU of its own per stage: named, since the engine maps `count: 1` to GPU 0 everywhere.
+    env = {**os.environ, "COMPOSE_PROFILES": "gpu", "SHARD_STAGE_3_GPU": "GPU-0a1b"}
     config = json.loads(docker("compose", "config", "--format", "json", env=env).stdout)["services"]
     stages = sorted(name for name in config if "stage" in name)
     assert stages == [f"gpu-stage-{i}" for i in range(4)]
-    for name in stages:
+    for name, gpu in zip(stages, ["0", "1", "2", "GPU-0a1b"]):
         service = config[name]
         assert service["deploy"]["resources"]["reservations"]["devices"] == [
-            {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+            {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]
         assert service["environment"]["SHARD_DEVICE"] == "cuda"
         node_id = service["environment"]["SHARD_NODE_ID"]
         assert service["networks"]["default"]["aliases"] == [node_id]  # the address its certificate names
