@@ -19,6 +19,10 @@ IMAGE ?= shard:$(if $(HAS_GPU),cuda,cpu)
 
 .PHONY: setup proto run test test-all bench clean check-stubs lint helm-test docker-tools image compose-test
 
+# The Node.js example's packages (examples/node; tests/e2e/test_examples.py runs it): defined
+# before the rule that needs it, or make expands it to nothing there.
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+
 setup: $(STAMP) proto $(NODE_EXAMPLE)
 
 # The nodes and the tools (a client alone is `pip install .`); the editable install
@@ -30,8 +34,6 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
-# The Node.js example's packages (examples/node; tests/e2e/test_examples.py runs it).
-NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 $(NODE_EXAMPLE): examples/node/package-lock.json
 	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 18+ (the tests run a Node.js client)"; exit 1; }
 	npm ci --silent --no-audit --no-fund --prefix examples/node
