@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from shard.decode.draft_batch import DraftBatcher
 from shard.decode.static_draft import (STATIC_FAMILIES, SlotPool, StaticDraftSession, common_prefix,
                                        supports_static)
 from shard.decode.sampling import Proposal, SamplingParams, process
@@ -24,6 +26,7 @@ from shard.model.causal_lm import load_causal_lm
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_SLOTS = 4  # sessions drafting at once through their own graph and static cache
+DEFAULT_CPU_BATCH = 16  # sessions whose steps a float32 CPU draft runs as one forward
 STATIC_MAX_POSITIONS = 4096  # a static cache's length: a session drafts no further
 
 
@@ -86,10 +89,14 @@ class ModelDraft:
     With `slots` (default: 4 on a GPU for the architectures static decoding supports, none
     on a CPU) up to that many sessions at once decode over a static KV cache, their step a
     CUDA graph on a GPU (shard.decode.static_draft); other sessions use the eager dynamic
-    cache. `threads` says how many sessions may draft at once without queueing on the GPU."""
+    cache. With `batch` (default: 16 for a float32 draft on a CPU, where batching is exact,
+    else 1) the dynamic-cache sessions' steps run up to that many as one forward
+    (shard.decode.draft_batch). `threads` says how many sessions may draft at once without
+    queueing."""
 
     def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
-                 capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS):
+                 capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS,
+                 batch: int | None = None):
         self.model, self.name = model.eval(), name
         self.device = model.device
         on_gpu = self.device.type == "cuda"
@@ -107,7 +114,13 @@ class ModelDraft:
             raise ValueError("CUDA graphs need a CUDA device")
         capacity = min(max_positions, getattr(model.config, "max_position_embeddings", None) or max_positions)
         self._pool = SlotPool(model, slots, capacity, capture=capture) if slots else None
-        self.threads = slots if capture and slots else 1
+        if batch is None:
+            batch = DEFAULT_CPU_BATCH if self.device.type == "cpu" and model.dtype == torch.float32 else 1
+        if batch < 1:
+            raise ValueError(f"draft {name}: a draft batch holds at least 1 step, not {batch}")
+        self.batcher = DraftBatcher(model, batch) if batch > 1 else None
+        # Batched sessions each wait for their step in a thread of their own.
+        self.threads = max(slots if capture else 0, batch)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",
@@ -159,9 +172,11 @@ class ModelDraftSession:
             del self._read[common:]
         picked: list[tuple[int, object]] = []
         feed = sequence[common:]
-        for i in range(n):
-            picked.append(pick(i, self._step(feed)[-1]))
-            feed = [picked[-1][0]]
+        batcher = self._draft.batcher
+        with batcher.proposing() if batcher else nullcontext():
+            for i in range(n):
+                picked.append(pick(i, self._step(feed)))
+                feed = [picked[-1][0]]
         # The last proposed token was never fed: the cache ends one short of the proposal.
         return picked
 
@@ -169,13 +184,17 @@ class ModelDraftSession:
         """Nothing to give back: the cache goes with the session."""
 
     def _step(self, tokens: list[int]) -> torch.Tensor:
-        model = self._draft.model
-        ids = torch.tensor([tokens], device=self._draft.device)
+        """The logits after `tokens`, which the cache then holds."""
         start = len(self._read)
-        positions = torch.arange(start, start + len(tokens), device=self._draft.device)[None]
-        out = model(input_ids=ids, position_ids=positions, cache=self._cache, use_cache=True)
+        if self._draft.batcher:
+            logits = self._draft.batcher.step(self._cache, start, tokens)
+        else:
+            ids = torch.tensor([tokens], device=self._draft.device)
+            positions = torch.arange(start, start + len(tokens), device=self._draft.device)[None]
+            logits = self._draft.model(input_ids=ids, position_ids=positions, cache=self._cache,
+                                       use_cache=True, logits_to_keep=1).logits[0, -1]
         self._read.extend(tokens)
-        return out.logits[0]
+        return logits
 
 
 class DraftMismatch(ValueError):

@@ -36,13 +36,14 @@ class Row:
 
 
 @torch.inference_mode()
-def forward_batch(block: Block, rows: list[Row]) -> list[torch.Tensor]:
-    """Each row's output, as `block.forward` would return it for that row alone. Every row
+def forward_batch(block: Block, rows: list[Row], *, logits: bool = False) -> list[torch.Tensor]:
+    """Each row's output, as `block.forward` would return it for that row alone (with
+    `logits`, the last block's scores rather than their argmax). Every row
     must be valid for the block (`block.check_chunk`) and its cache hold start_pos positions
     or more (it is cropped to start_pos); a ValueError or CacheGapError names no row, so
     callers check rows first. A block without layers, or a single row, runs row by row."""
     if not block.num_layers or len(rows) == 1:
-        return [_alone(block, row) for row in rows]
+        return [_alone(block, row, logits) for row in rows]
     lengths = [block.check_chunk(row.start_pos, *_inputs(block, row), row.num_outputs) for row in rows]
     for row in rows:
         have = block.cache_length(row.cache)
@@ -77,7 +78,8 @@ def forward_batch(block: Block, rows: list[Row]) -> list[torch.Tensor]:
     for i, (row, n) in enumerate(zip(rows, lengths)):
         h = out.last_hidden_state[i, :n]
         if block.is_last:
-            h = block.lm_head(h[-row.num_outputs:] if row.num_outputs else h).argmax(-1)
+            h = block.lm_head(h[-row.num_outputs:] if row.num_outputs else h)
+            h = h if logits else h.argmax(-1)
         outputs.append(h)
     return outputs
 
@@ -86,10 +88,10 @@ def _inputs(block: Block, row: Row) -> tuple[torch.Tensor | None, torch.Tensor |
     return (row.tokens, None) if block.is_first else (None, row.tokens)
 
 
-def _alone(block: Block, row: Row) -> torch.Tensor:
+def _alone(block: Block, row: Row, logits: bool) -> torch.Tensor:
     input_ids, hidden = _inputs(block, row)
     return block.forward(row.cache, row.start_pos, input_ids=input_ids, hidden=hidden,
-                         num_outputs=row.num_outputs)
+                         num_outputs=row.num_outputs, logits=logits)
 
 
 def _batch_cache(block: Block, rows: list[Row], past: int) -> DynamicCache:

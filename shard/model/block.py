@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModel, DynamicCache
+from transformers import AutoModel, DynamicCache, PreTrainedModel
 
 from shard.model.checkpoint import Checkpoint
 
@@ -162,6 +162,14 @@ class Block:
             lm_head.requires_grad_(False)
         _rebuild_rotary(model, device)
         return cls(None, 0, num_layers, model.eval(), lm_head, dtype, device, first=first, last=last)
+
+    @classmethod
+    def whole(cls, model: PreTrainedModel) -> Block:
+        """A whole causal LM already in memory (a model draft) as one block that is first and
+        last: its decoder and head, shared, not copied."""
+        param = next(model.parameters())
+        return cls(None, 0, model.config.num_hidden_layers, model.base_model, model.get_output_embeddings(),
+                   param.dtype, param.device, first=True, last=True)
 
     def new_cache(self) -> DynamicCache | PositionCount:
         if not self.num_layers:

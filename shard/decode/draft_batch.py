@@ -1,0 +1,110 @@
+"""One draft forward for many sessions' next steps (issue 13: many users at once).
+
+On a CPU a small draft's step costs mostly per-op overhead, so with many sessions drafting
+at once, a forward per session sets the pace. Sessions step from threads of their own (the
+coordinator's draft pool); a worker runs the steps waiting as one ragged batch through
+shard.model.batch.forward_batch, the stages' batching, and hands each session the logits of
+its own row. The worker runs a batch once every session inside a proposal has its next step
+queued (or `max_batch` steps are): a session between two steps only picks a token from its
+logits, so waiting for it costs microseconds and needs no timer, and sessions not drafting
+(waiting on the ring) hold nobody up."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from shard.model.batch import Row, forward_batch
+from shard.model.block import Block
+
+
+@dataclass
+class DraftBatchStats:
+    forwards: int = 0  # draft forwards run
+    steps: int = 0  # session steps (rows) they ran
+    batched_forwards: int = 0  # forwards that ran more than one session's step
+    largest: int = 0  # most steps in one forward
+
+    def describe(self) -> str:
+        return (f"{self.steps} draft steps in {self.forwards} forwards ({self.batched_forwards} batched, "
+                f"largest {self.largest})")
+
+
+@dataclass
+class _Step:
+    row: Row
+    done: Future
+
+
+class DraftBatcher:
+    def __init__(self, model: PreTrainedModel, max_batch: int):
+        if max_batch < 2:
+            raise ValueError(f"a draft batch holds at least 2 steps, not {max_batch}")
+        self.max_batch = max_batch
+        self._block = Block.whole(model)
+        self._block.max_positions = None  # a draft may guess past its training length, as it does alone
+        self._changed = threading.Condition()
+        self._waiting: deque[_Step] = deque()
+        self._proposing = 0  # sessions inside `proposing()`
+        self._worker: threading.Thread | None = None
+        self.stats = DraftBatchStats()
+
+    @contextmanager
+    def proposing(self) -> Iterator[None]:
+        """Around a session's run of steps: while inside, batches wait for its next step."""
+        with self._changed:
+            self._proposing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._proposing -= 1
+                self._changed.notify_all()
+
+    def step(self, cache: DynamicCache, start_pos: int, tokens: list[int]) -> torch.Tensor:
+        """The logits after `tokens`, written at start_pos.. into `cache` (cropped to
+        start_pos first), once the batch holding this step has run."""
+        step = _Step(Row(cache, start_pos, torch.tensor(tokens, dtype=torch.long)), Future())
+        with self._changed:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="draft-batch", daemon=True)
+                self._worker.start()
+            self._waiting.append(step)
+            self._changed.notify_all()
+        return step.done.result()
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(self._full)
+                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch))]
+            self._forward(batch)
+
+    def _full(self) -> bool:
+        return bool(self._waiting) and len(self._waiting) >= min(self._proposing, self.max_batch)
+
+    def _forward(self, batch: list[_Step]) -> None:
+        try:
+            outputs = forward_batch(self._block, [step.row for step in batch], logits=True)
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].done.set_exception(error)
+                return
+            # The error names no row: alone, only the session that caused it fails.
+            for step in batch:
+                self._forward([step])
+            return
+        stats = self.stats
+        stats.forwards += 1
+        stats.steps += len(batch)
+        stats.batched_forwards += len(batch) > 1
+        stats.largest = max(stats.largest, len(batch))
+        for step, logits in zip(batch, outputs):
+            step.done.set_result(logits[-1])
