@@ -133,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
                       "token with probability P while running DIR, default the target, for its cost); repeat "
                       "for several; the first is the default")
     _draft_device_args(flags.add)
+    flags.add("--draft-batch", "sessions whose model-draft steps run as one forward (default 16 for a float32 "
+              "draft on a CPU, where batching is exact; else 1: each session alone)", type=int)
     flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "
               "(default 262144)", type=int)
     flags.add("--max-concurrent", "generations run at once (default 64)", type=int)

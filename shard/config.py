@@ -218,6 +218,7 @@ class CoordinatorConfig(JoiningConfig):
     draft: list[str] = field(default_factory=list)
     draft_device: str = "auto"  # a GPU where there is one
     draft_dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
+    draft_batch: int | None = None  # sessions per model-draft forward; default 16 for float32 on a CPU, else 1
     spec_k: int | None = None
     in_flight: int | None = None
     max_prompt_chars: int = 262144
@@ -247,6 +248,8 @@ class CoordinatorConfig(JoiningConfig):
             except ValueError as error:
                 raise ConfigError(f"--{error}") from None
         check_dtype(self.draft_dtype, "--draft-dtype")
+        if self.draft_batch is not None and self.draft_batch < 1:
+            raise ConfigError("--draft-batch must be at least 1")
 
     def _check_http(self) -> None:
         if self.http_listen is None:

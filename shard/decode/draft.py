@@ -45,6 +45,7 @@ class DraftSession(Protocol):
 class Draft(Protocol):
     name: str
     threads: int  # sessions that may draft at once, each in a thread of its own
+    batcher: DraftBatcher | None  # runs concurrent sessions' steps as one forward
 
     def session(self) -> DraftSession:
         """State for one generation (model drafts keep a KV cache per session)."""
@@ -56,6 +57,7 @@ class NgramDraft:
 
     name = "ngram"
     threads = 1
+    batcher = None
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram

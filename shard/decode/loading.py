@@ -12,9 +12,10 @@ from shard.decode.specs import parse_draft_spec
 
 
 def load_draft(spec: str, target_dir: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Draft | OracleDraft:
+               dtype: torch.dtype = torch.float32, batch: int | None = None) -> Draft | OracleDraft:
     """`ngram`, a model folder that shares the target's tokenizer, or `oracle:P[:DIR]`;
-    model drafts are loaded onto `device` in `dtype`."""
+    model drafts are loaded onto `device` in `dtype`, batching up to `batch` sessions' steps
+    (None: ModelDraft's default)."""
     try:
         parsed = parse_draft_spec(spec)
     except ValueError as error:
@@ -23,5 +24,5 @@ def load_draft(spec: str, target_dir: str | Path, *, device: str | torch.device 
         return NgramDraft()
     model_dir = parsed.model_dir or Path(target_dir)
     check_same_tokenizer(target_dir, model_dir)
-    model = ModelDraft.load(model_dir, name=spec, device=device, dtype=dtype)
+    model = ModelDraft.load(model_dir, name=spec, device=device, dtype=dtype, batch=batch)
     return OracleDraft(model, parsed.p, name=spec) if parsed.kind == "oracle" else model
