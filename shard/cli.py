@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     _draft_device_args(flags.add)
     flags.add("--draft-batch", "sessions whose model-draft steps run as one forward (default 16 for a float32 "
               "draft on a CPU, where batching is exact; else 1: each session alone)", type=int)
+    flags.add("--draft-no-compile", "a model draft on CUDA: graph its layers as they are, not compiled by "
+              "torch.compile first (starts sooner, steps slower)", action="store_true")
     flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "
               "(default 262144)", type=int)
     flags.add("--max-concurrent", "generations run at once (default 64)", type=int)

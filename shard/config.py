@@ -219,6 +219,7 @@ class CoordinatorConfig(JoiningConfig):
     draft_device: str = "auto"  # a GPU where there is one
     draft_dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     draft_batch: int | None = None  # sessions per model-draft forward; default 16 for float32 on a CPU, else 1
+    draft_no_compile: bool = False  # graph a GPU draft's layers as they are, not compiled first
     spec_k: int | None = None
     in_flight: int | None = None
     max_prompt_chars: int = 262144

@@ -31,7 +31,8 @@ async def start(config: CoordinatorConfig) -> RunningNode:
     device = resolve_device(config.draft_device)
     dtype = resolve_dtype(config.draft_dtype, device)
     try:
-        drafts = [load_draft(spec, config.model, device=device, dtype=dtype, batch=config.draft_batch) for spec in config.draft]
+        drafts = [load_draft(spec, config.model, device=device, dtype=dtype, batch=config.draft_batch,
+                             compiled=False if config.draft_no_compile else None) for spec in config.draft]
     except DraftMismatch as error:
         raise ConfigError(str(error)) from None
     node = CoordinatorNode(node_id=config.node_id, model_dir=config.model, tls=tls, secrets=secrets,

@@ -112,6 +112,25 @@ async def _round(swarm_addresses, tls, stage_tls, topology: Topology, mode: str,
         lossless=all(s.ids == expected[p] for s, p in zip(done, picks)))
 
 
+def rounds_on(swarm: LocalSwarm, client_address: str, stage_addresses: list[str], topology: Topology,
+              counts: list[int], prompts: list[list[int]], max_tokens: int, expected: list[list[int]] | None = None,
+              *, mode: str = "plain") -> list[Round]:
+    """Rounds of `counts` concurrent sessions of `mode` on a running swarm, each session's
+    tokens checked against `expected` (default: each prompt generated alone first)."""
+    tls, stage_tls, target = swarm.client_tls(), swarm.node_tls("coordinator"), str(swarm.model_dir)
+    if expected is None:
+        expected = [asyncio.run(_stream(client_address, tls, _request(p, max_tokens, mode, target))).ids
+                    for p in prompts]
+    rounds = [asyncio.run(_round((client_address, stage_addresses), tls, stage_tls, topology, mode, n, prompts,
+                                 expected, max_tokens, target)) for n in counts]
+    for r in rounds:
+        r.speedup = r.aggregate_tokens_per_second / rounds[0].aggregate_tokens_per_second
+        r.extra["model"] = target
+    print(f"shard bench: {topology.name} {mode}: "
+          + ", ".join(f"{r.sessions}: {r.aggregate_tokens_per_second:.1f} tok/s" for r in rounds), file=sys.stderr)
+    return rounds
+
+
 def bench_topology(topology: Topology, model_dir: Path, modes: list[str], counts: list[int],
                    prompts: list[list[int]], expected: list[list[int]], max_tokens: int,
                    stage_args: list[str]) -> list[Round]:
@@ -120,23 +139,14 @@ def bench_topology(topology: Topology, model_dir: Path, modes: list[str], counts
     with emulated_links(topology) as addresses, LocalSwarm(
             model_dir, topology.stages, addresses=addresses, logs_to_files=True, device="cpu",
             coordinator_args=coordinator_args, stage_args=["--threads=1", *stage_args], start_timeout=600) as swarm:
-        tls, stage_tls = swarm.client_tls(), swarm.node_tls("coordinator")
         client_address = addresses.get("coordinator", (swarm.coordinator_address,))[0]
         stage_addresses = [addresses.get(f"stage-{i}", (None,))[0] or swarm.address_of(f"stage-{i}")
                            for i in range(topology.stages)]
         for mode in modes:
-            asyncio.run(generate(client_address, tls, _request(prompts[0], 4, mode, str(model_dir)),
+            asyncio.run(generate(client_address, swarm.client_tls(), _request(prompts[0], 4, mode, str(model_dir)),
                                  wait_ready_seconds=300))  # warm-up
-            mode_rounds = [asyncio.run(_round((client_address, stage_addresses), tls, stage_tls, topology, mode,
-                                              n, prompts, expected, max_tokens, str(model_dir)))
-                           for n in counts]
-            for r in mode_rounds:
-                r.speedup = r.aggregate_tokens_per_second / mode_rounds[0].aggregate_tokens_per_second
-                r.extra["model"] = str(model_dir)
-            rounds += mode_rounds
-            print(f"shard bench concurrency: {topology.name} {mode}: "
-                  + ", ".join(f"{r.sessions}: {r.aggregate_tokens_per_second:.1f} tok/s" for r in mode_rounds),
-                  file=sys.stderr)
+            rounds += rounds_on(swarm, client_address, stage_addresses, topology, counts, prompts, max_tokens,
+                                expected, mode=mode)
     return rounds
 
 
@@ -172,12 +182,18 @@ def main(args) -> int:
 
 def markdown(payload: dict) -> str:
     m = payload["machine"]
-    lines = [f"Command: `{payload['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {payload['max_tokens']} new tokens "
-             f"per session; stages batch up to {payload['max_batch']} chunks per forward.", ""]
-    for topology in dict.fromkeys(r["topology"] for r in payload["rounds"]):
-        for mode in dict.fromkeys(r["mode"] for r in payload["rounds"] if r["topology"] == topology):
-            rows = [r for r in payload["rounds"] if r["topology"] == topology and r["mode"] == mode]
+    return "\n".join([f"Command: `{payload['command']}`", "",
+                      f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {payload['max_tokens']} new "
+                      f"tokens per session; stages batch up to {payload['max_batch']} chunks per forward.", "",
+                      *rounds_tables(payload["rounds"])])
+
+
+def rounds_tables(rounds: list[dict]) -> list[str]:
+    """A table per topology and mode of rounds (as dicts)."""
+    lines = []
+    for topology in dict.fromkeys(r["topology"] for r in rounds):
+        for mode in dict.fromkeys(r["mode"] for r in rounds if r["topology"] == topology):
+            rows = [r for r in rounds if r["topology"] == topology and r["mode"] == mode]
             lines += [f"### {topology}, {mode}", "", f"Model `{rows[0]['extra']['model']}`.", "",
                       "| sessions | aggregate tok/s | x one | per-session tok/s | TTFT p50 / p99 ms "
                       "| per-token p50 / p99 ms | stage busy | chunks batched | chunks per forward | lossless |",
@@ -192,7 +208,7 @@ def markdown(payload: dict) -> str:
                     f"| {' '.join(f'{b:.1f}' for b in r['chunks_per_forward'])} "
                     f"| {'yes' if r['lossless'] else 'NO'} |")
             lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def document(payload: dict) -> str:

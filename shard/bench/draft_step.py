@@ -1,6 +1,7 @@
 """What one draft step costs: eager over a dynamic cache (the draft as it ran before), eager
-over the static cache, and the static step replayed as a CUDA graph, on a random-weight
-model built in memory (nothing written to disk). For `shard bench gpu`.
+over the static cache, and the static step replayed as a CUDA graph, of the layers as they
+are and of the layers compiled by torch.compile (what a draft on a GPU runs), on a
+random-weight model built in memory (nothing written to disk). For `shard bench gpu`.
 
 A step is timed inside `propose`, as the coordinator calls it: a session reads a prompt
 once, then proposes `steps` tokens from the same position again and again (a rollback
@@ -36,15 +37,19 @@ def draft_step_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
                      context: int = 128, steps: int = 32, repeats: int = 7, model=None) -> dict:
     """Milliseconds per draft step (the median of `repeats` proposals of `steps` tokens after a
     `context`-token prompt) for each way of stepping, and whether they proposed the same tokens.
-    On a CPU there is no graph: `graphed_ms` is None. With `model`, that model is timed
+    On a CPU there is no graph: `graphed_ms` (compiled) is None. With `model`, that model is timed
     instead of a random one of `shape` (one-process graphed decode of a target)."""
     model = model if model is not None else random_llama(shape, device, dtype)
     shape = {key: getattr(model.config, key) for key in ONE_B}
     on_gpu = model.device.type == "cuda"
     drafts = {"eager": ModelDraft(model, name="eager", slots=0),
-              "static_eager": ModelDraft(model, name="static", slots=1, capture=False)}
+              "static_eager": ModelDraft(model, name="static", slots=1, capture=False, compiled=False)}
     if on_gpu:
-        drafts["graphed"] = ModelDraft(model, name="graphed", slots=1, capture=True)
+        drafts["graphed_uncompiled"] = ModelDraft(model, name="graphed", slots=1, capture=True, compiled=False)
+        drafts["compiled_eager"] = ModelDraft(model, name="compiled", slots=1, capture=False, compiled=True)
+        began = time.perf_counter()
+        drafts["graphed"] = ModelDraft(model, name="graphed compiled", slots=1, capture=True, compiled=True)
+        compile_seconds = time.perf_counter() - began
     prompt = torch.randint(0, shape["vocab_size"], (context,), generator=torch.Generator().manual_seed(1)).tolist()
     timings, proposals = {}, {}
     for label, draft in drafts.items():
@@ -66,9 +71,13 @@ def draft_step_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
         "steps": steps,
         "eager_ms": eager,
         "static_eager_ms": timings["static_eager"],
+        "graphed_uncompiled_ms": timings.get("graphed_uncompiled"),
         "graphed_ms": graphed,
         "graphed_speedup": eager / graphed if graphed else None,
-        # Graph replay runs the eager static step's very kernels: its tokens must match.
-        "graphed_equals_static_eager": proposals["graphed"] == proposals["static_eager"] if on_gpu else None,
+        "compile_and_capture_seconds": compile_seconds if on_gpu else None,
+        # Graph replay runs the eager step's very kernels: its tokens must match.
+        "graphed_equals_static_eager": (proposals["graphed_uncompiled"] == proposals["static_eager"]
+                                        if on_gpu else None),
+        "compiled_graph_equals_compiled_eager": proposals["graphed"] == proposals["compiled_eager"] if on_gpu else None,
         "static_equals_dynamic": proposals["static_eager"] == proposals["eager"],
     }

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from shard.bench.concurrency import rounds_on
 from shard.bench.gpu_report import doc
 from shard.bench.run import Row, bench_topology, machine, modes_for, stage_infos, write_json
 from shard.bench.topology import TOPOLOGIES
@@ -141,6 +142,7 @@ def main(args) -> int:
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     prompts = prompt_ids(args.prompts or (1 if args.quick else 2), shapes.target["vocab_size"])
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
+    counts = parse_counts(args.sessions) if args.sessions else []
     with tempfile.TemporaryDirectory(prefix="shard-bench-gpu-") as scratch:
         target_dir = build_dummy_model(Path(scratch) / "target", shapes.target, dtype=dtype_name,
                                        initializer_range=shapes.initializer_range)
@@ -153,15 +155,23 @@ def main(args) -> int:
         reference = one_process(target_dir, device, dtype, prompts, max_tokens) if whole else None
         context = MicroContext(device, dtype, args.quick, target_dir, draft_dir)
         micro = {name: run_micro(entry, context, whole_target_fits=whole) for name, entry in MICRO.items()}
-        rows, memory = [], {}
+        rows, memory, rounds = [], {}, []
         for topology in topologies:
             print(f"shard bench gpu: {topology.name} ({topology.stages} stages)", file=sys.stderr)
             probe = MemoryProbe(device)
+
+            def inspect(swarm, client_address, stage_addresses):
+                probe(swarm, client_address, stage_addresses)
+                if counts:  # each session's tokens against the same prompt generated alone
+                    rounds.extend(rounds_on(swarm, client_address, stage_addresses, topology, counts, prompts,
+                                            max_tokens))
+
             topology_rows = bench_topology(
                 topology, target_dir, drafts, modes_for(list(drafts), settings), prompts, max_tokens,
                 reference.outputs if reference else None, device=",".join(devices), dtype=dtype_name,
-                stage_args=stage_args(devices, topology.stages, checkpoint, spec_k=settings[0][0]),
-                coordinator_args=coordinator_args(device, dtype_name), inspect=probe)
+                stage_args=stage_args(devices, topology.stages, checkpoint, spec_k=settings[0][0],
+                                      sessions=max(counts, default=0)),
+                coordinator_args=coordinator_args(device, dtype_name), inspect=inspect)
             rows += check_rows(topology_rows, reference, exact=dtype == torch.float32)
             memory[topology.name] = {"nodes": probe.rows, "device_used_bytes": probe.device_used_bytes}
         model_bytes = checkpoint.total_bytes
@@ -174,8 +184,8 @@ def main(args) -> int:
         "one_process": reference and {"tokens_per_second": reference.tokens_per_second,
                                       "load_seconds": reference.load_seconds, "outputs": reference.outputs},
         "micro": micro, "topologies": [t.name for t in topologies],
-        "rows": [asdict(r) for r in rows], "memory": memory,
-        "ok": all(r.extra["ok"] for r in rows),
+        "rows": [asdict(r) for r in rows], "memory": memory, "concurrency": [asdict(r) for r in rounds],
+        "ok": all(r.extra["ok"] for r in rows) and all(r.lossless for r in rounds),
     }
     write_json(Path(args.out) / RESULTS, payload)
     docs = Path(args.docs)
@@ -205,6 +215,16 @@ def _portable(spec: str) -> str:
     return spec.replace(str(Path(tempfile.gettempdir())), "$TMP")
 
 
+def parse_counts(value: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in value.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise SystemExit(f"--sessions takes counts of at least 1, comma-separated, not {value!r}")
+    return counts
+
+
 def parse_settings(values: list[str]) -> list[tuple[int, int]]:
     """K,W values -> [(K, W)]; one K per run, since the stages graph chunks of K + 1 (a
     verify chunk and a plain step must run one shape for bf16 speculation to equal plain)."""
@@ -219,18 +239,19 @@ def parse_settings(values: list[str]) -> list[tuple[int, int]]:
     return settings
 
 
-def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint, *, spec_k: int) -> list[str]:
+def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint, *, spec_k: int,
+               sessions: int = 0) -> list[str]:
     """The stage processes share the devices, so speeds measured at start-up (at once, on
     the same chips) say nothing: all report the same, and blocks are cut by bytes. On GPUs
     each is told what it may take (any block's weights fit, plus KV, within its share of
-    a GPU) and how many sessions to preallocate, instead of each claiming 90% of what is
-    free; its smallest graphed chunk is K + 1."""
+    a GPU) and how many sessions to preallocate (4, or `sessions` for the concurrency
+    rounds), instead of each claiming 90% of what is free; its smallest graphed chunk is K + 1."""
     if torch.device(devices[0]).type != "cuda":
         return ["--speed=1"]
     sharing = -(-stages // len(devices))  # stages on the busiest GPU
     share = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices) * 0.9 // sharing
     chunks = sorted({spec_k + 1, *(size for size in LARGER_CHUNKS if size > spec_k + 1)})
-    return ["--speed=1", "--max-sessions=4", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}",
+    return ["--speed=1", f"--max-sessions={max(4, sessions)}", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}",
             f"--chunk-sizes={','.join(map(str, chunks))}"]
 
 
@@ -341,7 +362,7 @@ class MemoryProbe:
         self.device_used_bytes: int | None = None  # the whole GPU, every process: where pids do not match
 
 
-    def __call__(self, swarm: LocalSwarm, stage_addresses: list[str]) -> None:
+    def __call__(self, swarm: LocalSwarm, client_address: str, stage_addresses: list[str]) -> None:
         infos = asyncio.run(stage_infos(stage_addresses, swarm.node_tls("coordinator")))
         on_gpu = gpu_memory_by_pid() if self.device.type == "cuda" else {}
         if self.device.type == "cuda":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shard.bench.concurrency import rounds_tables
+
 MiB = 2**20
 
 
@@ -52,7 +54,18 @@ def doc(payload: dict) -> str:
                 f"| {stage_ms} | {r['bound_tokens_per_second']:.1f} | {r['efficiency']:.2f} "
                 f"| {_prefixes(r)} | {'yes' if r['extra']['equals_swarm_plain'] else 'NO'} "
                 f"| {'yes' if r['extra']['ok'] else 'NO'} |")
+        overhead = next(r for r in rows if r["k"] == 0)["extra"].get("overhead_seconds_per_hop")
+        if overhead is not None:
+            lines += ["", f"Per hop, beyond its link's delay and the stages' compute (gRPC, sealing, copies; from "
+                          f"the plain row): {overhead * 1e3:.2f} ms."]
         lines += ["", *_memory(payload["memory"][topology]), ""]
+    if payload.get("concurrency"):
+        lines += ["## Many sessions at once", "",
+                  "Rounds of concurrent plain-decode sessions on the same swarms, after the modes above (one "
+                  "client connection per session; `x one`: the round's aggregate over the one-session round's; "
+                  "stage busy: each stage's compute time over the round's wall time). Lossless: each session's "
+                  "tokens equal its prompt generated alone on the same swarm.", "",
+                  *rounds_tables(payload["concurrency"])]
     return "\n".join(lines)
 
 

@@ -74,6 +74,9 @@ def _gpu_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, help="new tokens per generation (default 64; 16 with --quick)")
     parser.add_argument("--prompts", type=int, help="generations per mode (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and prompts: a run that fits one call")
+    parser.add_argument("--sessions", metavar="N,N,...",
+                        help="after the modes, rounds of this many concurrent plain-decode sessions on each "
+                             "topology (e.g. 1,8,16): aggregate tok/s, latencies, stage busy fractions")
 
 
 def _sampling_arguments(parser) -> None:

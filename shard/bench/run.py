@@ -130,10 +130,10 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
                    prompts_ids: list[list[int]], max_tokens: int, expected: list[list[int]] | None, *,
                    device: str = "cpu", dtype: str = "auto", stage_args: list[str] = (),
                    coordinator_args: list[str] = (),
-                   inspect: Callable[[LocalSwarm, list[str]], None] | None = None) -> list[Row]:
+                   inspect: Callable[[LocalSwarm, str, list[str]], None] | None = None) -> list[Row]:
     """All modes over one swarm whose every ring edge goes through an emulated link, its
-    stages on `device` in `dtype`; `inspect(swarm, stage_addresses)` runs after the last
-    mode, while the swarm is still up."""
+    stages on `device` in `dtype`; `inspect(swarm, client_address, stage_addresses)` runs
+    after the last mode, while the swarm is still up."""
     # A tiny model's ops are too small to split across threads: one thread per node is
     # fastest, and leaves the other core to the other nodes. (On a GPU the host threads
     # only launch kernels.)
@@ -157,7 +157,7 @@ def bench_topology(topology: Topology, model_dir, drafts: dict[str, str], modes:
                 client_address, tls, stage_addresses, stage_tls, mode, drafts, prompts_ids, max_tokens))
             rows.append(_row(topology, mode, summaries, stage_seconds, expected))
         if inspect is not None:
-            inspect(swarm, stage_addresses)
+            inspect(swarm, client_address, stage_addresses)
     _add_bounds(rows, topology)
     return rows
 

@@ -90,7 +90,8 @@ class ModelDraft:
 
     With `slots` (default: 4 on a GPU for the architectures static decoding supports, none
     on a CPU) up to that many sessions at once decode over a static KV cache, their step a
-    CUDA graph on a GPU (shard.decode.static_draft); other sessions use the eager dynamic
+    CUDA graph on a GPU (shard.decode.static_draft) of layers compiled by torch.compile
+    (`compiled`, default: on a GPU); other sessions use the eager dynamic
     cache. With `batch` (default: 16 for a float32 draft on a CPU, where batching is exact,
     else 1) the dynamic-cache sessions' steps run up to that many as one forward
     (shard.decode.draft_batch). `threads` says how many sessions may draft at once without
@@ -98,7 +99,7 @@ class ModelDraft:
 
     def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
                  capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS,
-                 batch: int | None = None):
+                 batch: int | None = None, compiled: bool | None = None):
         self.model, self.name = model.eval(), name
         self.device = model.device
         on_gpu = self.device.type == "cuda"
@@ -112,10 +113,11 @@ class ModelDraft:
                              f"with full attention through SDPA, not this {model.config.model_type} "
                              f"({model.config._attn_implementation} attention)")
         capture = on_gpu if capture is None else capture
+        compiled = on_gpu if compiled is None else compiled
         if capture and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         capacity = min(max_positions, getattr(model.config, "max_position_embeddings", None) or max_positions)
-        self._pool = SlotPool(model, slots, capacity, capture=capture) if slots else None
+        self._pool = SlotPool(model, slots, capacity, capture=capture, compiled=compiled) if slots else None
         if batch is None:
             batch = DEFAULT_CPU_BATCH if self.device.type == "cpu" and model.dtype == torch.float32 else 1
         if batch < 1:

@@ -12,10 +12,12 @@ from shard.decode.specs import parse_draft_spec
 
 
 def load_draft(spec: str, target_dir: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, batch: int | None = None) -> Draft | OracleDraft:
+               dtype: torch.dtype = torch.float32, batch: int | None = None,
+               compiled: bool | None = None) -> Draft | OracleDraft:
     """`ngram`, a model folder that shares the target's tokenizer, or `oracle:P[:DIR]`;
     model drafts are loaded onto `device` in `dtype`, batching up to `batch` sessions' steps
-    (None: ModelDraft's default)."""
+    (None: ModelDraft's default), their static steps compiled by torch.compile if `compiled`
+    (None: on a GPU)."""
     try:
         parsed = parse_draft_spec(spec)
     except ValueError as error:
@@ -24,5 +26,5 @@ def load_draft(spec: str, target_dir: str | Path, *, device: str | torch.device 
         return NgramDraft()
     model_dir = parsed.model_dir or Path(target_dir)
     check_same_tokenizer(target_dir, model_dir)
-    model = ModelDraft.load(model_dir, name=spec, device=device, dtype=dtype, batch=batch)
+    model = ModelDraft.load(model_dir, name=spec, device=device, dtype=dtype, batch=batch, compiled=compiled)
     return OracleDraft(model, parsed.p, name=spec) if parsed.kind == "oracle" else model

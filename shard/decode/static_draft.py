@@ -10,6 +10,11 @@ with one launch, but only over fixed addresses and shapes. So each slot owns its
 from a smaller position: slots past it are masked out (the mask is computed from
 `position`) until they are written again.
 
+On a GPU the layers are also compiled by torch.compile before capture (as a stage's are,
+shard.model.static_block): the graph then replays inductor's fused kernels instead of the
+~50 small ones per layer that eager norms, rotary and residuals launch. Only the steps run
+compiled; a prompt's one forward, whose length varies, runs the layers as they are.
+
 A slot serves one session at a time; a session holds its slot from its first proposal to
 `close()`. Each slot has its own CUDA stream, so sessions drafting in different threads
 overlap on the GPU instead of queueing behind one another. On a CPU the same code runs
@@ -17,6 +22,7 @@ eagerly (what CI checks against the dynamic-cache draft)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import nullcontext
 
@@ -24,7 +30,10 @@ import torch
 
 from shard.decode.sampling import Proposal, SamplingParams
 from shard.model.block import kv_head_shape
+from shard.model.static_block import compile_layer
 from shard.model.static_kv import StaticKV, chunk_mask, static_attention
+
+log = logging.getLogger(__name__)
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
 # taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
@@ -59,10 +68,11 @@ def supports_static(config) -> bool:
             and not sliding and config._attn_implementation == "sdpa")
 
 
-def forward_static(model, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tensor,
+def forward_static(model, layers, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
-    """Logits of the last of `ids` [1, n] read at `positions` [n], over the static cache.
-    Every shape is fixed by n and the capacity, so for n = 1 it can be captured."""
+    """Logits of the last of `ids` [1, n] read at `positions` [n], over the static cache,
+    through `layers` (the model's decoder layers, or those compiled). Every shape is fixed
+    by n and the capacity, so for n = 1 it can be captured."""
     base = model.model
     hidden = base.embed_tokens(ids)
     position_embeddings = base.rotary_emb(hidden, positions[None])
@@ -70,17 +80,23 @@ def forward_static(model, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tenso
     # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
     mask = chunk_mask(positions, kv_index[:kv.visible], None, None)
     with static_attention():
-        for layer in base.layers[: model.config.num_hidden_layers]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=kv,
+        for layer, layer_kv in zip(layers, kv.layers):
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=layer_kv,
                            use_cache=True)
     return model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
 
 
-class Slot:
-    """One session's static KV and single-token step; graphed on CUDA when `capture`."""
+def decoder_layers(model) -> list:
+    return list(model.model.layers[: model.config.num_hidden_layers])
 
-    def __init__(self, model, capacity: int, *, capture: bool):
+
+class Slot:
+    """One session's static KV and single-token step through `step_layers`; graphed on CUDA
+    when `capture`."""
+
+    def __init__(self, model, capacity: int, *, capture: bool, step_layers: list):
         self.model, self.capacity = model, capacity
+        self.step_layers, self.eager_layers = step_layers, decoder_layers(model)
         device, dtype = model.device, model.dtype
         kv_heads, head_dim = kv_head_shape(model.config)
         self.kv = StaticKV(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
@@ -103,7 +119,8 @@ class Slot:
         self.kv.visible = next(b for b in self.buckets if b >= length)
 
     def _step_eager(self) -> None:
-        token = forward_static(self.model, self.kv, self.kv_index, self.ids, self.position).argmax(-1)
+        token = forward_static(self.model, self.step_layers, self.kv, self.kv_index, self.ids,
+                               self.position).argmax(-1)
         self.ids.copy_(token.view(1, 1))
         self.position.add_(1)
 
@@ -135,19 +152,32 @@ class Slot:
         device = self.ids.device
         ids = torch.tensor([tokens], dtype=torch.int64, device=device)
         positions = torch.arange(start, start + len(tokens), device=device)
-        forward_static(self.model, self.kv, self.kv_index, ids, positions)
+        forward_static(self.model, self.eager_layers, self.kv, self.kv_index, ids, positions)
 
     def stream_context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
 
 class SlotPool:
-    """Slots made at start-up (so capture never races serving), lent to one session each."""
+    """Slots made at start-up (so capture never races serving), lent to one session each.
+    With `compiled`, their steps run the layers compiled by torch.compile, one compile per
+    length bucket shared by every layer and slot (when capturing, at start-up)."""
 
     @torch.inference_mode()  # slot tensors are inference tensors, used only in inference mode
-    def __init__(self, model, count: int, capacity: int, *, capture: bool):
+    def __init__(self, model, count: int, capacity: int, *, capture: bool, compiled: bool = False):
         self.capacity, self.size = capacity, count
-        self._free = [Slot(model, capacity, capture=capture) for _ in range(count)]
+        layers, slots = decoder_layers(model), []
+        if compiled and count:
+            compiled_layers = [compile_layer(layer, len(length_buckets(capacity))) for layer in layers]
+            try:  # a capture's warm-up compiles them
+                slots.append(Slot(model, capacity, capture=capture, step_layers=compiled_layers))
+                layers = compiled_layers
+            except Exception as error:  # torch.compile's failures have no common base class
+                # Triton needs a C compiler at run time, which a slim image may lack: slower, never wrong.
+                log.warning("compiling the draft's layers failed, graphing them uncompiled: %s",
+                            str(error).splitlines()[0] if str(error) else error)
+        self._free = slots + [Slot(model, capacity, capture=capture, step_layers=layers)
+                              for _ in range(count - len(slots))]
         self._lock = threading.Lock()
 
     def take(self) -> Slot | None:

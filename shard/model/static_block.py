@@ -216,10 +216,10 @@ class StaticBlock:
                  for window in set(self._windows)}
         extra = {"cache_position": shape.positions} if self._pass_cache_position else {}
         with static_attention():
-            for layer, window in zip(self._layers, self._windows):
+            for layer, window, layer_kv in zip(self._layers, self._windows, cache.layers):
                 h = layer(h, attention_mask=masks[window], position_ids=position_ids,
                           position_embeddings=position_embeddings, use_cache=True,
-                          **{self._cache_kw: cache}, **extra)
+                          **{self._cache_kw: layer_kv}, **extra)
                 h = h[0] if isinstance(h, tuple) else h  # older layers return a tuple
         h = model.norm(h)[0]
         shape.output.copy_(block.lm_head(h).argmax(-1) if block.is_last else h)
@@ -303,9 +303,10 @@ class StaticBlock:
 
 
 def compile_layer(layer, shapes: int):
-    """`layer` compiled for fixed shapes. Dynamo guards on each layer's `layer_idx` (a constant
-    in its code), so every layer recompiles once per shape: allow that many (the generated code
-    is the same for all layers, and inductor's cache serves it after the first)."""
+    """`layer` compiled for fixed shapes. The layers of a block share one compiled graph per
+    shape (each gets its own LayerKV, so no layer index is traced); the limit still allows
+    one per layer and shape, for an architecture whose layer code does name a per-layer
+    constant (dynamo then guards on it and recompiles for each layer)."""
     import torch._dynamo
 
     config = torch._dynamo.config

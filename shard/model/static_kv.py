@@ -25,9 +25,8 @@ import torch
 
 
 class StaticKV:
-    """Implements the one cache method transformers' attention layers call, `update`:
-    write this chunk's keys and values at `write_slots`, return the whole buffers (the
-    mask, not the shape, says which slots count)."""
+    """A session's keys and values for every layer of a block; each layer is handed its
+    own view (`layers[i]`) as its cache."""
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device, slot: int | None = None):
@@ -42,20 +41,30 @@ class StaticKV:
         # Slots 0..visible-1 are what attention reads (all of them when None): a forward whose
         # positions all lie below a smaller bound attends over less (the draft's length buckets).
         self.visible: int | None = None
+        self.layers = [LayerKV(self, keys, values) for keys, values in zip(self.keys, self.values)]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+
+class LayerKV:
+    """One layer's part of a StaticKV, passed to that layer as its cache. It implements the
+    one cache method transformers' attention layers call, `update`: write this chunk's keys
+    and values at `write_slots`, return the buffers (the mask, not the shape, says which
+    slots count). It holds its tensors itself rather than indexing the session's lists by
+    `layer_idx`: so the code torch.compile traces names no layer, and every layer of a
+    block shares one compiled graph per shape instead of compiling one per layer."""
+
+    def __init__(self, session: StaticKV, keys: torch.Tensor, values: torch.Tensor):
+        self.session, self.keys, self.values = session, keys, values
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # Older transformers pass cache_kwargs positionally, newer ones kwargs=...: neither is needed.
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.write_slots, key_states)
-        values.index_copy_(2, self.write_slots, value_states)
-        return keys[:, :, :self.visible], values[:, :, :self.visible]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        session = self.session
+        self.keys.index_copy_(2, session.write_slots, key_states)
+        self.values.index_copy_(2, session.write_slots, value_states)
+        return self.keys[:, :, :session.visible], self.values[:, :, :session.visible]
 
 
 def chunk_mask(positions: torch.Tensor, kv_index: torch.Tensor, window: int | None,
