@@ -31,7 +31,7 @@ import torch
 from shard.decode.sampling import Proposal, SamplingParams
 from shard.model.block import kv_head_shape
 from shard.model.static_block import compile_layer
-from shard.model.static_kv import StaticKV, chunk_mask, static_attention
+from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,13 @@ SMALLEST_BUCKET = 256
 
 
 def length_buckets(capacity: int) -> list[int]:
-    """Attention extents for a cache of `capacity` positions (slots 0..capacity-1 and scratch)."""
+    """Attention extents for a cache of `capacity` positions (its positions' slots, scratch
+    and alignment: all of them last)."""
     buckets, size = [], SMALLEST_BUCKET
     while size < capacity:
         buckets.append(size)
         size *= 2
-    return buckets + [capacity + 1]
+    return buckets + [slot_count(capacity)]
 
 
 def supports_static(config) -> bool:
@@ -101,7 +102,7 @@ class Slot:
         kv_heads, head_dim = kv_head_shape(model.config)
         self.kv = StaticKV(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
                            capacity=capacity, dtype=dtype, device=device)
-        self.kv_index = torch.arange(capacity + 1, device=device)
+        self.kv_index = torch.arange(slot_count(capacity), device=device)
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shard.model.block import Block, CacheGapError, PositionCount, kv_head_shape
-from shard.model.static_kv import StaticKV, chunk_mask, static_attention
+from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class StaticBlock:
         self.graphed = False
         with torch.inference_mode():
             self._shapes = {size: self._new_shape(size) for size in sorted(set(chunk_sizes))}
-            self._kv_index = torch.arange(capacity + 1, device=self.device)
+            self._kv_index = torch.arange(slot_count(capacity), device=self.device)
             self._pool = [self._allocate(slot) for slot in range(pool_size if block.num_layers else 0)]
         self._free = self._pool[::-1]
         # Recorded after the copies to the device, and after the copy back to pinned memory.
@@ -99,8 +99,8 @@ class StaticBlock:
 
     @staticmethod
     def bytes_per_session(block: Block, capacity: int) -> int:
-        """What one session's cache takes: capacity positions plus the scratch slot."""
-        return (capacity + 1) * block.kv_bytes_per_position
+        """What one session's cache takes: capacity positions, the scratch slot and alignment."""
+        return slot_count(capacity) * block.kv_bytes_per_position
 
     # ---- caches -------------------------------------------------------------------
 

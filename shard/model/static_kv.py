@@ -1,8 +1,10 @@
 """A session's KV cache at a fixed address and shape: what a CUDA graph can be replayed on.
 
-Every layer's keys and values are preallocated as [1, kv_heads, capacity + 1, head_dim].
-Slots 0..capacity-1 hold positions 0..capacity-1; the last slot is scratch: the padding
-rows of a chunk write there, so padding never lands on a position's slot. Which slots a
+Every layer's keys and values are preallocated as [1, kv_heads, slots, head_dim], with
+`slots` = capacity + 1 rounded up to a multiple of SLOT_ALIGNMENT. Slots 0..capacity-1
+hold positions 0..capacity-1; slot `capacity` is scratch: the padding rows of a chunk
+write there, so padding never lands on a position's slot. The slots past it are never
+written and always masked. Which slots a
 forward writes, and which positions its queries stand at, come from one device tensor
 (`write_slots`), so a graph captured once serves every start_pos: rolling back is just
 starting the next chunk at an earlier position, which overwrites those slots.
@@ -23,6 +25,17 @@ from contextlib import contextmanager
 
 import torch
 
+# The slot count is a multiple of this: attention's score rows are then 16-byte aligned in
+# bf16, which cuBLAS's Hopper GEMMs need. With capacity + 1 slots (4097) it fell back to old
+# sm75 kernels: the probabilities-times-values product took 96 us per layer on an H200,
+# over a third of a 16-layer 8B-shaped chunk (docs/gpu.md).
+SLOT_ALIGNMENT = 64
+
+
+def slot_count(capacity: int) -> int:
+    """Slots of a static cache of `capacity` positions: theirs, the scratch slot, alignment."""
+    return -(-(capacity + 1) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+
 
 class StaticKV:
     """A session's keys and values for every layer of a block; each layer is handed its
@@ -30,7 +43,7 @@ class StaticKV:
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device, slot: int | None = None):
-        shape = (1, kv_heads, capacity + 1, head_dim)
+        shape = (1, kv_heads, slot_count(capacity), head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity

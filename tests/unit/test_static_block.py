@@ -8,7 +8,7 @@ import torch
 from shard.model.block import Block, CacheGapError
 from shard.model.checkpoint import Checkpoint
 from shard.model.static_block import StaticBlock
-from shard.model.static_kv import StaticKV
+from shard.model.static_kv import StaticKV, slot_count
 
 from support.chain import LocalChain
 from test_block import N_NEW, bounds_for, model_dir, near_ties, prompt_for, reference_for  # noqa: F401 (a fixture)
@@ -111,7 +111,9 @@ def test_a_pool_hands_out_each_cache_once_and_takes_it_back(tiny_model_dirs):
     static.release(a)
     again = static.new_cache()
     assert again is a and again.length == 0  # a new session starts empty
-    assert static.bytes_per_session(block, 8) == a.nbytes == 9 * block.kv_bytes_per_position
+    # 8 positions and the scratch slot, rounded up to an aligned slot count (64).
+    assert static.bytes_per_session(block, 8) == a.nbytes == 64 * block.kv_bytes_per_position
+    assert slot_count(63) == 64 and slot_count(64) == 128
 
 
 def test_a_random_block_made_in_memory_runs_like_a_loaded_one():

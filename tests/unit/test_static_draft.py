@@ -73,12 +73,13 @@ def test_the_draft_step_benchmark_runs_on_a_cpu():
 
 
 def test_proposals_across_length_buckets_equal_the_dynamic_drafts(tinystories_dir):
-    """TinyStories' 512 positions make two attention extents (256 slots, all 513): proposals
-    that cross from one to the other, and a rollback back into the first, change nothing."""
+    """TinyStories' 512 positions make two attention extents (256 slots, all 576: its 512,
+    scratch and alignment): proposals that cross from one to the other, and a rollback back
+    into the first, change nothing."""
     dynamic = ModelDraft.load(tinystories_dir)
     static = ModelDraft(dynamic.model, name="static", slots=1)
     sessions = [dynamic.session(), static.session()]
-    assert sessions[1]._slot.buckets == [256, 513]
+    assert sessions[1]._slot.buckets == [256, 576]
     prompt = [(7 * i) % 2000 + 1 for i in range(250)]
     for sequence, n in ((prompt, 12), (prompt[:100], 8), (prompt + [5] * 20, 6)):
         dynamic_tokens, static_tokens = (s.propose(sequence, n) for s in sessions)
