@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shard.bench.gpu import Reference, check_rows, parse_drafts, parse_settings
+from shard.bench.gpu import Reference, check_rows, parse_counts, parse_drafts, parse_settings
 from shard.bench.run import Row
 from shard.local import stage_device
 
@@ -68,3 +68,10 @@ def test_settings_share_one_k_because_stages_graph_chunks_of_k_plus_one():
     for bad in (["4,1", "8,8"], ["8"], ["0,4"], ["a,b"]):
         with pytest.raises(SystemExit):
             parse_settings(bad)
+
+
+def test_session_counts_are_positive_and_sorted():
+    assert parse_counts("16,1,8,8") == [1, 8, 16]
+    for bad in ("", "0,4", "a", "1,,x"):
+        with pytest.raises(SystemExit, match="--sessions"):
+            parse_counts(bad)
