@@ -150,22 +150,33 @@ def bench_topology(topology: Topology, model_dir: Path, modes: list[str], counts
     return rounds
 
 
+# Prompts for a model without a tokenizer (the compute model): ids within its vocabulary.
+FIXED_PROMPTS = ([1, 5, 9, 13, 17, 21, 25, 29], [2, 40, 77, 300, 12], [7, 7, 100, 2000, 31, 64])
+
+
 def main(args) -> int:
     from transformers import AutoTokenizer
 
     from shard.local import default_model_dir
+    from shard.model.synthetic import build_compute_model
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    if args.compute_model and args.model:
+        raise SystemExit("--compute-model and --model name two different targets: give one")
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3"])]
     counts = sorted({int(n) for n in args.sessions.split(",")})
     modes = args.mode or list(MODES)
     stage_args = [f"--max-batch={args.max_batch}"]
     rounds = []
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as scratch:
+        model_dir = (build_compute_model(Path(scratch) / "compute-model") if args.compute_model
+                     else Path(args.model) if args.model else default_model_dir())
         for topology in topologies:
             target = deep_enough(model_dir, topology.stages, Path(scratch))
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            prompts = [tokenizer(p)["input_ids"] for p in STORY_PROMPTS]
+            if args.compute_model:
+                prompts = [list(p) for p in FIXED_PROMPTS]
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(target)
+                prompts = [tokenizer(p)["input_ids"] for p in STORY_PROMPTS]
             _, expected = single_process(target, prompts, args.max_tokens)
             print(f"shard bench concurrency: {topology.name} ({topology.stages} stages) on {target}", file=sys.stderr)
             rounds += bench_topology(topology, target, modes, counts, prompts, expected, args.max_tokens, stage_args)

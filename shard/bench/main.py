@@ -29,6 +29,9 @@ def _wan_arguments(parser) -> None:
 
 def _concurrency_arguments(parser) -> None:
     parser.add_argument("--model", help="target model folder (default: the shared tiny model)")
+    parser.add_argument("--compute-model", action="store_true",
+                        help="instead of --model, the compute check's random llama (8 layers, hidden 1024: tens "
+                             "of ms a token on a CPU), with fixed prompt ids: batching where compute dominates")
     parser.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES),
                         help="repeatable (default: lan, wan-3)")
     parser.add_argument("--mode", action="append", choices=("plain", "pipelined"),
