@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shard.bench.compute import PROMPT as COMPUTE_PROMPT
 from shard.bench.network import emulated_links
 from shard.bench.run import STORY_PROMPTS, machine, single_process, stage_infos, write_json
 from shard.bench.topology import TOPOLOGIES, Topology
@@ -150,8 +151,9 @@ def bench_topology(topology: Topology, model_dir: Path, modes: list[str], counts
     return rounds
 
 
-# Prompts for a model without a tokenizer (the compute model): ids within its vocabulary.
-FIXED_PROMPTS = ([1, 5, 9, 13, 17, 21, 25, 29], [2, 40, 77, 300, 12], [7, 7, 100, 2000, 31, 64])
+# Prompts for a model without a tokenizer (the compute model): ids within its vocabulary,
+# the compute check's own first.
+FIXED_PROMPTS = (COMPUTE_PROMPT, [2, 40, 77, 300, 12], [7, 7, 100, 2000, 31, 64])
 
 
 def main(args) -> int:

@@ -251,7 +251,8 @@ def stage_args(devices: list[str], stages: int, checkpoint: Checkpoint, *, spec_
     sharing = -(-stages // len(devices))  # stages on the busiest GPU
     share = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices) * 0.9 // sharing
     chunks = sorted({spec_k + 1, *(size for size in LARGER_CHUNKS if size > spec_k + 1)})
-    return ["--speed=1", f"--max-sessions={max(4, sessions)}", f"--memory-budget={int(min(checkpoint.total_bytes + 4 * GiB, share))}",
+    budget = int(min(checkpoint.total_bytes + 4 * GiB, share))
+    return ["--speed=1", f"--max-sessions={max(4, sessions)}", f"--memory-budget={budget}",
             f"--chunk-sizes={','.join(map(str, chunks))}"]
 
 

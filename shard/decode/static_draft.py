@@ -30,7 +30,7 @@ import torch
 
 from shard.decode.sampling import Proposal, SamplingParams
 from shard.model.block import kv_head_shape
-from shard.model.static_block import compile_layer
+from shard.model.static_block import compile_layer, first_line
 from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
 
 log = logging.getLogger(__name__)
@@ -169,14 +169,14 @@ class SlotPool:
         self.capacity, self.size = capacity, count
         layers, slots = decoder_layers(model), []
         if compiled and count:
-            compiled_layers = [compile_layer(layer, len(length_buckets(capacity))) for layer in layers]
+            shapes = len(layers) * len(length_buckets(capacity))  # the recompile limit, as a stage counts it
+            compiled_layers = [compile_layer(layer, shapes) for layer in layers]
             try:  # a capture's warm-up compiles them
                 slots.append(Slot(model, capacity, capture=capture, step_layers=compiled_layers))
                 layers = compiled_layers
             except Exception as error:  # torch.compile's failures have no common base class
                 # Triton needs a C compiler at run time, which a slim image may lack: slower, never wrong.
-                log.warning("compiling the draft's layers failed, graphing them uncompiled: %s",
-                            str(error).splitlines()[0] if str(error) else error)
+                log.warning("compiling the draft's layers failed, graphing them uncompiled: %s", first_line(error))
         self._free = slots + [Slot(model, capacity, capture=capture, step_layers=layers)
                               for _ in range(count - len(slots))]
         self._lock = threading.Lock()

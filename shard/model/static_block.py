@@ -251,7 +251,7 @@ class StaticBlock:
                     for shape in self._shapes.values():
                         shape.graphs.clear()
                     log.warning("layers of %s cannot be captured as CUDA graphs, running eagerly: %s",
-                                type(self.block.model).__name__, str(error).splitlines()[0])
+                                type(self.block.model).__name__, first_line(error))
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
         self.graphed = all(shape.graphs for shape in self._shapes.values())
@@ -268,7 +268,7 @@ class StaticBlock:
             if self._layers is self._eager_layers:
                 raise
             log.warning("compiling the layers of %s failed, running them uncompiled: %s",
-                        type(self.block.model).__name__, str(error).splitlines()[0] if str(error) else error)
+                        type(self.block.model).__name__, first_line(error))
             self._layers = self._eager_layers
             self._warm_up(steps)
 
@@ -313,6 +313,11 @@ def compile_layer(layer, shapes: int):
     config.recompile_limit = max(config.recompile_limit, 2 * shapes)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * shapes)
     return torch.compile(layer, dynamic=False)
+
+
+def first_line(error: Exception) -> str:
+    """What to log of a failure whose message may run to pages (torch.compile's do)."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _window_of(layer, config) -> int | None:

@@ -4,9 +4,8 @@ Every layer's keys and values are preallocated as [1, kv_heads, slots, head_dim]
 `slots` = capacity + 1 rounded up to a multiple of SLOT_ALIGNMENT. Slots 0..capacity-1
 hold positions 0..capacity-1; slot `capacity` is scratch: the padding rows of a chunk
 write there, so padding never lands on a position's slot. The slots past it are never
-written and always masked. Which slots a
-forward writes, and which positions its queries stand at, come from one device tensor
-(`write_slots`), so a graph captured once serves every start_pos: rolling back is just
+written and always masked. Which slots a forward writes, and which positions its queries
+stand at, come from one device tensor (`write_slots`), so a graph captured once serves every start_pos: rolling back is just
 starting the next chunk at an earlier position, which overwrites those slots.
 
 The invariant that makes this exact (see docs/gpu.md):
