@@ -92,6 +92,22 @@ def test_concurrency_bench_smoke(tinystories_dir, tmp_path):
     assert "| 3 |" in (docs / "benchmarks-concurrency.md").read_text()
 
 
+def test_concurrency_bench_on_the_compute_model(tmp_path):
+    """`--compute-model`: the compute check's random llama, no tokenizer, fixed prompt ids;
+    each session's tokens still checked against generate()."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    argv = [sys.executable, "-m", "shard", "--log-level", "WARNING", "bench", "concurrency", "--compute-model",
+            "--topology", "lan", "--mode", "plain", "--sessions", "1,2", "--max-tokens", "4",
+            "--out", str(results), "--docs", str(docs)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((results / "concurrency.json").read_text())["rounds"]
+    assert [(r["sessions"], r["tokens"], r["lossless"]) for r in rounds] == [(1, 4, True), (2, 8, True)]
+    assert rounds[0]["extra"]["model"].endswith("compute-model")
+    both = subprocess.run([*argv[:8], "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and "give one" in both.stderr and "Traceback" not in both.stderr
+
+
 def test_sampling_smoke(tinystories_dir, tmp_path):
     """`shard bench sampling`: every mode at each temperature, seeded, in one table."""
     results, docs = tmp_path / "results", tmp_path / "docs"
