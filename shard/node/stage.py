@@ -129,7 +129,8 @@ class StageNode:
         self.on_unreachable: Callable[[str, str], None] | None = None
         # What the compute thread produces goes out through `_outbox`, in order, from the loop.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[frame_pb2.Frame] = asyncio.Queue()
+        # A new downstream Edge goes in line with the frames, to take over from the frames after it.
+        self._outbox: asyncio.Queue[frame_pb2.Frame | Edge] = asyncio.Queue()
         self.compute = StageCompute(
             node_id, model_dir=model_dir, device=device, dtype=dtype, memory_budget_bytes=memory_budget_bytes,
             max_sessions=max_sessions, session_idle_seconds=session_idle_seconds, progress=progress,
@@ -175,6 +176,9 @@ class StageNode:
         old = self.assignment
         self._loop = asyncio.get_running_loop()  # where the compute thread sends its frames
         if old is None or old.block != assignment.block:
+            # No frame may run on the new block before its downstream edge is queued: a
+            # tail that became a middle stage would send hidden states to the coordinator.
+            self.assignment = None
             await self.compute.load(assignment.block)
             self.notary.block = await asyncio.get_running_loop().run_in_executor(
                 None, _block_record, self._model_dir, assignment.block)
@@ -186,12 +190,12 @@ class StageNode:
                 log.info("%s freed %d sessions of a coordinator that is gone", self.node_id, len(dropped))
         if old is None or (old.downstream_id, old.downstream_address) != (
                 assignment.downstream_id, assignment.downstream_address):
-            if self._downstream is not None:
-                await self._downstream.close()
-            self._downstream = Edge(
+            # Through the outbox, so that frames computed before it still go where they were
+            # computed for, and every frame after it goes the new way.
+            self._outbox.put_nowait(Edge(
                 sender=self.node_id, receiver=assignment.downstream_id,
                 address=assignment.downstream_address, tls=self._tls, secret=self._secret,
-                to_coordinator=assignment.last, on_unreachable=self.on_unreachable)
+                to_coordinator=assignment.last, on_unreachable=self.on_unreachable))
         self.assignment = assignment
         return True
 
@@ -337,7 +341,12 @@ class StageNode:
         try:
             while True:
                 frame = await self._outbox.get()
-                if frame.header.receipt and frame.header.kind == K.FRAME_KIND_END and self.assignment.last:
+                if isinstance(frame, Edge):  # the plan moved the next hop
+                    if self._downstream is not None:
+                        await self._downstream.close()
+                    self._downstream = frame
+                    continue
+                if frame.header.receipt and frame.header.kind == K.FRAME_KIND_END and self._downstream.to_coordinator:
                     self.notary.ended(frame.header.session_id)  # the tail's marker, sent nowhere
                     continue
                 self.notary.sent(self._downstream.receiver, frame)
@@ -368,9 +377,18 @@ class StageNode:
         return await self.notary.attest(session_id)
 
     async def close(self) -> None:
-        if self._downstream is not None:
-            await self._downstream.close()
+        edges = [self._downstream] + [item for item in _drain(self._outbox) if isinstance(item, Edge)]
+        for edge in edges:
+            if edge is not None:
+                await edge.close()
         self.compute.close()
+
+
+def _drain(queue: asyncio.Queue) -> list:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _block_record(model_dir: str, block) -> dict:

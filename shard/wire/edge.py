@@ -87,6 +87,10 @@ class Edge:
         self.reconnects = 0
 
     @property
+    def to_coordinator(self) -> bool:
+        return self._to_coordinator
+
+    @property
     def expect(self) -> Identity:
         """Who the receiver's certificate must name (a plan without a coordinator yet
         gives the tail an edge without a receiver: it fails only when used)."""
