@@ -35,33 +35,46 @@ MAX_REPLAYS = 5
 
 
 class Lookahead:
-    """How deep ahead drafting pays. A chunk sent with d unverified chunks ahead of it is
-    useful only if all d are fully accepted (probability p^d, p from a running estimate);
-    then it saves a whole cycle (drafting + traversal). If not, it cost its drafting,
-    which can delay the correction. So it is sent when p^d * cycle >= (1 - p^d) * drafting.
-    Over a WAN (cycle >> drafting) nearly any draft is worth running ahead; on a LAN a
-    draft that keeps missing falls back to one chunk at a time instead of loading the
-    coordinator and the stages with waste."""
+    """How deep ahead drafting pays, and how long to draft before looking at the results.
+
+    A chunk sent with d unverified chunks ahead of it is useful only if all d are fully
+    accepted (probability p^d, p from a running estimate); then it saves a whole cycle
+    (drafting + traversal). If not, it cost its drafting, which can delay the correction.
+    So it is sent when p^d * cycle >= (1 - p^d) * drafting. Over a WAN (cycle >> drafting)
+    nearly any draft is worth running ahead; on a LAN a draft that keeps missing falls back
+    to one chunk at a time instead of loading the coordinator and the stages with waste.
+
+    A draft slower than the ring drafts in pieces of about one traversal's worth of tokens:
+    a result can come back that often, and one that rejects a guess makes the rest of the
+    chunk's drafting waste."""
 
     WEIGHT = 0.25  # of the newest observation in each running estimate
 
     def __init__(self) -> None:
         self.full_rate = 1.0  # optimistic until the draft shows otherwise
-        self.draft_seconds = 0.0
+        self.token_seconds = 0.0  # drafting one token
         self.traversal_seconds = 0.0
 
     def record_chunk(self, fully_accepted: bool) -> None:
         self.full_rate += self.WEIGHT * (float(fully_accepted) - self.full_rate)
 
-    def record_draft(self, seconds: float) -> None:
-        self.draft_seconds += self.WEIGHT * (seconds - self.draft_seconds)
+    def record_draft(self, seconds: float, tokens: int) -> None:
+        if tokens:
+            self.token_seconds += self.WEIGHT * (seconds / tokens - self.token_seconds)
 
     def record_traversal(self, seconds: float) -> None:
         self.traversal_seconds += self.WEIGHT * (seconds - self.traversal_seconds)
 
-    def allows(self, depth: int) -> bool:
+    def allows(self, depth: int, chunk_tokens: int) -> bool:
         useful = self.full_rate ** depth
-        return useful * (self.draft_seconds + self.traversal_seconds) >= (1 - useful) * self.draft_seconds
+        drafting = self.token_seconds * chunk_tokens
+        return useful * (drafting + self.traversal_seconds) >= (1 - useful) * drafting
+
+    def piece(self, wanted: int) -> int:
+        """How many of `wanted` tokens to draft before looking at the results again."""
+        if self.token_seconds * wanted <= self.traversal_seconds:
+            return wanted
+        return max(1, int(self.traversal_seconds / self.token_seconds))
 
 
 class RingChanged(Exception):
@@ -151,6 +164,10 @@ class _Chunk:
 
     def _arrived(self, _result: asyncio.Future) -> None:
         self.arrived_at = time.perf_counter()
+
+    @property
+    def arrived(self) -> bool:
+        return self.arrived_at is not None
 
     @property
     def traversal_seconds(self) -> float:
@@ -268,7 +285,7 @@ class Decoder:
         while True:
             try:
                 while (len(self.flight) < self.in_flight and self.sent <= self.last_useful
-                       and self.lookahead.allows(len(self.flight))):
+                       and self.lookahead.allows(len(self.flight), self.spec_k)):
                     if not await self.send_next_chunk():
                         return
                 return
@@ -277,7 +294,7 @@ class Decoder:
 
     async def send_next_chunk(self) -> bool:
         """Draft ahead as far as the next chunk needs and submit it; False when the draft
-        had nothing to add, so only results can move the stream on."""
+        had nothing to add, or a result came back first, so results must move the stream on."""
         # The chunk verifies positions first_output..last: the drafted tokens up to `last`
         # (the last one's argmax is the bonus, or checks the next chunk's guess).
         first_output = max(self.sent, self.committed - 1)
@@ -286,7 +303,12 @@ class Decoder:
         # shape (K+1), so only an equal start keeps speculative output plain decode's.
         last = first_output if self.sent == 0 else min(first_output + self.spec_k, self.last_useful)
         wanted = last + 1 - len(self.stream)
-        ran_dry = wanted > 0 and len(await self.draft_ahead(wanted)) < wanted
+        ran_dry = False
+        if wanted > 0:
+            drafted = await self.draft_ahead(wanted)
+            if drafted is None:
+                return False
+            ran_dry = len(drafted) < wanted
         end = min(len(self.stream), last + 1)
         if end <= self.sent:
             if self.flight:
@@ -303,14 +325,30 @@ class Decoder:
         self.sent = end
         return True
 
-    async def draft_ahead(self, wanted: int) -> list[int]:
+    async def draft_ahead(self, wanted: int) -> list[int] | None:
+        """Extend the stream by up to `wanted` drafted tokens, in pieces; None when the
+        oldest chunk's result came back between two pieces (it decides whether drafting
+        on is worth anything, so it is read first; what was drafted stays in the stream)."""
+        drafted: list[int] = []
+        while len(drafted) < wanted:
+            if drafted and self.flight and self.flight[0].arrived:
+                return None
+            need = wanted - len(drafted)
+            piece = self.lookahead.piece(need)
+            proposal = await self.draft_piece(piece)
+            drafted += proposal
+            if len(proposal) < piece:
+                break  # the draft ran dry
+        return drafted
+
+    async def draft_piece(self, wanted: int) -> list[int]:
         began = time.perf_counter()
         proposal = (await self.propose(list(self.stream), wanted))[:wanted]
         if self.sampled:
             self.proposals.update(zip(range(len(self.stream), len(self.stream) + len(proposal)), proposal))
             proposal = [guess.token for guess in proposal]
         drafting = time.perf_counter() - began
-        self.lookahead.record_draft(drafting)
+        self.lookahead.record_draft(drafting, len(proposal))
         self.stats.draft_seconds += drafting
         self.stats.proposed += len(proposal)
         self.stream.extend(proposal)

@@ -59,7 +59,9 @@ def test_speculation_over_the_ring_is_lossless(tinystories_dir, draft_dirs, stag
     assert results["target", 8, 4].summary.tokens_per_traversal > 5
     assert results["target", 8, 4].summary.chunks_wasted == 0
     assert 0 < results["truncated", 4, 4].summary.acceptance_rate < 1
-    assert results["perturbed", 4, 4].summary.chunks_wasted > 0
+    # Rejections, each rolled back exactly. (Whether chunks in flight were wasted on them is
+    # timing: the decoder reads a result that comes back mid-draft before drafting on.)
+    assert results["perturbed", 4, 4].summary.pipeline_breaks > 0
     assert held == 0  # every session's KV was freed at every stage
 
 

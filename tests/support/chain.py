@@ -70,8 +70,11 @@ class ChainRing:
 class AlwaysAhead(Lookahead):
     """Keeps the window full whatever the draft's record: the hardest case for rollback."""
 
-    def allows(self, depth: int) -> bool:
+    def allows(self, depth: int, chunk_tokens: int) -> bool:
         return True
+
+    def piece(self, wanted: int) -> int:
+        return wanted
 
 
 def run(chain, prompt, draft=None, sampling: ChunkSampling | None = None, **settings) -> tuple[list[int], object]:

@@ -2,16 +2,17 @@
 exactly transformers' greedy generate(). The ring here is the real blocks chained in one
 process; tests/integration runs the same driver over the services."""
 
+import asyncio
 import random
 import time
 
 import pytest
 
 from shard.decode.draft import ModelDraft, NgramDraft
-from shard.decode.speculative import Finish, Lookahead
+from shard.decode.speculative import Finish, Lookahead, decode
 from shard.model.synthetic import ARCHS
 
-from support.chain import AlwaysAhead, LocalChain, run
+from support.chain import AlwaysAhead, ChainRing, LocalChain, run
 from support.drafts import perturbed_copy, unrelated_copy
 from support.reference import reference_greedy
 
@@ -89,6 +90,13 @@ class Saboteur:
         return [t if i != wrong else (t + 1) % 512 for i, t in enumerate(right)]
 
 
+class WholeChunks(Lookahead):
+    """The depth policy alone: each chunk drafted in one piece."""
+
+    def piece(self, wanted: int) -> int:
+        return wanted
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_rollback_under_pressure(tiny_model_dirs, seed):
     model_dir = tiny_model_dirs["gpt_oss"]  # sliding windows: rollback reaches past them
@@ -109,7 +117,7 @@ def test_a_draft_that_keeps_missing_stops_running_ahead(tiny_model_dirs):
     model_dir = tiny_model_dirs["llama"]
     expected = reference_greedy(model_dir, PROMPT, NEW)
     wasted = {}
-    for name, lookahead in (("always", AlwaysAhead()), ("adaptive", Lookahead())):
+    for name, lookahead in (("always", AlwaysAhead()), ("adaptive", WholeChunks())):
         chain = LocalChain(model_dir, SPLITS[2])
         out, stats = run(chain, PROMPT, Saboteur(PROMPT + expected, seed=0, seconds=0.002), max_tokens=NEW, eos_ids=frozenset(),
                          spec_k=4, in_flight=8, lookahead=lookahead)
@@ -122,16 +130,16 @@ def test_a_draft_that_keeps_missing_stops_running_ahead(tiny_model_dirs):
 
 def test_lookahead_weighs_a_wasted_draft_against_a_saved_traversal():
     lookahead = Lookahead()
-    assert all(lookahead.allows(depth) for depth in range(64))  # no record yet: optimistic
+    assert all(lookahead.allows(depth, 4) for depth in range(64))  # no record yet: optimistic
     for fully_accepted in [True, False] * 8:  # every other chunk is fully accepted
         lookahead.record_chunk(fully_accepted)
-    lookahead.record_draft(0.003)
+    lookahead.record_draft(0.012, 4)
     for _ in range(16):
         lookahead.record_traversal(0.060)  # a WAN ring: waiting costs far more than drafting
-    wan_depth = max(d for d in range(64) if lookahead.allows(d))
+    wan_depth = max(d for d in range(64) if lookahead.allows(d, 4))
     for _ in range(16):
         lookahead.record_traversal(0.001)  # a LAN ring: drafting dominates
-    lan_depth = max(d for d in range(64) if lookahead.allows(d))
+    lan_depth = max(d for d in range(64) if lookahead.allows(d, 4))
     assert wan_depth >= 3 and lan_depth <= 1
 
 
@@ -162,3 +170,58 @@ def test_draft_must_share_the_tokenizer(tiny_model_dirs, tinystories_dir):
     with pytest.raises(DraftMismatch, match="neither 'ngram' nor a model folder"):
         load_draft("/nonexistent", tinystories_dir)
     assert load_draft("ngram", tinystories_dir).name == "ngram"
+
+
+class DelayedRing(ChainRing):
+    """A ring whose results come back `delay` seconds after the chunk is sent."""
+
+    def __init__(self, chain: LocalChain, delay: float):
+        super().__init__(chain)
+        self.delay = delay
+
+    async def submit(self, **chunk):
+        computed = await super().submit(**chunk)
+        result = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(
+            self.delay, lambda: result.done() or result.set_result(computed.result()))  # a dropped one is cancelled
+        return result
+
+
+class SlowMisser:
+    """A draft slower than the ring that guesses every `every`-th position wrong (by
+    position, so how its work is split does not change its guesses)."""
+
+    def __init__(self, full: list[int], seconds_per_token: float, every: int = 4):
+        self.full, self.seconds, self.every = full, seconds_per_token, every
+
+    def propose(self, sequence, n):
+        right = self.full[len(sequence):len(sequence) + n]
+        time.sleep(self.seconds * len(right))
+        return [t if (len(sequence) + i) % self.every else (t + 1) % 512 for i, t in enumerate(right)]
+
+
+def test_a_draft_slower_than_the_ring_stops_when_a_result_comes_back(tiny_model_dirs):
+    """Drafting in pieces of about a traversal: a result that rejects a guess is read
+    before the rest of the chunk is drafted, not after."""
+    model_dir = tiny_model_dirs["llama"]
+    expected = reference_greedy(model_dir, PROMPT, NEW)
+    proposed = {}
+    for name, lookahead in (("whole", WholeChunks()), ("pieces", Lookahead())):
+        chain = LocalChain(model_dir, SPLITS[2])
+        emitted = []
+
+        async def emit(ids, logprobs):
+            emitted.extend(ids)
+
+        draft = SlowMisser(PROMPT + expected, 0.004)
+
+        async def propose(sequence, n):  # in a thread, as the coordinator drafts
+            return await asyncio.get_running_loop().run_in_executor(None, draft.propose, sequence, n)
+
+        stats = asyncio.run(decode(DelayedRing(chain, delay=0.006), PROMPT, max_tokens=NEW, eos_ids=frozenset(),
+                                   emit=emit, draft=draft, propose=propose, spec_k=8, in_flight=4,
+                                   lookahead=lookahead))
+        assert emitted == stats.output_ids == expected
+        proposed[name] = stats.proposed
+    print(f"\ntokens drafted: {proposed}")
+    assert proposed["pieces"] < 0.75 * proposed["whole"], proposed
