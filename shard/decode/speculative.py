@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,11 +45,16 @@ class Lookahead:
     nearly any draft is worth running ahead; on a LAN a draft that keeps missing falls back
     to one chunk at a time instead of loading the coordinator and the stages with waste.
 
-    A draft slower than the ring drafts in pieces of about one traversal's worth of tokens:
-    a result can come back that often, and one that rejects a guess makes the rest of the
-    chunk's drafting waste."""
+    While chunks are in flight a draft works in pieces, and the decoder reads a result that
+    came back before drafting the next piece: a rejection makes the rest of the chunk's
+    drafting waste. Each piece costs a hand-off to the draft's thread and a wait for its
+    device (PIECE_SECONDS); a piece of s tokens wastes about s * t / 2 (t per token) when
+    the chunk ahead is rejected (probability q). Over a chunk of K tokens that is
+    K / s * PIECE_SECONDS + q * s * t / 2, least at s = sqrt(2 * K * PIECE_SECONDS / (q * t)):
+    a draft that is always right drafts whole chunks, a slow one that misses token by token."""
 
     WEIGHT = 0.25  # of the newest observation in each running estimate
+    PIECE_SECONDS = 0.0002
 
     def __init__(self) -> None:
         self.full_rate = 1.0  # optimistic until the draft shows otherwise
@@ -60,7 +66,8 @@ class Lookahead:
 
     def record_draft(self, seconds: float, tokens: int) -> None:
         if tokens:
-            self.token_seconds += self.WEIGHT * (seconds / tokens - self.token_seconds)
+            observed = seconds / tokens
+            self.token_seconds += (self.WEIGHT if self.token_seconds else 1.0) * (observed - self.token_seconds)
 
     def record_traversal(self, seconds: float) -> None:
         self.traversal_seconds += self.WEIGHT * (seconds - self.traversal_seconds)
@@ -72,9 +79,11 @@ class Lookahead:
 
     def piece(self, wanted: int) -> int:
         """How many of `wanted` tokens to draft before looking at the results again."""
-        if self.token_seconds * wanted <= self.traversal_seconds:
+        missed = 1.0 - self.full_rate
+        if missed <= 0.0 or self.token_seconds <= 0.0:
             return wanted
-        return max(1, int(self.traversal_seconds / self.token_seconds))
+        best = math.sqrt(2 * wanted * self.PIECE_SECONDS / (missed * self.token_seconds))
+        return max(1, min(wanted, round(best)))
 
 
 class RingChanged(Exception):
@@ -334,7 +343,7 @@ class Decoder:
             if drafted and self.flight and self.flight[0].arrived:
                 return None
             need = wanted - len(drafted)
-            piece = self.lookahead.piece(need)
+            piece = self.lookahead.piece(need) if self.flight else need  # no result to wait for
             proposal = await self.draft_piece(piece)
             drafted += proposal
             if len(proposal) < piece:
