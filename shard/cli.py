@@ -102,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
               "lease; default 5)", type=float)
     flags.add("--pin-trusted-ends", "the first and last blocks (which see the user's tokens) only on stages "
               "joined with --trust trusted", action="store_true")
+    flags.add("--kv-reserve-positions", "place a block only where its weights leave room for a session of this "
+              "many positions of KV cache (default 0: weights alone)", type=int)
 
     stage = commands.add_parser("stage", help="run a stage: join the registry, serve a block of layers")
     flags = _node_flags(stage, "stage", "stage-0")

@@ -129,6 +129,7 @@ class RegistryConfig(NodeConfig):
     stages: int = 1
     lease_seconds: float = 5.0
     pin_trusted_ends: bool = False
+    kv_reserve_positions: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,6 +137,8 @@ class RegistryConfig(NodeConfig):
             raise ConfigError("--stages must be at least 1")
         if self.lease_seconds <= 0:
             raise ConfigError("--lease-seconds must be positive")
+        if self.kv_reserve_positions < 0:
+            raise ConfigError("--kv-reserve-positions must be 0 or more")
 
 
 @dataclass

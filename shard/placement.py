@@ -30,23 +30,40 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """Bytes of each piece of the model, from the checkpoint headers."""
+    """Bytes of each piece of the model, from the checkpoint headers. With `kv_positions`,
+    each layer also needs room for that many positions of KV cache (`layer_kv_bytes` per
+    position): a stage is then placed only where a session of that length fits beside
+    its weights."""
 
     layer_bytes: tuple[int, ...]
     embed_bytes: int
     head_bytes: int
+    kv_positions: int = 0
+    layer_kv_bytes: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_bytes)
 
     @property
+    def layer_needs(self) -> tuple[int, ...]:
+        """Each layer's weights, and its reserved KV."""
+        if not self.kv_positions:
+            return self.layer_bytes
+        return tuple(w + self.kv_positions * kv for w, kv in zip(self.layer_bytes, self.layer_kv_bytes, strict=True))
+
+    @property
+    def what(self) -> str:
+        """What the byte counts below are of, in words."""
+        return f"the model with KV for {self.kv_positions} positions" if self.kv_positions else "the model"
+
+    @property
     def total_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes
+        return sum(self.layer_needs) + self.embed_bytes + self.head_bytes
 
     def block_bytes(self, start: int, end: int, *, first: bool, last: bool) -> int:
         return (
-            sum(self.layer_bytes[start:end])
+            sum(self.layer_needs[start:end])
             + (self.embed_bytes if first else 0)
             + (self.head_bytes if last else 0)
         )
@@ -133,7 +150,7 @@ def place(sizes: ModelSizes, nodes: list[NodeOffer], *, stages: int | None = Non
     count = len(nodes) if stages is None else stages
     if not 1 <= count <= len(nodes):
         raise PlacementError(f"asked for {count} stages but {len(nodes)} nodes are offered")
-    units = [sizes.embed_bytes, *sizes.layer_bytes, sizes.head_bytes]
+    units = [sizes.embed_bytes, *sizes.layer_needs, sizes.head_bytes]
     if count > len(units):
         raise PlacementError(
             f"{count} stages but the model has only {len(units)} units "
@@ -159,7 +176,7 @@ def place(sizes: ModelSizes, nodes: list[NodeOffer], *, stages: int | None = Non
     offered = sum(n.memory_bytes for n in used)
     if sizes.total_bytes > offered:
         raise PlacementError(
-            f"the model needs {sizes.total_bytes} bytes but the {count} stages used offer "
+            f"{sizes.what} needs {sizes.total_bytes} bytes but the {count} stages used offer "
             f"{offered}: {sizes.total_bytes - offered} bytes short"
         )
 
@@ -241,7 +258,8 @@ def _closest_misfit(sizes: ModelSizes, prefix: list[int], used: list[NodeOffer])
         need = sizes.block_bytes(start, end, first=index == 0, last=index == len(used) - 1)
         if need > node.memory_bytes:
             problems.append(f"stage {index} ({node.node_id}) would need {need} bytes for layers "
-                            f"[{start}, {end}) but offers {node.memory_bytes}: "
+                            f"[{start}, {end}){' and their KV' if sizes.kv_positions else ''} but offers "
+                            f"{node.memory_bytes}: "
                             f"{need - node.memory_bytes} bytes short")
     return "no contiguous split fits; the closest: " + "; ".join(problems)
 

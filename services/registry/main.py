@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import torch
+
 from shard.config import RegistryConfig, node_tls
 from shard.metrics import NodeMetrics
+from shard.model.block import kv_head_shape
 from shard.model.checkpoint import Checkpoint
 from shard.node.probe import answers_ping
 from shard.node.registry import RegistryState
@@ -18,16 +21,23 @@ from shard.wire.server import RunningNode, serve_until_signalled, start_server
 log = logging.getLogger(__name__)
 
 
-def model_sizes(checkpoint: Checkpoint) -> ModelSizes:
+def model_sizes(checkpoint: Checkpoint, kv_positions: int = 0) -> ModelSizes:
+    """With `kv_positions`, each layer also reserves that many positions of KV, at the
+    checkpoint's dtype (the one the byte counts of the weights use too)."""
+    kv_heads, head_dim = kv_head_shape(checkpoint.config)
+    dtype = getattr(checkpoint.config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    per_layer = 2 * kv_heads * head_dim * dtype.itemsize  # a key and a value per position
     return ModelSizes(
         layer_bytes=tuple(checkpoint.layer_bytes(i) for i in range(checkpoint.num_layers)),
-        embed_bytes=checkpoint.embed_bytes, head_bytes=checkpoint.head_bytes)
+        embed_bytes=checkpoint.embed_bytes, head_bytes=checkpoint.head_bytes,
+        kv_positions=kv_positions, layer_kv_bytes=(per_layer,) * checkpoint.num_layers)
 
 
 async def start(config: RegistryConfig) -> RunningNode:
     tls = node_tls(config)
     checkpoint = Checkpoint.open(config.model)
-    state = RegistryState(sizes=model_sizes(checkpoint), model_fingerprint=checkpoint.fingerprint,
+    state = RegistryState(sizes=model_sizes(checkpoint, config.kv_reserve_positions), model_fingerprint=checkpoint.fingerprint,
                           min_stages=config.stages, lease_seconds=config.lease_seconds,
                           pin_trusted_ends=config.pin_trusted_ends)
     server, port, health = await start_server(
@@ -54,8 +64,10 @@ async def start(config: RegistryConfig) -> RunningNode:
 
     running.on_stop(stop_expiry)
     await health.set_serving(True)  # the registry's job is to accept joins: it can from now on
-    log.info("registry listening on %s for %s (%d layers, %d stages)",
-             running.address, config.model, checkpoint.num_layers, config.stages)
+    log.info("registry listening on %s for %s (%d layers, %d stages%s)",
+             running.address, config.model, checkpoint.num_layers, config.stages,
+             f", room for {config.kv_reserve_positions} positions of KV beside each block"
+             if config.kv_reserve_positions else "")
     return running
 
 

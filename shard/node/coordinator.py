@@ -27,6 +27,7 @@ from shard.metrics import GenerationMetrics, NodeMetrics
 from shard.model.checkpoint import config_fingerprint
 from shard.model.fingerprints import tokenizer_sha256
 from shard.node.admission import Admission
+from shard.node.kv_ledger import KVLedger, StageKV
 from shard.node.generation import GenerationRequest, GenerationResult, TokenDelta
 from shard.node.receipts import ReceiptMaker
 from shard.node.request_sampling import check_sampling, chunk_sampling
@@ -204,6 +205,8 @@ class CoordinatorNode:
         self.max_prompt_chars = max_prompt_chars
         self.admission = Admission(max_running=max_concurrent, max_queued=max_queued,
                                    max_wait_seconds=queue_timeout)
+        self.kv_ledger = KVLedger()
+        self._kv_refresh = asyncio.Lock()
         # Draft steps run off the event loop that moves frames: in one thread for drafts
         # on a CPU (torch already spreads each op over the cores), in as many as a GPU draft
         # has CUDA streams, so sessions draft side by side instead of queueing.
@@ -236,8 +239,8 @@ class CoordinatorNode:
         observe = self.metrics.observe
         observe("shard.generations.active", lambda: self.admission.running, unit="{generation}",
                 description="generations running (each a session on every stage)")
-        observe("shard.generations.queued", lambda: self.admission.queued, unit="{generation}",
-                description="generations waiting for a slot")
+        observe("shard.generations.queued", lambda: self.admission.queued + self.kv_ledger.waiting,
+                unit="{generation}", description="generations waiting for a slot, or for room in the stages' KV")
         observe("shard.chunks.in_flight", lambda: self.ring.in_flight, unit="{chunk}",
                 description="verify chunks in the ring whose results have not come back")
         self.metrics.observe_refused(self.ring.inbound.rejected)
@@ -338,12 +341,15 @@ class CoordinatorNode:
             self._check_ready()
             async with self.admission.slot():
                 prepared = await self.prepare(request, settings)
-                async for event in self._run(prepared, trace_context):
-                    if isinstance(event, TokenDelta):
-                        measured.committed(len(event.ids))
-                    else:
-                        measured.finished(len(event.prompt_ids), event.stats)
-                    yield event
+                await self._follow_stage_kv()
+                positions = len(prepared.prompt_ids) + prepared.max_tokens
+                async with self.kv_ledger.hold(positions, self.admission.max_wait_seconds):
+                    async for event in self._run(prepared, trace_context):
+                        if isinstance(event, TokenDelta):
+                            measured.committed(len(event.ids))
+                        else:
+                            measured.finished(len(event.prompt_ids), event.stats)
+                        yield event
             outcome = "ok"
         except ShardError as error:
             outcome = error.code.name
@@ -353,6 +359,23 @@ class CoordinatorNode:
             raise
         finally:
             measured.ended(outcome)
+
+    async def _follow_stage_kv(self) -> None:
+        """The ledger learns the stages' KV budgets once per ring (a stage that does not
+        answer leaves it as it was, to try again with the next generation)."""
+        layout = self.ring.layout
+        if layout == self.kv_ledger.layout:
+            return
+        async with self._kv_refresh:
+            if layout != self.kv_ledger.layout:
+                try:
+                    infos = await self.ring.stage_infos()
+                except grpc.aio.AioRpcError as error:
+                    log.warning("could not read the stages' KV budgets: %s", error.details())
+                    return
+                if not all(info.kv_max_sessions for info in infos):
+                    return  # a stage still loading its block: no KV yet to count
+                await self.kv_ledger.follow(layout, [StageKV.from_info(info) for info in infos])
 
     async def _run(self, prepared: Prepared, trace_context: Context | None = None
                    ) -> AsyncIterator[TokenDelta | GenerationResult]:

@@ -67,10 +67,14 @@ class KVStore:
     def items(self) -> list[tuple[str, Session]]:
         return list(self._sessions.items())
 
-    def bytes_of(self, session: Session) -> int:
-        return self._bytes_at(session.positions)
+    @property
+    def max_sessions(self) -> int:
+        return self._max_sessions
 
-    def _bytes_at(self, positions: int) -> int:
+    def bytes_of(self, session: Session) -> int:
+        return self.bytes_at(session.positions)
+
+    def bytes_at(self, positions: int) -> int:
         """What a session holds when its cache holds `positions` positions (and its outputs
         as many): a static cache holds all its bytes from the start, kept outputs grow."""
         if self.session_bytes is None:
@@ -93,7 +97,7 @@ class KVStore:
             raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"this stage already holds {self._max_sessions} sessions")
         held = self.bytes_of(session) if session else 0
-        total = self.total_bytes - held + self._bytes_at(end_pos)
+        total = self.total_bytes - held + self.bytes_at(end_pos)
         if total > self.budget_bytes:
             raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"{end_pos} positions of KV cache would take this stage's KV to {total} bytes, "
@@ -106,7 +110,7 @@ class KVStore:
 
     def record(self, session: Session, positions: int) -> None:
         """The session's cache now holds `positions` positions (its outputs at most as many)."""
-        self.total_bytes += self._bytes_at(positions) - self.bytes_of(session)
+        self.total_bytes += self.bytes_at(positions) - self.bytes_of(session)
         session.positions = positions
         del session.outputs[positions * self.output_bytes_per_position:]
 

@@ -237,6 +237,12 @@ class Ring:
             raise ShardError(grpc.StatusCode.NOT_FOUND, f"{node_id} is no stage this coordinator knows")
         return await stub.Attest(stage_pb2.AttestRequest(session_id=session_id), timeout=timeout)
 
+    async def stage_infos(self, timeout: float = 5.0) -> list[stage_pb2.InfoResponse]:
+        """Every stage's Info, in ring order; raises AioRpcError."""
+        stages = self.plan.stages if self.plan else []
+        return list(await asyncio.gather(
+            *(self._stage_stubs[s.node_id].Info(stage_pb2.InfoRequest(), timeout=timeout) for s in stages)))
+
     async def cancel_epoch(self, session_id: str, epoch: int) -> int:
         """Tell every stage, out of band, to skip this session's frames older than `epoch`."""
         request = stage_pb2.CancelEpochRequest(session_id=session_id, epoch=epoch)

@@ -329,6 +329,8 @@ class StageNode:
             info.weight_bytes = block.weight_bytes
         if kv is not None:
             info.kv_bytes, info.kv_budget_bytes = kv.total_bytes, kv.budget_bytes
+            info.kv_session_bytes, info.kv_bytes_per_position = kv.bytes_at(0), kv.bytes_at(1) - kv.bytes_at(0)
+            info.kv_session_positions, info.kv_max_sessions = kv.session_positions or 0, kv.max_sessions
             for session_id, session in kv.items():
                 info.sessions.add(session_id=session_id, kv_length=session.positions, kv_bytes=kv.bytes_of(session))
         return info

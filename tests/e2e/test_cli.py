@@ -132,6 +132,8 @@ MISTAKES = {
                          "5,x"], {}, "--chunk-sizes must be positive integers separated by commas, not '5,x'"),
     "bad port": (["registry", "--model", "{model}", "--insecure", "--listen", "0.0.0.0:99999"], {},
                  "--listen '0.0.0.0:99999' is not HOST:PORT"),
+    "negative KV reservation": (["registry", "--model", "{model}", "--insecure", "--kv-reserve-positions", "-1"], {},
+                                "--kv-reserve-positions must be 0 or more"),
     "bad variable": (["stage", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure"],
                      {"SHARD_MAX_SESSIONS": "many"}, "SHARD_MAX_SESSIONS"),
     "unknown draft": (["coordinator", "--model", "{model}", "--registry", "127.0.0.1:1", "--insecure", "--draft",

@@ -71,3 +71,46 @@ def test_a_session_over_the_kv_budget_fails_alone(swarm, tinystories_dir):
         return False
 
     assert swarm.run(drained()), [stage.node.info() for stage in swarm.stages]
+
+
+def kv_positions(swarm) -> int:
+    """The most positions one session can hold at every stage, from the stages' own Info."""
+    infos = [stage.node.info() for stage in swarm.stages]
+    return min((info.kv_budget_bytes - info.kv_session_bytes) // info.kv_bytes_per_position for info in infos)
+
+
+def test_generations_that_fit_alone_but_not_together_take_turns(swarm, tinystories_dir):
+    """Each needs 60% of the stages' KV: the coordinator holds the second back until the
+    first is through, rather than letting either fail half-way."""
+    max_tokens = int(0.6 * kv_positions(swarm)) - len(PROMPT)
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=max_tokens, draft="none")
+    loop_time = asyncio.get_running_loop
+
+    async def timed():
+        first_text = None
+
+        def on_text(_):
+            nonlocal first_text
+            first_text = first_text or loop_time().time()
+
+        generation = await generate(swarm.coordinator.address, swarm.tls(), request, on_text=on_text)
+        return first_text, loop_time().time(), generation
+
+    async def both():
+        return await asyncio.gather(timed(), timed())
+
+    (start_a, end_a, a), (start_b, end_b, b) = swarm.run(both())
+    expected = reference_greedy(tinystories_dir, PROMPT, max_tokens)
+    assert list(a.summary.output_ids) == list(b.summary.output_ids) == expected
+    assert end_a <= start_b or end_b <= start_a, "both held more KV at once than the stages have"
+
+
+def test_a_generation_no_stage_could_hold_is_refused_before_it_starts(swarm):
+    request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), draft="none",
+                                      max_tokens=kv_positions(swarm) + 10)
+    streamed = []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        swarm.run(generate(swarm.coordinator.address, swarm.tls(), request, on_text=streamed.append))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "bytes" in refused.value.details() and "budget" in refused.value.details(), refused.value.details()
+    assert not streamed

@@ -79,6 +79,21 @@ def test_contiguity_impossible_names_the_stage_and_its_shortfall():
         place(sizes, nodes)
 
 
+def test_a_kv_reservation_takes_room_beside_each_block():
+    # 8 layers of 10 bytes + 1 byte of KV per position each: with 5 positions reserved a
+    # layer needs 15, and the fast node, which held 6 layers by weights, now holds only 4.
+    nodes = [NodeOffer("fast", 60, speed=3.0), NodeOffer("slow", 200)]
+    weights = ModelSizes((10,) * 8, 0, 0)
+    reserved = ModelSizes((10,) * 8, 0, 0, kv_positions=5, layer_kv_bytes=(1,) * 8)
+    assert blocks(place(weights, nodes)) == [(0, 6), (6, 8)]
+    assert blocks(place(reserved, nodes)) == [(0, 4), (4, 8)]
+    assert reserved.block_bytes(0, 4, first=True, last=False) == 60
+    with pytest.raises(PlacementError, match=r"the model with KV for 5 positions needs 120 bytes .* 20 bytes short"):
+        place(reserved, [NodeOffer("a", 50), NodeOffer("b", 50)])
+    with pytest.raises(PlacementError, match=r"would need 75 bytes for layers \[3, 8\) and their KV"):
+        place(reserved, [NodeOffer("a", 45), NodeOffer("b", 74), NodeOffer("c", 1)])
+
+
 def test_a_unit_larger_than_its_node():
     sizes = ModelSizes((10,), 10, 200)
     with pytest.raises(PlacementError, match=r"stage 1 \(b\) would need 200 bytes .* 50 bytes short"):

@@ -191,3 +191,29 @@ def test_a_reported_node_that_does_not_answer_is_dropped_at_once():
     assert "b" not in registry.nodes and [node for node, *_ in ring(registry)] == ["a", "spare"]
     assert asyncio.run(registry.report_unreachable("b", probe(False, calls))) is True  # already out
     assert calls == ["b"]
+
+
+def test_a_kv_reservation_is_planned_from_the_checkpoint(tinystories_dir):
+    """`shard registry --kv-reserve-positions N`: each layer needs its weights and N
+    positions of K and V at the checkpoint's dtype; stages that hold the weights but not
+    that much KV beside them get no plan, and the plan says why."""
+    from services.registry.main import model_sizes
+    from shard.model.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(tinystories_dir)
+    per_position = 2 * 4 * 16 * 4  # K and V, 4 KV heads of 16 float32s, per layer
+    weights = model_sizes(checkpoint)
+    reserved = model_sizes(checkpoint, 100)
+    for start, end in ((0, 1), (1, 2)):
+        ends = dict(first=start == 0, last=end == 2)
+        assert reserved.block_bytes(start, end, **ends) == weights.block_bytes(start, end, **ends) + 100 * per_position
+    budget = max(reserved.block_bytes(0, 1, first=True, last=False), reserved.block_bytes(1, 2, first=False, last=True))
+    for positions, planned in ((100, True), (200, False)):
+        registry = RegistryState(sizes=model_sizes(checkpoint, positions), model_fingerprint="f", min_stages=2,
+                                 rtt_wait_seconds=0)
+        join(registry, "coordinator", role=registry_pb2.ROLE_COORDINATOR)
+        for node in ("a", "b"):
+            join(registry, node, memory=budget)
+        assert bool(registry.plan.stages) == planned, registry.plan.problem
+        if not planned:
+            assert "with KV for 200 positions" in registry.plan.problem
