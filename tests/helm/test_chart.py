@@ -359,6 +359,19 @@ def test_env_names_flags_the_command_has(rendered, name):
             assert env["SHARD_REGISTRY"]
 
 
+def test_a_kv_reservation_reaches_the_registry(helm):
+    def registry_env(sets):
+        registry = next(w for w in workloads(objects(helm, sets=sets))
+                        if w["spec"]["template"]["spec"]["containers"][0]["args"] == ["registry"])
+        return env_of(registry["spec"]["template"]["spec"]["containers"][0])
+
+    assert "SHARD_KV_RESERVE_POSITIONS" not in registry_env([])
+    assert registry_env(["registry.kvReservePositions=2048"])["SHARD_KV_RESERVE_POSITIONS"] == "2048"
+    assert "SHARD_KV_RESERVE_POSITIONS" in _flags("registry")
+    result = render(helm, sets=["registry.kvReservePositions=-1"])
+    assert result.returncode != 0 and "kvReservePositions" in result.stderr
+
+
 def test_joining_nodes_dial_the_registry(rendered):
     default = rendered["default"]
     address = f"{FULLNAME}-registry.{NAMESPACE}.svc.cluster.local:50051"
