@@ -18,6 +18,12 @@ from shard.errors import ShardError
 RETRY_AFTER_MS = 1000
 
 
+def busy(why: str) -> ShardError:
+    """RESOURCE_EXHAUSTED for a request that may well succeed a little later."""
+    return ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {RETRY_AFTER_MS} ms",
+                      retry_after_ms=RETRY_AFTER_MS)
+
+
 class Admission:
     def __init__(self, *, max_running: int, max_queued: int, max_wait_seconds: float):
         if max_running < 1 or max_queued < 0 or max_wait_seconds < 0:
@@ -31,18 +37,13 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the running slots for the body; wait in the queue for one first."""
         if self._slots.locked() and self.queued >= self.max_queued:
-            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"the coordinator is busy: {self.running} generations running and "
-                             f"{self.queued} waiting; retry after {RETRY_AFTER_MS} ms",
-                             retry_after_ms=RETRY_AFTER_MS)
+            raise busy(f"the coordinator is busy: {self.running} generations running and {self.queued} waiting")
         self.queued += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self.max_wait_seconds)
         except asyncio.TimeoutError:
-            raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"no generation slot freed within {self.max_wait_seconds:g} s in the "
-                             f"admission queue; retry after {RETRY_AFTER_MS} ms",
-                             retry_after_ms=RETRY_AFTER_MS) from None
+            raise busy(f"no generation slot freed within {self.max_wait_seconds:g} s in the "
+                       f"admission queue") from None
         finally:
             self.queued -= 1
         self.running += 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from shard.errors import ShardError
-from shard.node.admission import RETRY_AFTER_MS
+from shard.node.admission import busy
 from shard.v1 import stage_pb2
 
 
@@ -92,10 +92,8 @@ class KVLedger:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.fits(positions)), timeout)
             except asyncio.TimeoutError:
-                raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the stages' KV caches had no room for {positions} more positions within "
-                                 f"{timeout:g} s; retry after {RETRY_AFTER_MS} ms",
-                                 retry_after_ms=RETRY_AFTER_MS) from None
+                raise busy(f"the stages' KV caches had no room for {positions} more positions "
+                           f"within {timeout:g} s") from None
             finally:
                 self.waiting -= 1
             self._held[key] = positions
