@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import torch
-
 from shard.config import RegistryConfig, node_tls
 from shard.metrics import NodeMetrics
-from shard.model.block import kv_head_shape
+from shard.model.block import kv_bytes_per_layer_position
 from shard.model.checkpoint import Checkpoint
+from shard.model.dtypes import config_dtype
 from shard.node.probe import answers_ping
 from shard.node.registry import RegistryState
 from shard.placement import ModelSizes
@@ -24,10 +23,7 @@ log = logging.getLogger(__name__)
 def model_sizes(checkpoint: Checkpoint, kv_positions: int = 0) -> ModelSizes:
     """With `kv_positions`, each layer also reserves that many positions of KV, at the
     checkpoint's dtype (the one the byte counts of the weights use too)."""
-    kv_heads, head_dim = kv_head_shape(checkpoint.config)
-    dtype = getattr(checkpoint.config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    per_layer = 2 * kv_heads * head_dim * dtype.itemsize  # a key and a value per position
+    per_layer = kv_bytes_per_layer_position(checkpoint.config, config_dtype(checkpoint.config))
     return ModelSizes(
         layer_bytes=tuple(checkpoint.layer_bytes(i) for i in range(checkpoint.num_layers)),
         embed_bytes=checkpoint.embed_bytes, head_bytes=checkpoint.head_bytes,

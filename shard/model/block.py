@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModel, DynamicCache, PreTrainedModel
 
 from shard.model.checkpoint import Checkpoint
+from shard.model.dtypes import config_dtype
 
 
 class CacheGapError(Exception):
@@ -35,6 +36,12 @@ def kv_head_shape(config) -> tuple[int, int]:
     """(KV heads, head dim): what each layer's cache holds per position."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
+def kv_bytes_per_layer_position(config, dtype: torch.dtype) -> int:
+    """What one position adds to one layer's cache: a key and a value."""
+    kv_heads, head_dim = kv_head_shape(config)
+    return 2 * kv_heads * head_dim * dtype.itemsize
 
 
 class Block:
@@ -65,9 +72,8 @@ class Block:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
         self.dtype, self.device = dtype, device
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        kv_heads, head_dim = kv_head_shape(model.config)
-        # What one more position adds to a session's cache: a key and a value per layer.
-        self.kv_bytes_per_position = 2 * kv_heads * head_dim * dtype.itemsize * self.num_layers
+        # What one more position adds to a session's cache.
+        self.kv_bytes_per_position = kv_bytes_per_layer_position(model.config, dtype) * self.num_layers
 
     @classmethod
     def load(cls, model_dir, start: int, end: int, *, first: bool | None = None, last: bool | None = None,
@@ -82,8 +88,7 @@ class Block:
         if start == end and not (first or last):
             raise ValueError(f"block [{start}, {end}) holds no layers, no embedding and no head")
         device = torch.device(device)
-        dtype = dtype or getattr(ckpt.config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = dtype or config_dtype(ckpt.config)
 
         config, model, lm_head = _meta_block(ckpt.config, start, end, first, last, dtype,
                                              head_bias="lm_head.bias" in ckpt.files)

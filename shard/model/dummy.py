@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from shard.model.dtypes import config_dtype
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 MARKER = "shard-dummy.json"
@@ -59,8 +61,7 @@ class DummyWeights:
             raise ValueError(f"{marker}: not a dummy-weight marker ({e})") from None
         if version != _FORMAT or not isinstance(seed, int):
             raise ValueError(f"{marker}: unsupported format {version!r} or seed {seed!r}")
-        dtype = getattr(config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = config_dtype(config)
         return cls(seed=seed, std=float(getattr(config, "initializer_range", 0.02)), dtype=dtype,
                    shapes=checkpoint_shapes(config, dtype))
 
