@@ -121,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
               "context, at most 4096)", type=int)
     flags.add("--chunk-sizes", "static KV: the chunk shapes, comma-separated, the decode size (spec K + 1) "
               "first (default 5,16,64,256)", metavar="N,N,...")
+    flags.add("--static-batch", "static KV: the decode-size chunks of up to N sessions run as one forward (one "
+              "CUDA graph); the stage then holds at most N sessions, and each session's decode chunks always run "
+              "in that shape, so its tokens do not depend on the others (default 0: one chunk at a time)",
+              type=int, metavar="N")
     flags.add("--eager", "static KV without CUDA graphs", action="store_true")
     flags.add("--no-compile", "static KV on CUDA: graph the layers as they are, not compiled by torch.compile "
               "first (starts sooner, runs each chunk slower)", action="store_true")

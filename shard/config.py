@@ -184,6 +184,7 @@ class StageConfig(JoiningConfig):
     kv: str = "auto"  # static on CUDA
     session_positions: int | None = None
     chunk_sizes: str = "5,16,64,256"
+    static_batch: int = 0  # static KV: decode chunks of this many sessions as one forward (0: one at a time)
     eager: bool = False
     no_compile: bool = False
     trust: str = ""
@@ -209,6 +210,8 @@ class StageConfig(JoiningConfig):
             raise ConfigError("--max-sessions must be at least 1")
         if self.max_batch < 1:
             raise ConfigError("--max-batch must be at least 1")
+        if self.static_batch < 0:
+            raise ConfigError("--static-batch must be at least 0")
         if not self.session_idle_seconds > 0:
             raise ConfigError("--session-idle-seconds must be positive")
         if self.speed is not None and not self.speed > 0:

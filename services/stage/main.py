@@ -8,7 +8,7 @@ import uuid
 
 import torch
 
-from shard.config import StageConfig, node_secrets, node_tls
+from shard.config import ConfigError, StageConfig, node_secrets, node_tls
 from shard.model.device import resolve_device, resolve_dtype
 from shard.node.membership import Membership
 from shard.node.notary import describe_node
@@ -95,8 +95,10 @@ async def start(config: StageConfig) -> RunningNode:
 
 def _kv_layout(config: StageConfig, device: str) -> KVLayout:
     static = config.kv == "static" or (config.kv == "auto" and device.startswith("cuda"))
+    if config.static_batch > 1 and not static:
+        raise ConfigError("--static-batch batches static KV: it needs --kv static (the default on CUDA)")
     return KVLayout(static=static, session_positions=config.session_positions, graphs=not config.eager,
-                    compiled=not config.no_compile,
+                    compiled=not config.no_compile, batch=config.static_batch,
                     chunk_sizes=tuple(int(size) for size in config.chunk_sizes.split(",")))
 
 

@@ -100,8 +100,8 @@ class Slot:
         self.step_layers, self.eager_layers = step_layers, decoder_layers(model)
         device, dtype = model.device, model.dtype
         kv_heads, head_dim = kv_head_shape(model.config)
-        self.kv = StaticKV(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
-                           capacity=capacity, dtype=dtype, device=device)
+        self.kv = StaticKV.allocate(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads,
+                                    head_dim=head_dim, capacity=capacity, dtype=dtype, device=device)
         self.kv_index = torch.arange(slot_count(capacity), device=device)
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)

@@ -27,7 +27,8 @@ from shard.model.block import Block, CacheGapError
 
 @dataclass
 class Row:
-    """One session's chunk: positions start_pos..start_pos+n written into `cache`."""
+    """One session's chunk: positions start_pos..start_pos+n written into `cache` (a
+    DynamicCache here, a pooled StaticKV in StaticBlock.forward_rows)."""
 
     cache: DynamicCache
     start_pos: int

@@ -15,6 +15,13 @@ on a side stream; a forward then copies its inputs into the size's static buffer
 (from pinned host memory, without waiting), replays, and waits only when the result is
 copied back to pinned memory for the wire.
 
+With `batched`, the pooled caches' decode-size chunks run together: one forward over the
+whole pool (static_kv.KVPool), each session in its own row, the rows without a chunk
+standing at their scratch slot. A session's decode chunks always run in that one shape,
+alone or beside others: rows are independent in every op at a fixed shape (attention too:
+each row reads only its own cache), so its tokens never depend on which sessions share
+the stage. Longer chunks (prompts) run alone, as without it.
+
 With `compiled`, each layer is compiled by torch.compile for these fixed shapes before
 capture: a graph replays kernels as they were launched, so a graph of eager layers still
 runs ~50 small kernels per layer (norms, rotary, residuals), and fusing them is what brings
@@ -30,8 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shard.model.batch import Row
 from shard.model.block import Block, CacheGapError, PositionCount, kv_head_shape
-from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
+from shard.model.static_kv import KVPool, StaticKV, chunk_mask, slot_count, static_attention
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +53,24 @@ class _Shape:
     pinned host buffers they are filled from and emptied into."""
 
     size: int
+    # With a leading pool dimension in the batched shape ([P, T], ...):
     inputs: torch.Tensor  # [T] int64 ids on the first block, else [T, hidden]
     positions: torch.Tensor  # [T] int64: rows' positions, also the slots they write
     output: torch.Tensor  # [T, hidden], or [T] int64 argmax ids on the last block
     host_inputs: torch.Tensor | None = None
     host_positions: torch.Tensor | None = None
     host_output: torch.Tensor | None = None
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by cache slot
+    graphs: dict[int | None, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by cache slot (None: batched)
 
 
 class StaticBlock:
     def __init__(self, block: Block, *, capacity: int, chunk_sizes: tuple[int, ...], pool_size: int = 0,
-                 compiled: bool = False):
+                 compiled: bool = False, batched: bool = False):
         """`capacity`: positions per session; `pool_size`: caches preallocated (and graphed
         by capture()); without a pool, new_cache() allocates one per session; `compiled`: on
-        CUDA with a pool, the layers compiled by torch.compile when capture() warms up."""
+        CUDA with a pool, the layers compiled by torch.compile when capture() warms up;
+        `batched`: the pool's decode-size chunks (the smallest size) run as one forward of
+        the whole pool, on CPU too."""
         if block.num_layers:
             implementation = block.model.config._attn_implementation
             if implementation not in _MASK_KINDS:
@@ -73,10 +84,16 @@ class StaticBlock:
         self.device = block.device
         self.on_cuda = block.device.type == "cuda"
         self.graphed = False
+        pool_size = pool_size if block.num_layers else 0
+        if batched and pool_size < 1:
+            raise ValueError("a batched static block needs a pool of at least one cache")
         with torch.inference_mode():
             self._shapes = {size: self._new_shape(size) for size in sorted(set(chunk_sizes))}
             self._kv_index = torch.arange(slot_count(capacity), device=self.device)
-            self._pool = [self._allocate(slot) for slot in range(pool_size if block.num_layers else 0)]
+            self._kv_pool = self._new_pool(pool_size) if pool_size else None
+            # The batched decode shape: a chunk of the smallest size for every pooled cache.
+            self._batch = self._new_shape(min(chunk_sizes), rows=pool_size) if batched else None
+        self._pool = self._kv_pool.caches if self._kv_pool else []
         self._free = self._pool[::-1]
         # Recorded after the copies to the device, and after the copy back to pinned memory.
         self._staged = torch.cuda.Event() if self.on_cuda else None
@@ -86,7 +103,7 @@ class StaticBlock:
             layers = block.model.layers[: config.num_hidden_layers]
             self._windows = [_window_of(layer, config) for layer in layers]
             self._eager_layers = list(layers)
-            self._layers = [compile_layer(layer, len(layers) * len(self._shapes)) for layer in layers] \
+            self._layers = [compile_layer(layer, len(layers) * (len(self._shapes) + 1)) for layer in layers] \
                 if compiled and self.on_cuda and self._pool else self._eager_layers
             parameters = inspect.signature(layers[0].forward).parameters
             # transformers renamed past_key_values to cache; older layers also want cache_position.
@@ -96,6 +113,16 @@ class StaticBlock:
     @property
     def chunk_sizes(self) -> list[int]:
         return list(self._shapes)
+
+    @property
+    def batch_rows(self) -> int:
+        """Sessions' chunks one forward runs at most: the pool when batched, else 1."""
+        return self._batch.inputs.shape[0] if self._batch is not None else 1
+
+    @property
+    def batch_chunk(self) -> int | None:
+        """The longest chunk that runs batched (the decode size); None when not batched."""
+        return self._batch.size if self._batch is not None else None
 
     @staticmethod
     def bytes_per_session(block: Block, capacity: int) -> int:
@@ -129,8 +156,14 @@ class StaticBlock:
     def _allocate(self, slot: int | None) -> StaticKV:
         block = self.block
         kv_heads, head_dim = kv_head_shape(block.model.config)
-        return StaticKV(num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim, capacity=self.capacity,
-                        dtype=block.dtype, device=self.device, slot=slot)
+        return StaticKV.allocate(num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim,
+                                 capacity=self.capacity, dtype=block.dtype, device=self.device, slot=slot)
+
+    def _new_pool(self, size: int) -> KVPool:
+        block = self.block
+        kv_heads, head_dim = kv_head_shape(block.model.config)
+        return KVPool(size=size, num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim,
+                      capacity=self.capacity, dtype=block.dtype, device=self.device)
 
     # ---- forward ------------------------------------------------------------------
 
@@ -147,10 +180,7 @@ class StaticBlock:
         if logits:
             raise ValueError("a block on static KV returns argmax ids only: logits need a dynamic cache")
         n = block.check_chunk(start_pos, input_ids, hidden, num_outputs)
-        if cache.length < start_pos:
-            raise CacheGapError(f"cache holds {cache.length} positions, chunk starts at {start_pos}")
-        if start_pos + n > cache.capacity:
-            raise ValueError(f"positions up to {start_pos + n} exceed this stage's {cache.capacity} per session")
+        self.check_room(cache, start_pos, n)
         x = input_ids if block.is_first else hidden
         first_output = n - num_outputs if block.is_last and num_outputs else 0
         largest = max(self._shapes)
@@ -158,83 +188,145 @@ class StaticBlock:
         with _on(self.device):
             for begin in range(0, n, largest):
                 end = min(begin + largest, n)
-                shape = next(s for size, s in self._shapes.items() if size >= end - begin)
-                self._run(cache, shape, x[begin:end], start_pos + begin)
+                piece = x[begin:end]
+                if self._runs_batched(cache, end - begin):
+                    shape, row = self._batch, cache.slot
+                    self._stage_inputs(shape, [(row, piece, start_pos + begin)])
+                    self._replay(shape, None, self._step_batch)
+                else:
+                    shape, row = next(s for size, s in self._shapes.items() if size >= end - begin), None
+                    self._stage_inputs(shape, [(None, piece, start_pos + begin)])
+                    self._replay(shape, cache.slot, lambda s: self._step(cache, s))
+                cache.length = start_pos + end
                 if end > first_output:
-                    rows = self._fetch(shape, max(first_output - begin, 0), end - begin)
+                    rows = self._fetch(shape, [(row, max(first_output - begin, 0), end - begin)])[0]
                     pieces.append(rows if n <= largest else rows.clone())  # the next piece reuses the buffer
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _run(self, cache: StaticKV, shape: _Shape, x: torch.Tensor, start_pos: int) -> None:
-        n = x.shape[0]
-        self._stage_inputs(shape, x, start_pos, n, cache.scratch)
-        graph = shape.graphs.get(cache.slot) if cache.slot is not None else None
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Several sessions' decode-size chunks as one forward of the pool: each row's
+        output exactly as forward() returns it for that row alone (which runs the same
+        shape). Each row's cache is a different pooled one holding start_pos positions or
+        more, its chunk at most `batch_chunk` tokens; callers check rows first
+        (`check_room`): an error here names no row."""
+        block, staged, wanted = self.block, [], []
+        for row in rows:
+            inputs = (row.tokens, None) if block.is_first else (None, row.tokens)
+            n = block.check_chunk(row.start_pos, *inputs, row.num_outputs)
+            if not self._runs_batched(row.cache, n):
+                raise ValueError(f"a batched forward runs pooled caches' chunks of at most {self.batch_chunk} "
+                                 f"tokens, not {n}")
+            self.check_room(row.cache, row.start_pos, n)
+            staged.append((row.cache.slot, row.tokens, row.start_pos))
+            wanted.append((row.cache.slot, n - row.num_outputs if block.is_last and row.num_outputs else 0, n))
+        if len({slot for slot, _, _ in staged}) < len(staged):
+            raise ValueError("a batched forward runs one chunk per session")
+        with _on(self.device):
+            self._stage_inputs(self._batch, staged)
+            self._replay(self._batch, None, self._step_batch)
+            for row in rows:
+                row.cache.length = row.start_pos + row.tokens.shape[0]
+            return self._fetch(self._batch, wanted)
+
+    def check_room(self, cache: StaticKV, start_pos: int, n: int) -> None:
+        """Whether a chunk of n tokens at start_pos can run on this cache."""
+        if cache.length < start_pos:
+            raise CacheGapError(f"cache holds {cache.length} positions, chunk starts at {start_pos}")
+        if start_pos + n > cache.capacity:
+            raise ValueError(f"positions up to {start_pos + n} exceed this stage's {cache.capacity} per session")
+
+    def _runs_batched(self, cache: StaticKV, n: int) -> bool:
+        return self._batch is not None and cache.slot is not None and n <= self._batch.size
+
+    def _replay(self, shape: _Shape, slot: int | None, step) -> None:
+        """The shape's graph for this cache slot, else `step(shape)` eagerly."""
+        graph = shape.graphs.get(slot)
         if graph is not None:
             graph.replay()
         else:
-            self._step(cache, shape)
-        cache.length = start_pos + n
+            step(shape)
 
-    def _stage_inputs(self, shape: _Shape, x: torch.Tensor, start_pos: int, n: int, scratch: int) -> None:
-        """The chunk's rows and positions into the shape's static buffers; padding rows keep
-        whatever finite values they held and stand at the scratch slot."""
-        positions = torch.full((shape.size,), scratch, dtype=torch.int64)
-        positions[:n] = torch.arange(start_pos, start_pos + n)
+    def _stage_inputs(self, shape: _Shape, rows: list[tuple[int | None, torch.Tensor, int]]) -> None:
+        """Chunks into the shape's static buffers, each (row of a batched shape or None, its
+        inputs, start_pos): its real rows and their positions; every other row keeps whatever
+        finite values it held and stands at the scratch slot."""
+        positions = torch.full(shape.positions.shape, self.capacity, dtype=torch.int64)
+        for row, x, start_pos in rows:
+            (positions if row is None else positions[row])[:x.shape[0]] = torch.arange(start_pos, start_pos + x.shape[0])
         if shape.host_inputs is None:
-            shape.inputs[:n].copy_(x)
+            for row, x, _ in rows:
+                (shape.inputs if row is None else shape.inputs[row])[:x.shape[0]].copy_(x)
             shape.positions.copy_(positions)
             return
         # Into pinned memory, then to the device without waiting. The last copies from host
         # buffers are done by now (a fetch waited after them) unless a piece of a long chunk
         # fetched nothing: then this wait, already over in the usual case, is what protects them.
         self._staged.synchronize()
-        shape.host_inputs[:n].copy_(x)
+        for row, x, _ in rows:
+            (shape.host_inputs if row is None else shape.host_inputs[row])[:x.shape[0]].copy_(x)
         shape.host_positions.copy_(positions)
-        shape.inputs[:n].copy_(shape.host_inputs[:n], non_blocking=True)
+        shape.inputs.copy_(shape.host_inputs, non_blocking=True)
         shape.positions.copy_(shape.host_positions, non_blocking=True)
         self._staged.record()
 
-    def _fetch(self, shape: _Shape, first: int, n: int) -> torch.Tensor:
-        rows = shape.output[first:n]
-        if shape.host_output is None:
-            return rows.to("cpu", copy=True)
-        out = shape.host_output[: n - first]
-        out.copy_(rows, non_blocking=True)
-        self._copied.record()
-        self._copied.synchronize()  # the one wait: the bytes are about to leave the GPU
-        return out
+    def _fetch(self, shape: _Shape, wanted: list[tuple[int | None, int, int]]) -> list[torch.Tensor]:
+        """Output rows first..n-1 of each (row of a batched shape or None, first, n)."""
+        outs = []
+        for row, first, n in wanted:
+            rows = (shape.output if row is None else shape.output[row])[first:n]
+            if shape.host_output is None:
+                outs.append(rows.to("cpu", copy=True))
+                continue
+            out = (shape.host_output if row is None else shape.host_output[row])[: n - first]
+            out.copy_(rows, non_blocking=True)
+            outs.append(out)
+        if shape.host_output is not None:
+            self._copied.record()
+            self._copied.synchronize()  # the one wait: the bytes are about to leave the GPU
+        return outs
 
     def _step(self, cache: StaticKV, shape: _Shape) -> None:
-        """The whole block on the shape's static buffers: what a graph records."""
-        model, block = self.block.model, self.block
+        """The whole block on one cache and the shape's static buffers: what a graph records."""
         cache.write_slots = shape.positions
-        h = model.get_input_embeddings()(shape.inputs) if block.is_first else shape.inputs
-        h = h[None]
-        position_ids = shape.positions[None]
-        position_embeddings = model.rotary_emb(h, position_ids)
-        masks = {window: chunk_mask(shape.positions, self._kv_index, window, self._additive)
+        shape.output.copy_(self._through_layers(shape.inputs[None], shape.positions[None], cache.layers)[0])
+
+    def _step_batch(self, shape: _Shape) -> None:
+        """The whole block on every pooled cache at once: the batched graph."""
+        self._kv_pool.write_slots = shape.positions
+        shape.output.copy_(self._through_layers(shape.inputs, shape.positions, self._kv_pool.layers))
+
+    def _through_layers(self, x: torch.Tensor, positions: torch.Tensor, layer_caches: list) -> torch.Tensor:
+        """The block on [B, T] ids or [B, T, hidden] rows at [B, T] positions, each batch row
+        over its own cache: [B, T, hidden], or [B, T] argmax ids from the last block."""
+        model, block = self.block.model, self.block
+        h = model.get_input_embeddings()(x) if block.is_first else x
+        position_embeddings = model.rotary_emb(h, positions)
+        masks = {window: chunk_mask(positions, self._kv_index, window, self._additive)
                  for window in set(self._windows)}
-        extra = {"cache_position": shape.positions} if self._pass_cache_position else {}
+        # Only older layers take it, and only to hand it to the cache, which ignores it.
+        extra = {"cache_position": positions[0]} if self._pass_cache_position else {}
         with static_attention():
-            for layer, window, layer_kv in zip(self._layers, self._windows, cache.layers):
-                h = layer(h, attention_mask=masks[window], position_ids=position_ids,
+            for layer, window, layer_kv in zip(self._layers, self._windows, layer_caches):
+                h = layer(h, attention_mask=masks[window], position_ids=positions,
                           position_embeddings=position_embeddings, use_cache=True,
                           **{self._cache_kw: layer_kv}, **extra)
                 h = h[0] if isinstance(h, tuple) else h  # older layers return a tuple
-        h = model.norm(h)[0]
-        shape.output.copy_(block.lm_head(h).argmax(-1) if block.is_last else h)
+        h = model.norm(h)
+        return block.lm_head(h).argmax(-1) if block.is_last else h
 
     # ---- CUDA graphs ----------------------------------------------------------------
 
     @torch.inference_mode()
     def capture(self, warmup: int = 3) -> None:
-        """One CUDA graph per pooled cache and chunk size, sharing one memory pool (they
-        never run at once). Warm-up first on a side stream, as capture requires; inputs
-        stand at the scratch slot throughout, so no cache slot is written."""
+        """One CUDA graph per pooled cache and chunk size, and one of the batched shape,
+        sharing one memory pool (they never run at once). Warm-up first on a side stream,
+        as capture requires; inputs stand at the scratch slot throughout, so no cache slot
+        is written."""
         if not self.on_cuda or not self.block.num_layers or not self._pool:
             return
         with _on(self.device):
-            for shape in self._shapes.values():
+            for shape in self._all_shapes():
                 shape.positions.fill_(self.capacity)
                 shape.inputs.zero_()
             side = torch.cuda.Stream()
@@ -248,22 +340,31 @@ class StaticBlock:
                 except RuntimeError as error:
                     # A layer that syncs with the host (GptOss's expert loop asks which experts
                     # were hit) cannot be captured: the same static path runs eagerly instead.
-                    for shape in self._shapes.values():
+                    for shape in self._all_shapes():
                         shape.graphs.clear()
                     log.warning("layers of %s cannot be captured as CUDA graphs, running eagerly: %s",
                                 type(self.block.model).__name__, first_line(error))
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
-        self.graphed = all(shape.graphs for shape in self._shapes.values())
+        self.graphed = all(shape.graphs for shape in self._all_shapes())
+
+    def _pooled_shapes(self) -> list[_Shape]:
+        """The single-cache shapes pooled caches run in: all but the decode size when batched."""
+        return [shape for size, shape in self._shapes.items() if self._batch is None or size != self._batch.size]
+
+    def _all_shapes(self) -> list[_Shape]:
+        return self._pooled_shapes() + ([self._batch] if self._batch is not None else [])
 
     def _warm_up(self, steps: int) -> None:
         """Run every shape `steps` times (compiling it, if compiled). A compile that fails
         (Triton needs a C compiler at run time, which a slim image may lack) leaves the
         layers uncompiled: slower, never wrong."""
         try:
-            for shape in self._shapes.values():
-                for _ in range(steps):
+            for _ in range(steps):
+                for shape in self._pooled_shapes():
                     self._step(self._pool[0], shape)
+                if self._batch is not None:
+                    self._step_batch(self._batch)
         except Exception as error:  # torch.compile's failures have no common base class
             if self._layers is self._eager_layers:
                 raise
@@ -275,29 +376,35 @@ class StaticBlock:
     def _capture_all(self, memory_pool) -> None:
         # capture_begin/end rather than torch.cuda.graph(), which empties the cache and
         # collects garbage before every one of these many captures.
-        for cache in self._pool:
-            for shape in self._shapes.values():
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the stage's other threads may use CUDA meanwhile.
-                graph.capture_begin(pool=memory_pool, capture_error_mode="thread_local")
-                try:
-                    self._step(cache, shape)
-                finally:
-                    graph.capture_end()
-                shape.graphs[cache.slot] = graph
+        steps = [(shape, cache.slot, lambda s, c=cache: self._step(c, s))
+                 for cache in self._pool for shape in self._pooled_shapes()]
+        if self._batch is not None:
+            steps.append((self._batch, None, self._step_batch))
+        for shape, slot, step in steps:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the stage's other threads may use CUDA meanwhile.
+            graph.capture_begin(pool=memory_pool, capture_error_mode="thread_local")
+            try:
+                step(shape)
+            finally:
+                graph.capture_end()
+            shape.graphs[slot] = graph
 
     # ---- buffers ------------------------------------------------------------------
 
-    def _new_shape(self, size: int) -> _Shape:
+    def _new_shape(self, size: int, rows: int | None = None) -> _Shape:
+        """Buffers for chunks of `size` tokens: one chunk, or (`rows`) one per pooled cache."""
         block, device = self.block, self.device
-        ids, rows = dict(size=(size,), dtype=torch.int64), dict(size=(size, block.hidden_size), dtype=block.dtype)
-        inputs = torch.zeros(**(ids if block.is_first else rows), device=device)
-        positions = torch.zeros(size, dtype=torch.int64, device=device)
-        output = torch.zeros(**(ids if block.is_last else rows), device=device)
+        lead = (size,) if rows is None else (rows, size)
+        ids, hidden = dict(size=lead, dtype=torch.int64), dict(size=(*lead, block.hidden_size), dtype=block.dtype)
+        inputs = torch.zeros(**(ids if block.is_first else hidden), device=device)
+        positions = torch.zeros(lead, dtype=torch.int64, device=device)
+        output = torch.zeros(**(ids if block.is_last else hidden), device=device)
         shape = _Shape(size, inputs, positions, output)
         if self.on_cuda:
-            shape.host_inputs = torch.empty(inputs.shape, dtype=inputs.dtype, pin_memory=True)
-            shape.host_positions = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            # Zeroed, not empty: whole buffers go to the device, and padding rows must stay finite.
+            shape.host_inputs = torch.zeros(inputs.shape, dtype=inputs.dtype, pin_memory=True)
+            shape.host_positions = torch.zeros(lead, dtype=torch.int64, pin_memory=True)
             shape.host_output = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
         return shape
 

@@ -40,11 +40,11 @@ class StaticKV:
     """A session's keys and values for every layer of a block; each layer is handed its
     own view (`layers[i]`) as its cache."""
 
-    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, slot: int | None = None):
-        shape = (1, kv_heads, slot_count(capacity), head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], *, capacity: int,
+                 slot: int | None = None):
+        """`keys` and `values`: one [1, kv_heads, slot_count(capacity), head_dim] tensor per
+        layer, its own (`allocate`) or a row of a KVPool's."""
+        self.keys, self.values = keys, values
         self.capacity = capacity
         self.scratch = capacity  # the slot padding rows write
         self.slot = slot  # its index in a pool of graphed caches, None outside one
@@ -55,9 +55,37 @@ class StaticKV:
         self.visible: int | None = None
         self.layers = [LayerKV(self, keys, values) for keys, values in zip(self.keys, self.values)]
 
+    @classmethod
+    def allocate(cls, *, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device, slot: int | None = None) -> StaticKV:
+        shape = (1, kv_heads, slot_count(capacity), head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   capacity=capacity, slot=slot)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class KVPool:
+    """A block's pooled session caches as one tensor per layer, [size, kv_heads, slots,
+    head_dim]: session i's StaticKV (`caches[i]`) is a view of row i, and a batched forward
+    (`layers`, `write_slots` [size, T]) writes and reads every row at once. Its batch is
+    the whole pool, rows without a chunk standing at their scratch slot: one shape
+    whichever sessions fill it, so a session's arithmetic never depends on the others
+    (static_block)."""
+
+    def __init__(self, *, size: int, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (size, kv_heads, slot_count(capacity), head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.write_slots: torch.Tensor | None = None  # [size, T] int64, set by the batched forward
+        self.layers = [PoolLayerKV(self, keys, values) for keys, values in zip(self.keys, self.values)]
+        self.caches = [StaticKV([k[row:row + 1] for k in self.keys], [v[row:row + 1] for v in self.values],
+                                capacity=capacity, slot=row) for row in range(size)]
 
 
 class LayerKV:
@@ -79,16 +107,31 @@ class LayerKV:
         return self.keys[:, :, :session.visible], self.values[:, :, :session.visible]
 
 
+class PoolLayerKV:
+    """One layer's part of a KVPool in a batched forward: each row's keys and values go to
+    that row's slots (`write_slots[row]`), and attention reads every row's whole cache."""
+
+    def __init__(self, pool: KVPool, keys: torch.Tensor, values: torch.Tensor):
+        self.pool, self.keys, self.values = pool, keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        slots = self.pool.write_slots[:, None, :, None].expand_as(key_states)
+        self.keys.scatter_(2, slots, key_states)
+        self.values.scatter_(2, slots.expand_as(value_states), value_states)
+        return self.keys, self.values
+
+
 def chunk_mask(positions: torch.Tensor, kv_index: torch.Tensor, window: int | None,
                additive_dtype: torch.dtype | None) -> torch.Tensor:
-    """[1, 1, T, S] mask of which slots each query row may see: slot j <= its position p
-    (and j > p - window in a sliding layer), as transformers' causal and sliding-window
-    masks define them. Boolean (True: attend) for SDPA; for eager attention, additive in
-    `additive_dtype` (0 or the dtype's minimum). Device ops only: graph-capturable."""
-    allowed = kv_index[None, :] <= positions[:, None]
+    """[B, 1, T, S] mask of which slots each query row may see (positions [T], B = 1, or
+    [B, T]): slot j <= its position p (and j > p - window in a sliding layer), as
+    transformers' causal and sliding-window masks define them. Boolean (True: attend) for
+    SDPA; for eager attention, additive in `additive_dtype` (0 or the dtype's minimum).
+    Device ops only: graph-capturable."""
+    allowed = kv_index <= positions[..., None]
     if window is not None:
-        allowed &= kv_index[None, :] > positions[:, None] - window
-    allowed = allowed[None, None]
+        allowed &= kv_index > positions[..., None] - window
+    allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])
     if additive_dtype is None:
         return allowed
     blocked = torch.full_like(allowed, torch.finfo(additive_dtype).min, dtype=additive_dtype)

@@ -60,13 +60,17 @@ class KVLayout:
     cache preallocated to `session_positions` (default: the model's context, at most
     DEFAULT_SESSION_POSITIONS), chunks run padded to `chunk_sizes`, as CUDA graphs on a GPU
     unless not `graphs` (the CUDA default), of layers compiled by torch.compile unless not
-    `compiled`."""
+    `compiled`. With `batch` > 1, static: the decode-size chunks (the first chunk size) of
+    up to `batch` sessions run as one forward over a pool of that many caches, the most
+    the stage then holds; every decode chunk runs in that shape, so a session's tokens do
+    not depend on the sessions beside it (static_block)."""
 
     static: bool = False
     session_positions: int | None = None
     chunk_sizes: tuple[int, ...] = DEFAULT_CHUNK_SIZES
     graphs: bool = True
     compiled: bool = True
+    batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,15 +102,19 @@ def _batchable(header, body) -> bool:
 
 class _BatchSelector:
     """Which queued frames may join a batch led by a verify chunk of `session_id`:
-    batchable chunks of other sessions, one per session, never overtaking an earlier frame
-    of their own session (a session's frames run in order)."""
+    batchable chunks of other sessions (of at most `max_tokens` tokens, if given), one per
+    session, never overtaking an earlier frame of their own session (a session's frames
+    run in order) nor a session's end."""
 
-    def __init__(self, session_id: str):
-        self._seen = {session_id}
+    def __init__(self, session_id: str, max_tokens: int | None):
+        self._seen, self._max_tokens = {session_id}, max_tokens
 
-    def __call__(self, args: tuple) -> bool:
+    def __call__(self, args: tuple) -> bool | None:
         header, body = args[0], args[1]
-        take = _batchable(header, body) and header.session_id not in self._seen
+        if header.kind == K.FRAME_KIND_END:
+            return None  # it frees room (a pooled cache) that the frames behind it may count on
+        fits = self._max_tokens is None or header.num_tokens <= self._max_tokens
+        take = _batchable(header, body) and fits and header.session_id not in self._seen
         self._seen.add(header.session_id)
         return take
 
@@ -197,10 +205,17 @@ class StageCompute:
                         layout.session_positions)
         graphs = layout.graphs and block.device.type == "cuda"
         session_bytes = StaticBlock.bytes_per_session(block, capacity)
-        # Graphs are captured on caches at fixed addresses: as many as the budget holds, made now.
-        pool = min(self._max_sessions, budget // session_bytes) if graphs and block.num_layers else 0
+        # Graphs are captured on caches at fixed addresses, and a batch runs over a pool: as
+        # many as the budget holds (and a batch takes), made now.
+        batched = layout.batch > 1 and block.num_layers > 0
+        pool = min(self._max_sessions, budget // session_bytes) if (graphs or batched) and block.num_layers else 0
+        if batched:
+            pool = min(pool, layout.batch)
+            if not pool:
+                log.warning("%s: no room for one session's KV cache, so no batch", self.node_id)
+            batched = pool > 0
         runner = StaticBlock(block, capacity=capacity, chunk_sizes=layout.chunk_sizes, pool_size=pool,
-                             compiled=layout.compiled)
+                             compiled=layout.compiled, batched=batched)
         began = time.perf_counter()
         runner.capture()
         if runner.graphed:
@@ -208,8 +223,10 @@ class StageCompute:
                      pool * len(runner.chunk_sizes), pool, runner.chunk_sizes, time.perf_counter() - began,
                      memory_report(block.device, block.weight_bytes, budget, pool * session_bytes))
         self.runner = runner
+        # A batched stage holds only its pool: a session outside it would run another shape.
+        max_sessions = pool if batched else self._max_sessions
         return KVStore(runner.new_cache, bytes_per_position=block.kv_bytes_per_position, budget_bytes=budget,
-                       max_sessions=self._max_sessions, idle_seconds=self._idle_seconds,
+                       max_sessions=max_sessions, idle_seconds=self._idle_seconds,
                        session_positions=capacity, session_bytes=session_bytes, release=runner.release,
                        output_bytes_per_position=outputs)
 
@@ -261,8 +278,9 @@ class StageCompute:
         it is one: they run as one forward. A frame that carries a trace context gets a
         span from its arrival to its output's hand-off to the loop."""
         frames = [_Queued(header, body, on_done, arrived_ns)]
-        if _batchable(header, body) and self.max_batch > 1 and self.runner is self.block:
-            taken = self._thread.take(self._run_frame, _BatchSelector(header.session_id), self.max_batch - 1)
+        rows, max_tokens = self._batch_room(header, body)
+        if rows > 1:
+            taken = self._thread.take(self._run_frame, _BatchSelector(header.session_id, max_tokens), rows - 1)
             frames += [_Queued(*args) for args in taken]
         spans = [self._span(frame) for frame in frames]
         try:
@@ -280,6 +298,18 @@ class StageCompute:
         finally:
             for frame in frames:
                 self._call_on_loop(frame.on_done, frame.header)
+
+    def _batch_room(self, header, body) -> tuple[int, int | None]:
+        """How many chunks a batch led by this frame may hold (1: it runs alone), and the
+        most tokens each may have (None: any)."""
+        if not _batchable(header, body):
+            return 1, None
+        if self.runner is self.block:
+            return self.max_batch, None
+        runner = self.runner
+        if runner.batch_chunk is not None and header.num_tokens <= runner.batch_chunk:
+            return runner.batch_rows, runner.batch_chunk
+        return 1, None
 
     def _span(self, frame: _Queued) -> trace.Span:
         header = frame.header
@@ -328,6 +358,8 @@ class StageCompute:
                 continue
             try:
                 session, tensor = self._prepare(header, frame.body.input, header.num_outputs)
+                if self.runner is not self.block:  # a static batch fails whole: check each row first
+                    self.runner.check_room(session.cache, header.start_pos, header.num_tokens)
             except Exception as error:
                 outs[index] = self._failed(header, error, span)
                 continue
@@ -337,7 +369,7 @@ class StageCompute:
         began = time.perf_counter()
         try:
             try:
-                results: list[torch.Tensor | Exception] = forward_batch(self.block, [row for _, _, row in ready])
+                results: list[torch.Tensor | Exception] = self._forward_rows([row for _, _, row in ready])
             except Exception:  # a bug: run them one by one, so that it costs only the chunk that has it
                 log.exception("%s failed a batch of %d chunks; running them one at a time", self.node_id, len(ready))
                 results = [self._alone(row) for _, _, row in ready]
@@ -363,9 +395,14 @@ class StageCompute:
             self.largest_batch = max(self.largest_batch, len(ready))
         return outs
 
+    def _forward_rows(self, rows: list[Row]) -> list[torch.Tensor]:
+        if self.runner is self.block:
+            return forward_batch(self.block, rows)
+        return self.runner.forward_rows(rows)
+
     def _alone(self, row: Row) -> torch.Tensor | Exception:
         try:
-            return forward_batch(self.block, [row])[0]
+            return self._forward_rows([row])[0]
         except Exception as error:
             return error
 

@@ -53,3 +53,37 @@ def test_static_stages_are_lossless_in_every_mode(tinystories_dir, tmp_path):
     assert f"exceed the {SESSION_POSITIONS} positions" in refused.details()
     assert unsampled.code() == grpc.StatusCode.UNIMPLEMENTED and "--kv dynamic" in unsampled.details()
     assert all(not info.sessions and info.kv_bytes == 0 for info in infos)
+
+
+async def run_batched(model_dir, workdir, requests):
+    stage_args = [["--kv=static", "--chunk-sizes=5,16", f"--session-positions={SESSION_POSITIONS}",
+                   f"--static-batch={BATCH}"]] * 2
+    async with inprocess_swarm(model_dir, 2, workdir, stage_args=stage_args,
+                               coordinator_args=[f"--draft={model_dir}"]) as swarm:
+        results = await asyncio.gather(*(generate(swarm.coordinator.address, swarm.tls(), request)
+                                         for request in requests))
+        await asyncio.sleep(0.3)
+        infos = [stage.node.info() for stage in swarm.stages]
+    return results, infos
+
+
+BATCH = 3
+
+
+def test_batched_static_stages_serve_more_sessions_than_their_pool_losslessly(tinystories_dir, tmp_path):
+    """--static-batch 3: five sessions at once, plain and pipelined, on stages that hold
+    three; the coordinator queues the rest (the stages report the pool as their session
+    cap), the decode chunks of those running share forwards, and every session gets
+    exactly generate()'s tokens."""
+    prompts = [PROMPT, [1, 415, 1022], [1, 9, 10, 11, 12, 13, 14], PROMPT[:4], [1, 300, 301, 302]]
+    drafts = [("none", 0, 1), (str(tinystories_dir), 4, 2), ("none", 0, 1), (str(tinystories_dir), 4, 1),
+              ("none", 0, 1)]
+    requests = [api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=prompt), max_tokens=NEW, draft=draft,
+                                        spec_k=k, in_flight=in_flight)
+                for prompt, (draft, k, in_flight) in zip(prompts, drafts)]
+    results, infos = asyncio.run(run_batched(tinystories_dir, tmp_path, requests))
+    for prompt, generation in zip(prompts, results):
+        assert list(generation.summary.output_ids) == reference_greedy(tinystories_dir, prompt, NEW), prompt
+    assert all(info.kv_max_sessions == BATCH for info in infos)
+    assert all(info.frames_batched > 0 and 2 <= info.largest_batch <= BATCH for info in infos)
+    assert all(not info.sessions and info.kv_bytes == 0 for info in infos)

@@ -1,6 +1,8 @@
 """Batch invariance of a block's forward, across the equivalence matrix's architectures:
 each session's chunks give the same tokens alone and batched with 1, 3 or 7 other
-sessions at other positions, with other chunk lengths, rolling back at other times."""
+sessions at other positions, with other chunk lengths, rolling back at other times; on
+dynamic caches (the CPU path) and on a static block's batched pool (the GPU path, run
+eagerly here)."""
 
 import random
 
@@ -8,7 +10,8 @@ import pytest
 import torch
 
 from shard.model.batch import Row, forward_batch
-from shard.model.block import Block
+from shard.model.block import Block, CacheGapError
+from shard.model.static_block import StaticBlock
 from shard.model.synthetic import ARCHS
 
 SESSIONS = 8
@@ -54,6 +57,60 @@ def test_tokens_alone_equal_tokens_batched(tiny_model_dirs, arch):
     alone = run(blocks, schedules, group=1)
     for group in (2, 4, 8):  # each session with 1, 3, 7 others
         assert run(blocks, schedules, group) == alone, f"{arch}: batches of {group} changed a session's tokens"
+
+
+def run_static(blocks: list[Block], schedules: list[list[tuple[int, list[int]]]], group: int) -> list[list[list[int]]]:
+    """As run(), on static blocks batching a pool of SESSIONS caches: every prompt alone in
+    its own shape, the decode chunks of a group's sessions as one forward of the pool."""
+    runners = [StaticBlock(block, capacity=64, chunk_sizes=(5, 32), pool_size=SESSIONS, batched=True)
+               for block in blocks]
+    outputs = [[] for _ in schedules]
+    for first in range(0, len(schedules), group):
+        members = range(first, min(first + group, len(schedules)))
+        caches = {i: [runner.new_cache() for runner in runners] for i in members}
+        for step in range(len(schedules[first])):
+            x = {i: torch.tensor(schedules[i][step][1]) for i in members}
+            for b, runner in enumerate(runners):
+                if step == 0:  # the prompts: longer than the decode size, so each alone
+                    key = "input_ids" if b == 0 else "hidden"
+                    x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0) for i in members}
+                else:
+                    rows = [Row(caches[i][b], schedules[i][step][0], x[i], num_outputs=0) for i in members]
+                    x = dict(zip(members, runner.forward_rows(rows)))
+            for i in members:
+                outputs[i].append(x[i].tolist())
+        for i in members:
+            for runner, cache in zip(runners, caches[i]):
+                runner.release(cache)
+    return outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_pool_tokens_alone_equal_tokens_batched(tiny_model_dirs, arch):
+    """Alone, a session runs in pool row 0 with every other row idle; in a group it runs
+    in another row beside busy ones: the same tokens, and the dynamic path's."""
+    model_dir = tiny_model_dirs[arch]
+    blocks = [Block.load(model_dir, 0, 2, progress=False), Block.load(model_dir, 2, 6, progress=False)]
+    schedules = [schedule(seed, blocks[0].vocab_size) for seed in range(SESSIONS)]
+    alone = run_static(blocks, schedules, group=1)
+    for group in (2, 4, 8):
+        assert run_static(blocks, schedules, group) == alone, f"{arch}: batches of {group} changed a session's tokens"
+    assert alone == run(blocks, schedules, group=1), f"{arch}: the static pool's tokens differ from the dynamic path's"
+
+
+def test_a_static_batch_refuses_what_it_cannot_run(tiny_model_dirs):
+    block = Block.load(tiny_model_dirs["llama"], 0, 6, progress=False)
+    runner = StaticBlock(block, capacity=16, chunk_sizes=(3, 8), pool_size=2, batched=True)
+    a, b = runner.new_cache(), runner.new_cache()
+    with pytest.raises(ValueError, match="at most 3 tokens"):
+        runner.forward_rows([Row(a, 0, torch.tensor([1, 2, 3, 4]))])
+    with pytest.raises(ValueError, match="one chunk per session"):
+        runner.forward_rows([Row(a, 0, torch.tensor([1])), Row(a, 0, torch.tensor([2]))])
+    with pytest.raises(CacheGapError):
+        runner.forward_rows([Row(a, 0, torch.tensor([1])), Row(b, 2, torch.tensor([2]))])
+    assert (a.length, b.length) == (0, 0)
+    with pytest.raises(ValueError, match="at least one cache"):
+        StaticBlock(block, capacity=16, chunk_sizes=(3,), batched=True)
 
 
 def test_batched_rows_write_each_session_cache_alone(tiny_model_dirs):

@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from shard.model.block import Block
-from shard.node.stage_compute import BlockSpec, ForwardStep, StageCompute
+from shard.node.stage_compute import BlockSpec, ForwardStep, KVLayout, StageCompute
 from shard.v1 import frame_pb2
 from shard.wire.codec import decode_tensor, encode_tensor, parse_tensor
 
@@ -22,12 +22,13 @@ def frame(session: str, start_pos: int, tokens: list[int], epoch: int = 0):
     return header, ForwardStep(parse_tensor(encode_tensor(torch.tensor(tokens))))
 
 
-def start_compute(model_dir, max_batch: int) -> tuple[StageCompute, list[K.Frame]]:
+def start_compute(model_dir, max_batch: int = 16, kv_layout: KVLayout = KVLayout()
+                  ) -> tuple[StageCompute, list[K.Frame]]:
     sent: list[K.Frame] = []
     compute = StageCompute("stage-0", model_dir=str(model_dir), device="cpu", dtype=torch.float32,
                            memory_budget_bytes=1 << 30, max_sessions=64, session_idle_seconds=60,
                            progress=False, send=sent.append, call_on_loop=lambda fn, *args: fn(*args),
-                           max_batch=max_batch)
+                           max_batch=max_batch, kv_layout=kv_layout)
     asyncio.run(compute.load(BlockSpec(0, 6, first=True, last=True)))
     return compute, sent
 
@@ -105,5 +106,37 @@ def test_a_deep_window_does_not_starve_another_session(tiny_model_dirs):
         assert [(out.header.session_id, out.header.start_pos) for out in sent] == [
             ("long", 0), ("short", 0), ("long", 8), ("long", 9), ("long", 10)]
         assert compute.largest_batch == 2
+    finally:
+        compute.close()
+
+
+def test_a_static_stage_batches_decode_chunks_over_its_pool(tiny_model_dirs):
+    """--kv static --static-batch 4: decode-size chunks of different sessions run as one
+    forward of the pool, a prompt longer than the decode size alone, each answered as
+    alone; the pool is the most sessions the stage holds."""
+    model_dir = tiny_model_dirs["llama"]
+    layout = KVLayout(static=True, session_positions=64, chunk_sizes=(5, 16), batch=4)
+    compute, sent = start_compute(model_dir, kv_layout=layout)
+    try:
+        sessions = {"a": [(0, [3, 1, 4, 1, 5]), (5, [9])], "b": [(0, [2, 7])], "f": [(0, [6] * 11), (11, [8, 8])]}
+        frames = [frame("a", *sessions["a"][0]), frame("b", *sessions["b"][0]), frame("f", *sessions["f"][0]),
+                  frame("gap", 5, [1]),  # no such session to continue: fails alone
+                  frame("a", *sessions["a"][1]), frame("f", *sessions["f"][1])]
+        run_queued(compute, frames)
+        results = {}
+        for out in sent:
+            results.setdefault(out.header.session_id, []).append(out)
+        for session, chunks in sessions.items():
+            assert [out.header.kind for out in results[session]] == [K.FRAME_KIND_RESULT] * len(chunks)
+            assert [int(decode_tensor(out.payload)[0]) for out in results[session]] == alone(model_dir, chunks)
+        [gap] = results["gap"]
+        assert K.ErrorDetail.FromString(gap.payload).code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        # a and b's prompts in one forward, f's 11 tokens alone, then a's and f's next chunks together.
+        assert (compute.forwards, compute.frames_batched, compute.largest_batch) == (3, 4, 2)
+        run_queued(compute, [frame(s, 0, [1, 2]) for s in "cde"])  # room for one more: the pool holds 4
+        codes = {out.header.session_id: out.header.kind for out in sent[-3:]}
+        assert sorted(codes.values()) == [K.FRAME_KIND_RESULT, K.FRAME_KIND_ERROR, K.FRAME_KIND_ERROR]
+        refusal = K.ErrorDetail.FromString(next(out.payload for out in sent[-3:] if out.header.kind == K.FRAME_KIND_ERROR))
+        assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "holds 4 sessions" in refusal.message
     finally:
         compute.close()
