@@ -143,6 +143,9 @@ def main(args) -> int:
     prompts = prompt_ids(args.prompts or (1 if args.quick else 2), shapes.target["vocab_size"])
     topologies = [TOPOLOGIES[name] for name in (args.topology or ["lan", "wan-3", "wan-6"])]
     counts = parse_counts(args.sessions) if args.sessions else []
+    kv_args = [f"--{flag}={value}" for flag, value in (("static-batch", args.static_batch),
+                                                       ("session-positions", args.session_positions)) if value]
+    kv_args += ["--kv=static"] if args.static_batch else []  # a CPU stage's default is dynamic
     with tempfile.TemporaryDirectory(prefix="shard-bench-gpu-") as scratch:
         target_dir = build_dummy_model(Path(scratch) / "target", shapes.target, dtype=dtype_name,
                                        initializer_range=shapes.initializer_range)
@@ -170,7 +173,7 @@ def main(args) -> int:
                 topology, target_dir, drafts, modes_for(list(drafts), settings), prompts, max_tokens,
                 reference.outputs if reference else None, device=",".join(devices), dtype=dtype_name,
                 stage_args=stage_args(devices, topology.stages, checkpoint, spec_k=settings[0][0],
-                                      sessions=max(counts, default=0)),
+                                      sessions=max(counts, default=0)) + kv_args,
                 coordinator_args=coordinator_args(device, dtype_name), inspect=inspect)
             rows += check_rows(topology_rows, reference, exact=dtype == torch.float32)
             memory[topology.name] = {"nodes": probe.rows, "device_used_bytes": probe.device_used_bytes}
@@ -180,7 +183,7 @@ def main(args) -> int:
         "machine": {**machine(), "device": device_name(device)},
         "device": str(device), "gpus": devices, "dtype": dtype_name, "shapes": shapes.label,
         "target": shapes.target, "draft": shapes.draft, "model_bytes": model_bytes,
-        "max_tokens": max_tokens, "prompts": len(prompts), "drafts": {k: _portable(v) for k, v in drafts.items()},
+        "max_tokens": max_tokens, "prompts": len(prompts), "kv_args": kv_args, "drafts": {k: _portable(v) for k, v in drafts.items()},
         "one_process": reference and {"tokens_per_second": reference.tokens_per_second,
                                       "load_seconds": reference.load_seconds, "outputs": reference.outputs},
         "micro": micro, "topologies": [t.name for t in topologies],

@@ -25,7 +25,8 @@ def doc(payload: dict) -> str:
         (f"One process, eager `generate()`: **{one:.1f} tok/s** (load {one_process['load_seconds']:.1f} s)."
          if one_process else "No one process holds this target: every mode is checked against the swarm's plain "
          "decode."),
-        f"Stages on: {', '.join(payload['gpus'])} (round robin).", "",
+        f"Stages on: {', '.join(payload['gpus'])} (round robin)"
+        + (f", with {' '.join(f'`{a}`' for a in payload['kv_args'])}." if payload.get("kv_args") else "."), "",
         "## Micro benchmarks", "",
     ]
     for name, result in payload["micro"].items():

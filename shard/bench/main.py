@@ -80,6 +80,11 @@ def _gpu_arguments(parser) -> None:
     parser.add_argument("--sessions", metavar="N,N,...",
                         help="after the modes, rounds of this many concurrent plain-decode sessions on each "
                              "topology (e.g. 1,8,16): aggregate tok/s, latencies, stage busy fractions")
+    parser.add_argument("--static-batch", type=int, default=0, metavar="N",
+                        help="the stages' --static-batch: decode chunks of up to N sessions as one graphed forward "
+                             "(default 0: one at a time)")
+    parser.add_argument("--session-positions", type=int, metavar="N",
+                        help="the stages' --session-positions (default: the model's context, at most 4096)")
 
 
 def _sampling_arguments(parser) -> None:

@@ -1,7 +1,8 @@
 """Stages on a CUDA device (run on a GPU machine: `pytest -m gpu tests/gpu`): CUDA-graph
 replay gives the eager static path's exact bytes under random rollbacks; float32 stage
 processes reproduce one-process generate(); in bf16, speculative and pipelined decoding
-emit exactly the same swarm's plain decode."""
+emit exactly the same swarm's plain decode; a batched pool (--static-batch) gives each
+session the bytes it gets alone."""
 
 import asyncio
 import random
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from shard.bench.gpu_stage import stage_chunk_benchmark
 from shard.client import generate
 from shard.local import LocalSwarm
+from shard.model.batch import Row
 from shard.model.block import Block
 from shard.model.checkpoint import Checkpoint
 from shard.model.static_block import StaticBlock
@@ -118,13 +120,15 @@ def test_float32_graphed_stages_equal_one_process_generate(tiny_model_dirs, tiny
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batch", [0, 4])
 @pytest.mark.parametrize("arch", ["llama", "tinystories"])
-def test_bfloat16_speculation_equals_the_same_swarms_plain_decode(tiny_model_dirs, tinystories_dir, arch,
+def test_bfloat16_speculation_equals_the_same_swarms_plain_decode(tiny_model_dirs, tinystories_dir, arch, batch,
                                                                   tmp_path):
-    """With one chunk size, K+1, every position of every chunk runs in one shape."""
+    """With one chunk size, K+1, every position of every chunk runs in one shape (with
+    --static-batch, the batched pool's)."""
     model_dir = tinystories_dir if arch == "tinystories" else tiny_model_dirs[arch]
     with LocalSwarm(model_dir, 2, workdir=tmp_path, dtype="bfloat16", device="cuda", logs_to_files=True,
-                    stage_args=["--chunk-sizes=5"],
+                    stage_args=["--chunk-sizes=5", f"--static-batch={batch}"],
                     coordinator_args=[f"--draft={model_dir}", "--draft=ngram"]) as swarm:
         got = {name: _generate(swarm, **fields) for name, fields in _settings(model_dir).items()}
     for name, ids in got.items():
@@ -141,3 +145,61 @@ def test_stage_chunk_benchmark_reports_graph_and_eager():
     assert result["graph_identical_to_eager"]
     assert result["static_graphed_ms"] > 0 and result["static_eager_ms"] > 0 and result["dynamic_eager_ms"] > 0
     assert result["memory"]["max_memory_allocated"] >= result["weight_bytes"]
+
+
+POOL = 8
+
+
+def _batched_runs(runners: list[StaticBlock], group: int, steps: list[list[tuple[int, list[int]]]]):
+    """Every block's output bytes per session and step, POOL sessions run `group` at a time:
+    prompts alone, the decode chunks of a group as one replay of the batched graph."""
+    outputs = [[] for _ in steps]
+    for first in range(0, len(steps), group):
+        members = range(first, min(first + group, len(steps)))
+        caches = {i: [runner.new_cache() for runner in runners] for i in members}
+        for step in range(len(steps[first])):
+            x = {i: torch.tensor(steps[i][step][1]) for i in members}
+            for b, runner in enumerate(runners):
+                if step == 0:
+                    key = "input_ids" if b == 0 else "hidden"
+                    x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0).clone() for i in members}
+                else:
+                    rows = [Row(caches[i][b], steps[i][step][0], x[i], num_outputs=0) for i in members]
+                    x = {i: out.clone() for i, out in zip(members, runner.forward_rows(rows))}
+                for i in members:
+                    outputs[i].append(x[i])
+        for i in members:
+            for runner, cache in zip(runners, caches[i]):
+                runner.release(cache)
+    return outputs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_bfloat16_batched_graph_gives_each_session_its_bytes_alone(tiny_model_dirs, arch):
+    """Compiled and graphed, in bf16: each of 8 sessions' outputs at every block, alone
+    and batched with 1, 3 or 7 others (other positions, chunk lengths, rollbacks), are the
+    same bytes."""
+    model_dir = tiny_model_dirs[arch]
+    runners = []
+    for start, end in ((0, 3), (3, 6)):
+        block = Block.load(model_dir, start, end, first=start == 0, last=end == 6, device="cuda",
+                           dtype=torch.bfloat16, progress=False)
+        runner = StaticBlock(block, capacity=128, chunk_sizes=SIZES, pool_size=POOL, compiled=True, batched=True)
+        runner.capture()
+        assert runner.graphed
+        runners.append(runner)
+    vocab, rng = runners[0].block.vocab_size, random.Random(1)
+    steps = []
+    for _ in range(POOL):
+        end = rng.randint(6, 14)
+        chunks = [(0, [rng.randrange(vocab) for _ in range(end)])]
+        for _ in range(12):
+            start = end - rng.choice([0, 0, 1, 3]) if end > 4 else end
+            chunks.append((start, [rng.randrange(vocab) for _ in range(rng.randint(1, SIZES[0]))]))
+            end = start + len(chunks[-1][1])
+        steps.append(chunks)
+    alone = _batched_runs(runners, 1, steps)
+    for group in (2, 4, 8):
+        batched = _batched_runs(runners, group, steps)
+        for session, (a, b) in enumerate(zip(alone, batched)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{arch}: session {session} in groups of {group}"

@@ -140,3 +140,20 @@ def test_a_static_stage_batches_decode_chunks_over_its_pool(tiny_model_dirs):
         assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "holds 4 sessions" in refusal.message
     finally:
         compute.close()
+
+
+def test_static_batch_settings_are_checked(tiny_model_dirs):
+    import pytest
+
+    from services.stage.main import _kv_layout
+    from shard.config import ConfigError, StageConfig
+
+    def config(**fields) -> StageConfig:
+        return StageConfig(model=str(tiny_model_dirs["llama"]), registry="127.0.0.1:7000", insecure=True, **fields)
+
+    with pytest.raises(ConfigError, match="--static-batch must be at least 0"):
+        config(static_batch=-1)
+    with pytest.raises(ConfigError, match="needs --kv static"):
+        _kv_layout(config(static_batch=4, kv="dynamic"), "cpu")
+    assert _kv_layout(config(static_batch=4, kv="static"), "cpu").batch == 4
+    assert _kv_layout(config(static_batch=4), "cuda").static
