@@ -20,6 +20,8 @@ from shard.model.checkpoint import Checkpoint
 from shard.model.static_block import StaticBlock
 from shard.v1 import api_pb2
 
+from support.groups import Schedule, run_in_groups, schedule
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -150,28 +152,28 @@ def test_stage_chunk_benchmark_reports_graph_and_eager():
 POOL = 8
 
 
-def _batched_runs(runners: list[StaticBlock], group: int, steps: list[list[tuple[int, list[int]]]]):
-    """Every block's output bytes per session and step, POOL sessions run `group` at a time:
+def _batched_runs(runners: list[StaticBlock], group: int, schedules: list[Schedule]) -> list[list]:
+    """Every block's output bytes per session and chunk, the sessions run `group` at a time:
     prompts alone, the decode chunks of a group as one replay of the batched graph."""
-    outputs = [[] for _ in steps]
-    for first in range(0, len(steps), group):
-        members = range(first, min(first + group, len(steps)))
-        caches = {i: [runner.new_cache() for runner in runners] for i in members}
-        for step in range(len(steps[first])):
-            x = {i: torch.tensor(steps[i][step][1]) for i in members}
-            for b, runner in enumerate(runners):
-                if step == 0:
-                    key = "input_ids" if b == 0 else "hidden"
-                    x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0).clone() for i in members}
-                else:
-                    rows = [Row(caches[i][b], steps[i][step][0], x[i], num_outputs=0) for i in members]
-                    x = {i: out.clone() for i, out in zip(members, runner.forward_rows(rows))}
-                for i in members:
-                    outputs[i].append(x[i])
-        for i in members:
-            for runner, cache in zip(runners, caches[i]):
-                runner.release(cache)
-    return outputs
+    def step(index, members, caches, x):
+        outs = {i: [] for i in members}
+        for b, runner in enumerate(runners):
+            if index == 0:
+                key = "input_ids" if b == 0 else "hidden"
+                x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0).clone() for i in members}
+            else:
+                rows = [Row(caches[i][b], schedules[i][index][0], x[i], num_outputs=0) for i in members]
+                x = {i: out.clone() for i, out in zip(members, runner.forward_rows(rows))}
+            for i in members:
+                outs[i].append(x[i])
+        return outs
+
+    def release(caches):
+        for runner, cache in zip(runners, caches):
+            runner.release(cache)
+
+    return run_in_groups(schedules, group, new_caches=lambda: [runner.new_cache() for runner in runners],
+                         step=step, release=release)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
@@ -188,18 +190,10 @@ def test_bfloat16_batched_graph_gives_each_session_its_bytes_alone(tiny_model_di
         runner.capture()
         assert runner.graphed
         runners.append(runner)
-    vocab, rng = runners[0].block.vocab_size, random.Random(1)
-    steps = []
-    for _ in range(POOL):
-        end = rng.randint(6, 14)
-        chunks = [(0, [rng.randrange(vocab) for _ in range(end)])]
-        for _ in range(12):
-            start = end - rng.choice([0, 0, 1, 3]) if end > 4 else end
-            chunks.append((start, [rng.randrange(vocab) for _ in range(rng.randint(1, SIZES[0]))]))
-            end = start + len(chunks[-1][1])
-        steps.append(chunks)
+    steps = [schedule(seed, runners[0].block.vocab_size, 12, longest=SIZES[0]) for seed in range(POOL)]
     alone = _batched_runs(runners, 1, steps)
     for group in (2, 4, 8):
         batched = _batched_runs(runners, group, steps)
         for session, (a, b) in enumerate(zip(alone, batched)):
-            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{arch}: session {session} in groups of {group}"
+            assert all(torch.equal(x, y) for chunk_a, chunk_b in zip(a, b) for x, y in zip(chunk_a, chunk_b)), \
+                f"{arch}: session {session} in groups of {group}"

@@ -4,8 +4,6 @@ sessions at other positions, with other chunk lengths, rolling back at other tim
 dynamic caches (the CPU path) and on a static block's batched pool (the GPU path, run
 eagerly here)."""
 
-import random
-
 import pytest
 import torch
 
@@ -14,75 +12,56 @@ from shard.model.block import Block, CacheGapError
 from shard.model.static_block import StaticBlock
 from shard.model.synthetic import ARCHS
 
+from support.groups import Schedule, run_in_groups, schedule
+
 SESSIONS = 8
 STEPS = 6
 
 
-def schedule(seed: int, vocab: int) -> list[tuple[int, list[int]]]:
-    """One session's chunks as (start_pos, tokens): a prefill, then verify-sized chunks,
-    some of which start before the cache's end (a rejected draft rolled back)."""
-    rng = random.Random(seed)
-    chunks, end = [], rng.randint(2, 20)
-    chunks.append((0, [rng.randrange(vocab) for _ in range(end)]))
-    for _ in range(STEPS):
-        start = end - rng.choice([0, 0, 0, 1, 3]) if end > 4 else end
-        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 5))]
-        chunks.append((start, tokens))
-        end = start + len(tokens)
-    return chunks
-
-
-def run(blocks: list[Block], schedules: list[list[tuple[int, list[int]]]], group: int) -> list[list[list[int]]]:
+def run(blocks: list[Block], schedules: list[Schedule], group: int) -> list[list[list[int]]]:
     """Every session's tail ids per chunk (all positions), its sessions run `group` at a
     time: each step one batched forward per block for a chunk of every session of the group."""
-    outputs = [[] for _ in schedules]
-    for first in range(0, len(schedules), group):
-        members = range(first, min(first + group, len(schedules)))
-        caches = {i: [block.new_cache() for block in blocks] for i in members}
-        for step in range(len(schedules[first])):
-            x = {i: torch.tensor(schedules[i][step][1]) for i in members}
-            for b, block in enumerate(blocks):
-                rows = [Row(caches[i][b], schedules[i][step][0], x[i], num_outputs=0) for i in members]
-                x = dict(zip(members, forward_batch(block, rows)))
-            for i in members:
-                outputs[i].append(x[i].tolist())
-    return outputs
+    def step(index, members, caches, x):
+        for b, block in enumerate(blocks):
+            rows = [Row(caches[i][b], schedules[i][index][0], x[i], num_outputs=0) for i in members]
+            x = dict(zip(members, forward_batch(block, rows)))
+        return {i: x[i].tolist() for i in members}
+
+    return run_in_groups(schedules, group, new_caches=lambda: [block.new_cache() for block in blocks], step=step)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tokens_alone_equal_tokens_batched(tiny_model_dirs, arch):
     model_dir = tiny_model_dirs[arch]
     blocks = [Block.load(model_dir, 0, 2, progress=False), Block.load(model_dir, 2, 6, progress=False)]
-    schedules = [schedule(seed, blocks[0].vocab_size) for seed in range(SESSIONS)]
+    schedules = [schedule(seed, blocks[0].vocab_size, STEPS) for seed in range(SESSIONS)]
     alone = run(blocks, schedules, group=1)
     for group in (2, 4, 8):  # each session with 1, 3, 7 others
         assert run(blocks, schedules, group) == alone, f"{arch}: batches of {group} changed a session's tokens"
 
 
-def run_static(blocks: list[Block], schedules: list[list[tuple[int, list[int]]]], group: int) -> list[list[list[int]]]:
+def run_static(blocks: list[Block], schedules: list[Schedule], group: int) -> list[list[list[int]]]:
     """As run(), on static blocks batching a pool of SESSIONS caches: every prompt alone in
     its own shape, the decode chunks of a group's sessions as one forward of the pool."""
     runners = [StaticBlock(block, capacity=64, chunk_sizes=(5, 32), pool_size=SESSIONS, batched=True)
                for block in blocks]
-    outputs = [[] for _ in schedules]
-    for first in range(0, len(schedules), group):
-        members = range(first, min(first + group, len(schedules)))
-        caches = {i: [runner.new_cache() for runner in runners] for i in members}
-        for step in range(len(schedules[first])):
-            x = {i: torch.tensor(schedules[i][step][1]) for i in members}
-            for b, runner in enumerate(runners):
-                if step == 0:  # the prompts: longer than the decode size, so each alone
-                    key = "input_ids" if b == 0 else "hidden"
-                    x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0) for i in members}
-                else:
-                    rows = [Row(caches[i][b], schedules[i][step][0], x[i], num_outputs=0) for i in members]
-                    x = dict(zip(members, runner.forward_rows(rows)))
-            for i in members:
-                outputs[i].append(x[i].tolist())
-        for i in members:
-            for runner, cache in zip(runners, caches[i]):
-                runner.release(cache)
-    return outputs
+
+    def step(index, members, caches, x):
+        for b, runner in enumerate(runners):
+            if index == 0:  # the prompts: longer than the decode size, so each alone
+                key = "input_ids" if b == 0 else "hidden"
+                x = {i: runner.forward(caches[i][b], 0, **{key: x[i]}, num_outputs=0) for i in members}
+            else:
+                rows = [Row(caches[i][b], schedules[i][index][0], x[i], num_outputs=0) for i in members]
+                x = dict(zip(members, runner.forward_rows(rows)))
+        return {i: x[i].tolist() for i in members}
+
+    def release(caches):
+        for runner, cache in zip(runners, caches):
+            runner.release(cache)
+
+    return run_in_groups(schedules, group, new_caches=lambda: [runner.new_cache() for runner in runners],
+                         step=step, release=release)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -91,7 +70,7 @@ def test_static_pool_tokens_alone_equal_tokens_batched(tiny_model_dirs, arch):
     in another row beside busy ones: the same tokens, and the dynamic path's."""
     model_dir = tiny_model_dirs[arch]
     blocks = [Block.load(model_dir, 0, 2, progress=False), Block.load(model_dir, 2, 6, progress=False)]
-    schedules = [schedule(seed, blocks[0].vocab_size) for seed in range(SESSIONS)]
+    schedules = [schedule(seed, blocks[0].vocab_size, STEPS) for seed in range(SESSIONS)]
     alone = run_static(blocks, schedules, group=1)
     for group in (2, 4, 8):
         assert run_static(blocks, schedules, group) == alone, f"{arch}: batches of {group} changed a session's tokens"

@@ -53,6 +53,19 @@ def alone(model_dir, chunks: list[tuple[int, list[int]]]) -> list[int]:
     return [int(block.forward(cache, start, input_ids=torch.tensor(tokens))[0]) for start, tokens in chunks]
 
 
+def answered_as_alone(model_dir, sessions: dict[str, list[tuple[int, list[int]]]],
+                      sent: list[K.Frame]) -> dict[str, list[K.Frame]]:
+    """The frames sent, by session, after checking that each of `sessions` got one RESULT
+    per chunk with the ids its chunks give alone."""
+    results = {}
+    for out in sent:
+        results.setdefault(out.header.session_id, []).append(out)
+    for session, chunks in sessions.items():
+        assert [out.header.kind for out in results[session]] == [K.FRAME_KIND_RESULT] * len(chunks)
+        assert [int(decode_tensor(out.payload)[0]) for out in results[session]] == alone(model_dir, chunks)
+    return results
+
+
 def test_waiting_chunks_of_sessions_run_as_one_forward_and_answer_alone(tiny_model_dirs):
     model_dir = tiny_model_dirs["llama"]
     compute, sent = start_compute(model_dir, max_batch=16)
@@ -65,12 +78,7 @@ def test_waiting_chunks_of_sessions_run_as_one_forward_and_answer_alone(tiny_mod
                   frame("vocab", 0, [1, 10**6]),  # out of the vocabulary: fails alone
                   frame("f", *sessions["f"][0]), frame("f", *sessions["f"][1])]
         run_queued(compute, frames, cancel=("stale", 1))
-        results = {}
-        for out in sent:
-            results.setdefault(out.header.session_id, []).append(out)
-        for session, chunks in sessions.items():
-            assert [out.header.kind for out in results[session]] == [K.FRAME_KIND_RESULT] * len(chunks)
-            assert [int(decode_tensor(out.payload)[0]) for out in results[session]] == alone(model_dir, chunks)
+        results = answered_as_alone(model_dir, sessions, sent)
         for session, code in (("gap", grpc.StatusCode.FAILED_PRECONDITION),
                               ("vocab", grpc.StatusCode.INVALID_ARGUMENT)):
             [out] = results[session]
@@ -123,12 +131,7 @@ def test_a_static_stage_batches_decode_chunks_over_its_pool(tiny_model_dirs):
                   frame("gap", 5, [1]),  # no such session to continue: fails alone
                   frame("a", *sessions["a"][1]), frame("f", *sessions["f"][1])]
         run_queued(compute, frames)
-        results = {}
-        for out in sent:
-            results.setdefault(out.header.session_id, []).append(out)
-        for session, chunks in sessions.items():
-            assert [out.header.kind for out in results[session]] == [K.FRAME_KIND_RESULT] * len(chunks)
-            assert [int(decode_tensor(out.payload)[0]) for out in results[session]] == alone(model_dir, chunks)
+        results = answered_as_alone(model_dir, sessions, sent)
         [gap] = results["gap"]
         assert K.ErrorDetail.FromString(gap.payload).code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
         # a and b's prompts in one forward, f's 11 tokens alone, then a's and f's next chunks together.
