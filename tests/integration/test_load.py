@@ -1,11 +1,15 @@
 """Many users at once, bounded, on loopback: 32 clients keep generating for a fixed time,
-plain and pipelined speculative, on one 2-stage swarm of the real model. No request
-fails, every output is transformers' generate(), the stages really batched sessions'
-chunks, and afterwards every stage's KV is back to nothing."""
+plain and pipelined speculative, on one 2-stage swarm of the real model: with dynamic KV
+(the CPU path) for 60 s, and with static KV batched over a pool of 8 (the GPU path's
+`--static-batch`, eagerly), where the coordinator queues what the pools cannot hold. No
+request fails, every output is transformers' generate(), the stages really batched
+sessions' chunks, and afterwards every stage's KV is back to nothing."""
 
 import asyncio
 import itertools
 import time
+
+import pytest
 
 from shard.client import generate
 from shard.v1 import api_pb2
@@ -14,7 +18,6 @@ from support.reference import reference_greedy
 from support.swarm import inprocess_swarm
 
 CLIENTS = 32
-SECONDS = 20.0
 NEW = 12
 # Prompts of different lengths, so that batched sessions sit at different positions.
 PROMPTS = [[1, 415, 1022, 264, 727], [1, 415], [1, 600, 311, 1022, 264, 727, 415, 98, 12], [1, 1022, 264]]
@@ -36,11 +39,11 @@ async def client(address, tls, index: int, stop_at: float, results: list) -> Non
             results.append((tuple(prompt), None, error))
 
 
-async def load(model_dir, workdir):
-    async with inprocess_swarm(model_dir, 2, workdir) as swarm:
+async def load(model_dir, workdir, stage_args: list[str], seconds: float):
+    async with inprocess_swarm(model_dir, 2, workdir, stage_args=[stage_args] * 2) as swarm:
         baseline = [stage.node.info() for stage in swarm.stages]
         results: list = []
-        stop_at = time.monotonic() + SECONDS
+        stop_at = time.monotonic() + seconds
         await asyncio.gather(*(client(swarm.coordinator.address, swarm.tls(), i, stop_at, results)
                                for i in range(CLIENTS)))
         deadline = time.monotonic() + 10
@@ -49,8 +52,12 @@ async def load(model_dir, workdir):
         return baseline, results, [stage.node.info() for stage in swarm.stages]
 
 
-def test_32_clients_for_a_while(tinystories_dir, tmp_path):
-    baseline, results, after = asyncio.run(load(tinystories_dir, tmp_path))
+@pytest.mark.parametrize("stage_args, seconds", [
+    ([], 60.0),
+    (["--kv=static", "--chunk-sizes=5,16", "--session-positions=64", "--static-batch=8"], 20.0),
+], ids=["dynamic", "static-batch"])
+def test_32_clients_for_a_while(tinystories_dir, tmp_path, stage_args, seconds):
+    baseline, results, after = asyncio.run(load(tinystories_dir, tmp_path, stage_args, seconds))
     errors = [repr(error) for _, _, error in results if error is not None]
     assert not errors, f"{len(errors)} of {len(results)} generations failed: {errors[:3]}"
     assert len(results) >= CLIENTS
