@@ -40,7 +40,9 @@ async def client(address, tls, index: int, stop_at: float, results: list) -> Non
 
 
 async def load(model_dir, workdir, stage_args: list[str], seconds: float):
-    async with inprocess_swarm(model_dir, 2, workdir, stage_args=[stage_args] * 2) as swarm:
+    # Equal speeds: one layer each (a measured split may leave a stage the head alone, which
+    # has no layers to batch).
+    async with inprocess_swarm(model_dir, 2, workdir, stage_args=[["--speed=1", *stage_args]] * 2) as swarm:
         baseline = [stage.node.info() for stage in swarm.stages]
         results: list = []
         stop_at = time.monotonic() + seconds

@@ -57,7 +57,7 @@ def test_static_stages_are_lossless_in_every_mode(tinystories_dir, tmp_path):
 
 async def run_batched(model_dir, workdir, requests):
     stage_args = [["--kv=static", "--chunk-sizes=5,16", f"--session-positions={SESSION_POSITIONS}",
-                   f"--static-batch={BATCH}"]] * 2
+                   f"--static-batch={BATCH}", "--speed=1"]] * 2  # one layer each: both stages batch
     async with inprocess_swarm(model_dir, 2, workdir, stage_args=stage_args,
                                coordinator_args=[f"--draft={model_dir}"]) as swarm:
         results = await asyncio.gather(*(generate(swarm.coordinator.address, swarm.tls(), request)
