@@ -115,6 +115,10 @@ class StaticBlock:
         return list(self._shapes)
 
     @property
+    def graph_count(self) -> int:
+        return sum(len(shape.graphs) for shape in self._all_shapes())
+
+    @property
     def batch_rows(self) -> int:
         """Sessions' chunks one forward runs at most: the pool when batched, else 1."""
         return self._batch.inputs.shape[0] if self._batch is not None else 1

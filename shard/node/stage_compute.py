@@ -219,8 +219,9 @@ class StageCompute:
         began = time.perf_counter()
         runner.capture()
         if runner.graphed:
-            log.info("%s captured %d CUDA graphs (%d caches x chunk sizes %s) in %.1f s; %s", self.node_id,
-                     pool * len(runner.chunk_sizes), pool, runner.chunk_sizes, time.perf_counter() - began,
+            log.info("%s captured %d CUDA graphs (%d caches, chunk sizes %s%s) in %.1f s; %s", self.node_id,
+                     runner.graph_count, pool, runner.chunk_sizes,
+                     f", {runner.batch_chunk} batched" if batched else "", time.perf_counter() - began,
                      memory_report(block.device, block.weight_bytes, budget, pool * session_bytes))
         self.runner = runner
         # A batched stage holds only its pool: a session outside it would run another shape.
