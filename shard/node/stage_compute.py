@@ -207,13 +207,13 @@ class StageCompute:
         session_bytes = StaticBlock.bytes_per_session(block, capacity)
         # Graphs are captured on caches at fixed addresses, and a batch runs over a pool: as
         # many as the budget holds (and a batch takes), made now.
-        batched = layout.batch > 1 and block.num_layers > 0
-        pool = min(self._max_sessions, budget // session_bytes) if (graphs or batched) and block.num_layers else 0
+        pool = min(self._max_sessions, budget // session_bytes) if block.num_layers else 0
+        batched = layout.batch > 1 and pool > 0
         if batched:
             pool = min(pool, layout.batch)
-            if not pool:
-                log.warning("%s: no room for one session's KV cache, so no batch", self.node_id)
-            batched = pool > 0
+        elif layout.batch > 1 and block.num_layers:
+            log.warning("%s: no room for one session's KV cache, so no batch", self.node_id)
+        pool = pool if graphs or batched else 0
         runner = StaticBlock(block, capacity=capacity, chunk_sizes=layout.chunk_sizes, pool_size=pool,
                              compiled=layout.compiled, batched=batched)
         began = time.perf_counter()
