@@ -79,19 +79,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q * len(ordered)) - 1, 0)] if ordered else 0.0
 
 
-def _request(ids: list[int], max_tokens: int, mode: str, target: str) -> api_pb2.GenerateRequest:
+def decoding_of(mode: str, target: str) -> tuple[str, int, int]:
+    """A mode's (draft, K, W), the target's folder for "target"."""
     draft, k, w = MODES[mode]
+    return target if draft == "target" else draft, k, w
+
+
+def _request(ids: list[int], max_tokens: int, decoding: tuple[str, int, int]) -> api_pb2.GenerateRequest:
+    draft, k, w = decoding
     return api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=ids), max_tokens=max_tokens, stop_at_eos=False,
-                                   draft=target if draft == "target" else draft, spec_k=k, in_flight=w)
+                                   draft=draft, spec_k=k, in_flight=w)
 
 
-async def _round(swarm_addresses, tls, stage_tls, topology: Topology, mode: str, sessions: int,
-                 prompts: list[list[int]], expected: list[list[int]], max_tokens: int, target: str) -> Round:
+async def _round(swarm_addresses, tls, stage_tls, topology: Topology, mode: str, decoding: tuple[str, int, int],
+                 sessions: int, prompts: list[list[int]], expected: list[list[int]], max_tokens: int) -> Round:
     client_address, stage_addresses = swarm_addresses
     before = await stage_infos(stage_addresses, stage_tls)
     began = time.perf_counter()
     picks = [i % len(prompts) for i in range(sessions)]
-    done = await asyncio.gather(*(_stream(client_address, tls, _request(prompts[p], max_tokens, mode, target))
+    done = await asyncio.gather(*(_stream(client_address, tls, _request(prompts[p], max_tokens, decoding))
                                   for p in picks))
     seconds = time.perf_counter() - began
     after = await stage_infos(stage_addresses, stage_tls)
@@ -115,15 +121,17 @@ async def _round(swarm_addresses, tls, stage_tls, topology: Topology, mode: str,
 
 def rounds_on(swarm: LocalSwarm, client_address: str, stage_addresses: list[str], topology: Topology,
               counts: list[int], prompts: list[list[int]], max_tokens: int, expected: list[list[int]] | None = None,
-              *, mode: str = "plain") -> list[Round]:
-    """Rounds of `counts` concurrent sessions of `mode` on a running swarm, each session's
-    tokens checked against `expected` (default: each prompt generated alone first)."""
+              *, mode: str = "plain", decoding: tuple[str, int, int] | None = None) -> list[Round]:
+    """Rounds of `counts` concurrent sessions of `mode` on a running swarm (or, named `mode`,
+    of `decoding`: a draft spec, K and W), each session's tokens checked against `expected`
+    (default: each prompt generated alone first)."""
     tls, stage_tls, target = swarm.client_tls(), swarm.node_tls("coordinator"), str(swarm.model_dir)
+    decoding = decoding or decoding_of(mode, target)
     if expected is None:
-        expected = [asyncio.run(_stream(client_address, tls, _request(p, max_tokens, mode, target))).ids
+        expected = [asyncio.run(_stream(client_address, tls, _request(p, max_tokens, decoding))).ids
                     for p in prompts]
-    rounds = [asyncio.run(_round((client_address, stage_addresses), tls, stage_tls, topology, mode, n, prompts,
-                                 expected, max_tokens, target)) for n in counts]
+    rounds = [asyncio.run(_round((client_address, stage_addresses), tls, stage_tls, topology, mode, decoding, n,
+                                 prompts, expected, max_tokens)) for n in counts]
     for r in rounds:
         r.speedup = r.aggregate_tokens_per_second / rounds[0].aggregate_tokens_per_second
         r.extra["model"] = target
@@ -144,8 +152,8 @@ def bench_topology(topology: Topology, model_dir: Path, modes: list[str], counts
         stage_addresses = [addresses.get(f"stage-{i}", (None,))[0] or swarm.address_of(f"stage-{i}")
                            for i in range(topology.stages)]
         for mode in modes:
-            asyncio.run(generate(client_address, swarm.client_tls(), _request(prompts[0], 4, mode, str(model_dir)),
-                                 wait_ready_seconds=300))  # warm-up
+            warm_up = _request(prompts[0], 4, decoding_of(mode, str(model_dir)))
+            asyncio.run(generate(client_address, swarm.client_tls(), warm_up, wait_ready_seconds=300))
             rounds += rounds_on(swarm, client_address, stage_addresses, topology, counts, prompts, max_tokens,
                                 expected, mode=mode)
     return rounds

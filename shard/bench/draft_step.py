@@ -1,7 +1,8 @@
 """What one draft step costs: eager over a dynamic cache (the draft as it ran before), eager
 over the static cache, and the static step replayed as a CUDA graph, of the layers as they
 are and of the layers compiled by torch.compile (what a draft on a GPU runs), on a
-random-weight model built in memory (nothing written to disk). For `shard bench gpu`.
+random-weight model built in memory (nothing written to disk); and many sessions' steps
+through graphed slots of their own against one graphed pool. For `shard bench gpu`.
 
 A step is timed inside `propose`, as the coordinator calls it: a session reads a prompt
 once, then proposes `steps` tokens from the same position again and again (a rollback
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -81,3 +83,42 @@ def draft_step_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
         "compiled_graph_equals_compiled_eager": proposals["graphed"] == proposals["compiled_eager"] if on_gpu else None,
         "static_equals_dynamic": proposals["static_eager"] == proposals["eager"],
     }
+
+
+def draft_batch_bench(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shape: dict = ONE_B,
+                      sessions: int = 16, context: int = 128, steps: int = 16, repeats: int = 5,
+                      compiled: bool | None = None) -> dict:
+    """`sessions` sessions proposing `steps` tokens at once, each from a prompt of its own, in
+    threads of their own as the coordinator runs them: through graphed slots of their own (one
+    graph replay per session and step, each on its own stream) against the rows of one graphed
+    pool (one replay per step for all of them); and one session alone in each. Milliseconds
+    per step (the median round's wall time over `steps`) and the draft tokens per second."""
+    model = random_llama(shape, device, dtype)
+    capture = model.device.type == "cuda"
+    drafts = {"slots": ModelDraft(model, name="slots", slots=sessions, batch=1, capture=capture, compiled=compiled),
+              "pool": ModelDraft(model, name="pool", slots=sessions, batch=sessions, capture=capture,
+                                 compiled=compiled)}
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, shape["vocab_size"], (context,), generator=generator).tolist()
+               for _ in range(sessions)]
+    result = {"device": torch.cuda.get_device_name(model.device) if capture else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "sessions": sessions, "context": context, "steps": steps}
+    for label, draft in drafts.items():
+        drafting = [draft.session() for _ in range(sessions)]
+        with ThreadPoolExecutor(sessions) as threads:
+            def round_of(count: int) -> float:
+                began = time.perf_counter()
+                list(threads.map(lambda i: drafting[i].propose(prompts[i], steps), range(count)))
+                return time.perf_counter() - began
+
+            round_of(sessions)  # reads the prompts; also the warm-up
+            alone = statistics.median(round_of(1) for _ in range(repeats))
+            together = statistics.median(round_of(sessions) for _ in range(repeats))
+        for session in drafting:
+            session.close()
+        result[f"{label}_alone_ms"] = alone / steps * 1e3
+        result[f"{label}_together_ms"] = together / steps * 1e3
+        result[f"{label}_tokens_per_second"] = sessions * steps / together
+    result["pool_over_slots_together"] = result["pool_tokens_per_second"] / result["slots_tokens_per_second"]
+    result["pool_alone_over_slot_alone"] = result["pool_alone_ms"] / result["slots_alone_ms"]
+    return result

@@ -27,7 +27,7 @@ import torch
 
 from shard.bench.concurrency import rounds_on
 from shard.bench.gpu_report import doc
-from shard.bench.run import Row, bench_topology, machine, modes_for, stage_infos, write_json
+from shard.bench.run import Mode, Row, bench_topology, machine, modes_for, stage_infos, write_json
 from shard.bench.topology import TOPOLOGIES
 from shard.local import LocalSwarm
 from shard.model.causal_lm import load_causal_lm
@@ -99,6 +99,13 @@ def _draft_step(c: MicroContext) -> dict:
     return {key: value for key, value in result.items() if key != "shape"}
 
 
+def _draft_batch(c: MicroContext) -> dict:
+    from shard.bench.draft_step import draft_batch_bench
+
+    return draft_batch_bench(device=str(c.device), dtype=c.dtype, shape=LLAMA_1B, sessions=DRAFT_BATCH_SESSIONS,
+                             steps=16 if c.quick else 32)
+
+
 def _graphed_decode(c: MicroContext) -> dict:
     """One process decoding the target one token at a time: eager over a dynamic cache, and
     the static step replayed as a CUDA graph (the draft's machinery, on the target)."""
@@ -111,11 +118,14 @@ def _graphed_decode(c: MicroContext) -> dict:
     return {key: value for key, value in result.items() if key != "shape"}
 
 
+DRAFT_BATCH_SESSIONS = 16
 # The micro benchmarks, run in this process before the swarms.
 MICRO: dict[str, Micro] = {
     "stage_chunk": Micro("a 16-layer 8B-shaped block's 9-token chunk: eager vs graphed", _stage_chunk,
                          cuda_only=True),
     "draft_step": Micro("a 1B-shaped draft step: eager vs graphed", _draft_step),
+    "draft_batch": Micro(f"{DRAFT_BATCH_SESSIONS} sessions' 1B-shaped draft steps: a graphed slot each vs one "
+                         "graphed pool", _draft_batch, cuda_only=True),
     "graphed_decode": Micro("one-process decode of the target, eager vs graphed (ms per token)", _graphed_decode,
                             whole_target=True),
 }
@@ -146,12 +156,19 @@ def main(args) -> int:
     kv_args = [f"--{flag}={value}" for flag, value in (("static-batch", args.static_batch),
                                                        ("session-positions", args.session_positions)) if value]
     kv_args += ["--kv=static"] if args.static_batch else []  # a CPU stage's default is dynamic
+    draft_args = [f"--draft-batch={args.draft_batch}"] if args.draft_batch else []
     with tempfile.TemporaryDirectory(prefix="shard-bench-gpu-") as scratch:
         target_dir = build_dummy_model(Path(scratch) / "target", shapes.target, dtype=dtype_name,
                                        initializer_range=shapes.initializer_range)
         draft_dir = build_dummy_model(Path(scratch) / "draft", shapes.draft, dtype=dtype_name,
                                       initializer_range=shapes.initializer_range, seed=1)
         drafts = parse_drafts(args.draft or DEFAULT_DRAFTS, target=target_dir, draft=draft_dir)
+        if args.session_draft and args.session_draft not in drafts:
+            raise SystemExit(f"--session-draft {args.session_draft}: not a --draft label ({', '.join(drafts)})")
+        # The rounds with a draft run its setting with the most chunks in flight.
+        k, w = max(settings, key=lambda setting: setting[1])
+        session_mode = Mode("sync" if w == 1 else "pipelined", args.session_draft, k, w)
+        session_decoding = (drafts[args.session_draft], k, w) if args.session_draft else None
         checkpoint = Checkpoint.open(target_dir)
         whole = fits_one_device(checkpoint.total_bytes, device)
         print(f"shard bench gpu: {shapes.label}, stages on {','.join(devices)} {dtype_name}", file=sys.stderr)
@@ -168,13 +185,16 @@ def main(args) -> int:
                 if counts:  # each session's tokens against the same prompt generated alone
                     rounds.extend(rounds_on(swarm, client_address, stage_addresses, topology, counts, prompts,
                                             max_tokens))
+                    if session_decoding:
+                        rounds.extend(rounds_on(swarm, client_address, stage_addresses, topology, counts, prompts,
+                                                max_tokens, mode=session_mode.label, decoding=session_decoding))
 
             topology_rows = bench_topology(
                 topology, target_dir, drafts, modes_for(list(drafts), settings), prompts, max_tokens,
                 reference.outputs if reference else None, device=",".join(devices), dtype=dtype_name,
                 stage_args=stage_args(devices, topology.stages, checkpoint, spec_k=settings[0][0],
                                       sessions=max(counts, default=0)) + kv_args,
-                coordinator_args=coordinator_args(device, dtype_name), inspect=inspect)
+                coordinator_args=coordinator_args(device, dtype_name) + draft_args, inspect=inspect)
             rows += check_rows(topology_rows, reference, exact=dtype == torch.float32)
             memory[topology.name] = {"nodes": probe.rows, "device_used_bytes": probe.device_used_bytes}
         model_bytes = checkpoint.total_bytes
@@ -183,7 +203,8 @@ def main(args) -> int:
         "machine": {**machine(), "device": device_name(device)},
         "device": str(device), "gpus": devices, "dtype": dtype_name, "shapes": shapes.label,
         "target": shapes.target, "draft": shapes.draft, "model_bytes": model_bytes,
-        "max_tokens": max_tokens, "prompts": len(prompts), "kv_args": kv_args, "drafts": {k: _portable(v) for k, v in drafts.items()},
+        "max_tokens": max_tokens, "prompts": len(prompts), "kv_args": kv_args, "draft_args": draft_args,
+        "drafts": {k: _portable(v) for k, v in drafts.items()},
         "one_process": reference and {"tokens_per_second": reference.tokens_per_second,
                                       "load_seconds": reference.load_seconds, "outputs": reference.outputs},
         "micro": micro, "topologies": [t.name for t in topologies],

@@ -26,7 +26,9 @@ def doc(payload: dict) -> str:
          if one_process else "No one process holds this target: every mode is checked against the swarm's plain "
          "decode."),
         f"Stages on: {', '.join(payload['gpus'])} (round robin)"
-        + (f", with {' '.join(f'`{a}`' for a in payload['kv_args'])}." if payload.get("kv_args") else "."), "",
+        + (f", with {' '.join(f'`{a}`' for a in payload['kv_args'])}." if payload.get("kv_args") else ".")
+        + (f" Coordinator with {' '.join(f'`{a}`' for a in payload['draft_args'])}."
+           if payload.get("draft_args") else ""), "",
         "## Micro benchmarks", "",
     ]
     for name, result in payload["micro"].items():

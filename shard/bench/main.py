@@ -85,6 +85,13 @@ def _gpu_arguments(parser) -> None:
                              "(default 0: one at a time)")
     parser.add_argument("--session-positions", type=int, metavar="N",
                         help="the stages' --session-positions (default: the model's context, at most 4096)")
+    parser.add_argument("--session-draft", metavar="LABEL",
+                        help="with --sessions, also rounds of speculative sessions with this --draft (e.g. "
+                             "oracle-1.0) at the --setting with the most chunks in flight: the coordinator's "
+                             "drafts under load")
+    parser.add_argument("--draft-batch", type=int, metavar="N",
+                        help="the coordinator's --draft-batch: on a GPU, the draft steps of up to N sessions as "
+                             "one graphed forward (default: the coordinator's)")
 
 
 def _sampling_arguments(parser) -> None:

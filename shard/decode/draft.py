@@ -17,7 +17,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from shard.decode.draft_batch import DraftBatcher
-from shard.decode.static_draft import (STATIC_FAMILIES, SlotPool, StaticDraftSession, common_prefix,
+from shard.decode.draft_pool import DraftPool
+from shard.decode.static_draft import (STATIC_FAMILIES, Lanes, StaticDraftSession, common_prefix, graphed_slots,
                                        supports_static)
 from shard.decode.sampling import Proposal, SamplingParams, process
 from shard.decode.sampling import propose as draw_proposal
@@ -45,10 +46,12 @@ class DraftSession(Protocol):
 class Draft(Protocol):
     name: str
     threads: int  # sessions that may draft at once, each in a thread of its own
-    batcher: DraftBatcher | None  # runs concurrent sessions' steps as one forward
 
     def session(self) -> DraftSession:
         """State for one generation (model drafts keep a KV cache per session)."""
+
+    def batching(self) -> str | None:
+        """How its sessions' steps were batched so far (None: it does not batch)."""
 
 
 class NgramDraft:
@@ -57,13 +60,15 @@ class NgramDraft:
 
     name = "ngram"
     threads = 1
-    batcher = None
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def session(self) -> "NgramDraft":
         return self
+
+    def batching(self) -> None:
+        return None
 
     def propose(self, sequence: list[int], n: int) -> list[int]:
         if n <= 0:
@@ -91,11 +96,13 @@ class ModelDraft:
     With `slots` (default: 4 on a GPU for the architectures static decoding supports, none
     on a CPU) up to that many sessions at once decode over a static KV cache, their step a
     CUDA graph on a GPU (shard.decode.static_draft) of layers compiled by torch.compile
-    (`compiled`, default: on a GPU); other sessions use the eager dynamic
-    cache. With `batch` (default: 16 for a float32 draft on a CPU, where batching is exact,
-    else 1) the dynamic-cache sessions' steps run up to that many as one forward
-    (shard.decode.draft_batch). `threads` says how many sessions may draft at once without
-    queueing."""
+    (`compiled`, default: on a GPU); other sessions use the eager dynamic cache.
+
+    `batch` (default: 16 for a float32 draft on a CPU, where batching is exact, else 1) runs
+    up to that many sessions' steps as one forward: the static sessions' as rows of one
+    graphed pool (shard.decode.draft_pool; `slots` then defaults to `batch`), the dynamic
+    ones' as one ragged batch (shard.decode.draft_batch). `threads` says how many sessions
+    may draft at once without queueing."""
 
     def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
                  capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS,
@@ -103,8 +110,12 @@ class ModelDraft:
         self.model, self.name = model.eval(), name
         self.device = model.device
         on_gpu = self.device.type == "cuda"
+        if batch is None:
+            batch = DEFAULT_CPU_BATCH if self.device.type == "cpu" and model.dtype == torch.float32 else 1
+        if batch < 1:
+            raise ValueError(f"draft {name}: a draft batch holds at least 1 step, not {batch}")
         if slots is None:
-            slots = DEFAULT_GPU_SLOTS if on_gpu and supports_static(model.config) else 0
+            slots = max(DEFAULT_GPU_SLOTS, batch) if on_gpu and supports_static(model.config) else 0
             if on_gpu and not slots:
                 log.warning("draft %s: no static decoding for %s; it drafts eagerly", name,
                             model.config.model_type)
@@ -117,14 +128,13 @@ class ModelDraft:
         if capture and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         capacity = min(max_positions, getattr(model.config, "max_position_embeddings", None) or max_positions)
-        self._pool = SlotPool(model, slots, capacity, capture=capture, compiled=compiled) if slots else None
-        if batch is None:
-            batch = DEFAULT_CPU_BATCH if self.device.type == "cpu" and model.dtype == torch.float32 else 1
-        if batch < 1:
-            raise ValueError(f"draft {name}: a draft batch holds at least 1 step, not {batch}")
+        self.pool = DraftPool(model, slots, capacity, capture=capture, compiled=compiled) \
+            if slots > 1 and batch > 1 else None
+        self._lanes = Lanes(self.pool.rows if self.pool else
+                            graphed_slots(model, slots, capacity, capture=capture, compiled=compiled))
         self.batcher = DraftBatcher(model, batch) if batch > 1 else None
-        # Batched sessions each wait for their step in a thread of their own.
-        self.threads = max(slots if capture else 0, batch)
+        # Graphed and batched sessions each draft (or wait for their step) in a thread of their own.
+        self.threads = max(slots if capture or self.pool else 0, batch)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",
@@ -133,8 +143,13 @@ class ModelDraft:
         return cls(model, name=name or str(model_dir), **kwargs)
 
     def session(self) -> "ModelDraftSession | StaticDraftSession":
-        slot = self._pool.take() if self._pool else None
-        return StaticDraftSession(self._pool, slot) if slot else ModelDraftSession(self)
+        lane = self._lanes.take()
+        return StaticDraftSession(self._lanes, lane) if lane else ModelDraftSession(self)
+
+    def batching(self) -> str | None:
+        described = [f"{kind} {batcher.stats.describe()}" for kind, batcher in
+                     (("static", self.pool), ("dynamic", self.batcher)) if batcher and batcher.stats.steps]
+        return "; ".join(described) or None
 
 
 class ModelDraftSession:

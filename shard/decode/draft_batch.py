@@ -1,13 +1,17 @@
 """One draft forward for many sessions' next steps (issue 13: many users at once).
 
-On a CPU a small draft's step costs mostly per-op overhead, so with many sessions drafting
-at once, a forward per session sets the pace. Sessions step from threads of their own (the
-coordinator's draft pool); a worker runs the steps waiting as one ragged batch through
-shard.model.batch.forward_batch, the stages' batching, and hands each session the logits of
-its own row. The worker runs a batch once every session inside a proposal has its next step
-queued (or `max_batch` steps are): a session between two steps only picks a token from its
-logits, so waiting for it costs microseconds and needs no timer, and sessions not drafting
-(waiting on the ring) hold nobody up."""
+Sessions step from threads of their own (the coordinator's draft pool); a worker runs the
+steps waiting as one batch and hands each session its own row's result. The worker runs a
+batch once every session inside a proposal has its next step queued (or `max_batch` steps
+are): a session between two steps only picks a token, so waiting for it costs microseconds
+and needs no timer, and sessions not drafting (waiting on the ring) hold nobody up.
+
+`StepBatcher` is that gathering; what a batch computes is its subclass's. Here the eager
+one: on a CPU a small draft's step costs mostly per-op overhead, so with many sessions
+drafting at once a forward per session sets the pace, and the dynamic-cache sessions'
+steps run as one ragged batch through shard.model.batch.forward_batch, the stages'
+batching. On a GPU the static sessions' steps batch over one graphed KV pool instead
+(shard.decode.draft_pool)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -39,17 +43,18 @@ class DraftBatchStats:
 
 @dataclass
 class _Step:
-    row: Row
+    request: Any
     done: Future
 
 
-class DraftBatcher:
-    def __init__(self, model: PreTrainedModel, max_batch: int):
+class StepBatcher:
+    """Steps queued by sessions' threads, run in batches of up to `max_batch` by one worker
+    thread through `_run(requests) -> results` (one per request, in order)."""
+
+    def __init__(self, max_batch: int, *, name: str):
         if max_batch < 2:
             raise ValueError(f"a draft batch holds at least 2 steps, not {max_batch}")
-        self.max_batch = max_batch
-        self._block = Block.whole(model)
-        self._block.max_positions = None  # a draft may guess past its training length, as it does alone
+        self.max_batch, self._name = max_batch, name
         self._changed = threading.Condition()
         self._waiting: deque[_Step] = deque()
         self._proposing = 0  # sessions inside `proposing()`
@@ -68,17 +73,19 @@ class DraftBatcher:
                 self._proposing -= 1
                 self._changed.notify_all()
 
-    def step(self, cache: DynamicCache, start_pos: int, tokens: list[int]) -> torch.Tensor:
-        """The logits after `tokens`, written at start_pos.. into `cache` (cropped to
-        start_pos first), once the batch holding this step has run."""
-        step = _Step(Row(cache, start_pos, torch.tensor(tokens, dtype=torch.long)), Future())
+    def _submit(self, request) -> Any:
+        """`request`'s result, once the batch holding it has run."""
+        step = _Step(request, Future())
         with self._changed:
             if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="draft-batch", daemon=True)
+                self._worker = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._worker.start()
             self._waiting.append(step)
             self._changed.notify_all()
         return step.done.result()
+
+    def _run(self, requests: list) -> list:
+        raise NotImplementedError
 
     def _serve(self) -> None:
         while True:
@@ -92,7 +99,7 @@ class DraftBatcher:
 
     def _forward(self, batch: list[_Step]) -> None:
         try:
-            outputs = forward_batch(self._block, [step.row for step in batch], logits=True)
+            results = self._run([step.request for step in batch])
         except Exception as error:
             if len(batch) == 1:
                 batch[0].done.set_exception(error)
@@ -106,5 +113,22 @@ class DraftBatcher:
         stats.steps += len(batch)
         stats.batched_forwards += len(batch) > 1
         stats.largest = max(stats.largest, len(batch))
-        for step, logits in zip(batch, outputs):
-            step.done.set_result(logits[-1])
+        for step, result in zip(batch, results):
+            step.done.set_result(result)
+
+
+class DraftBatcher(StepBatcher):
+    """Dynamic-cache sessions' steps as one ragged forward."""
+
+    def __init__(self, model: PreTrainedModel, max_batch: int):
+        super().__init__(max_batch, name="draft-batch")
+        self._block = Block.whole(model)
+        self._block.max_positions = None  # a draft may guess past its training length, as it does alone
+
+    def step(self, cache: DynamicCache, start_pos: int, tokens: list[int]) -> torch.Tensor:
+        """The logits after `tokens`, written at start_pos.. into `cache` (cropped to
+        start_pos first), once the batch holding this step has run."""
+        return self._submit(Row(cache, start_pos, torch.tensor(tokens, dtype=torch.long)))
+
+    def _run(self, rows: list[Row]) -> list[torch.Tensor]:
+        return [logits[-1] for logits in forward_batch(self._block, rows, logits=True)]

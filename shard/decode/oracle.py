@@ -29,8 +29,11 @@ class OracleDraft:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"an oracle's P must lie in [0, 1], not {p}")
         self.model, self.p, self.name, self.seed = model, p, name, seed
-        self.threads, self.batcher = model.threads, model.batcher
+        self.threads = model.threads
         self.vocab_size = model.model.config.vocab_size
+
+    def batching(self) -> str | None:
+        return self.model.batching()
 
     def session(self, reference: list[int]) -> "OracleSession":
         """`reference`: the prompt and the target's greedy continuation after it."""

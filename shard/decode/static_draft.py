@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import nullcontext
+from typing import Callable, TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ from shard.model.static_block import compile_layer, first_line
 from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Families whose base model is exactly embed -> rotary -> decoder layers -> norm, each layer
 # taking (hidden, attention_mask, position_embeddings, cache): the step calls those parts
@@ -69,26 +71,89 @@ def supports_static(config) -> bool:
             and not sliding and config._attn_implementation == "sdpa")
 
 
-def forward_static(model, layers, kv: StaticKV, kv_index: torch.Tensor, ids: torch.Tensor,
+def bucket_for(buckets: list[int], length: int) -> int:
+    """The smallest attention extent that holds positions 0..length-1."""
+    return next(b for b in buckets if b >= length)
+
+
+def forward_static(model, layers, kv_layers: list, visible_slots: torch.Tensor, ids: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
-    """Logits of the last of `ids` [1, n] read at `positions` [n], over the static cache,
-    through `layers` (the model's decoder layers, or those compiled). Every shape is fixed
-    by n and the capacity, so for n = 1 it can be captured."""
+    """Logits [B, vocab] after the last of `ids` [B, n] read at `positions` [B, n], through
+    `layers` (the model's decoder layers, or those compiled) over static caches: `kv_layers`
+    a StaticKV's (B = 1) or a KVPool's, whose `write_slots` the caller set; `visible_slots`
+    the slot indices attention reads. Every shape is fixed by B, n and the extent, so a
+    step (n = 1) can be captured."""
     base = model.model
     hidden = base.embed_tokens(ids)
-    position_embeddings = base.rotary_emb(hidden, positions[None])
-    kv.write_slots = positions
+    position_embeddings = base.rotary_emb(hidden, positions)
     # Position p attends to slots 0..p: the causal part, and nothing stale past a rollback.
-    mask = chunk_mask(positions, kv_index[:kv.visible], None, None)
+    mask = chunk_mask(positions, visible_slots, None, None)
     with static_attention():
-        for layer, layer_kv in zip(layers, kv.layers):
+        for layer, layer_kv in zip(layers, kv_layers):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=layer_kv,
                            use_cache=True)
-    return model.lm_head(base.norm(hidden[:, -1:]))[0, -1]
+    return model.lm_head(base.norm(hidden[:, -1]))
+
+
+def prefill(model, kv: StaticKV, kv_index: torch.Tensor, tokens: list[int], start: int) -> None:
+    """Write `tokens` at start.. of `kv` in one eager forward (a prompt: too long to step)."""
+    positions = torch.arange(start, start + len(tokens), device=kv_index.device)
+    kv.write_slots = positions
+    forward_static(model, decoder_layers(model), kv.layers, kv_index[:kv.visible],
+                   torch.tensor([tokens], dtype=torch.int64, device=kv_index.device), positions[None])
 
 
 def decoder_layers(model) -> list:
     return list(model.model.layers[: model.config.num_hidden_layers])
+
+
+def step_layers(model, *, compiled: bool, shapes: int, build: Callable[[list], T]) -> T:
+    """`build(layers)` with the model's decoder layers compiled by torch.compile for `shapes`
+    fixed shapes when `compiled` (`build` warms them up, which compiles them), else, or if
+    compiling fails, as they are."""
+    layers = decoder_layers(model)
+    if compiled:
+        try:
+            return build([compile_layer(layer, shapes) for layer in layers])
+        except Exception as error:  # torch.compile's failures have no common base class
+            # Triton needs a C compiler at run time, which a slim image may lack: slower, never wrong.
+            log.warning("compiling the draft's layers failed, graphing them uncompiled: %s", first_line(error))
+    return build(layers)
+
+
+def capture_steps(buckets: list[int], stream: torch.cuda.Stream, prepare: Callable[[int], None],
+                  step: Callable[[], None]) -> dict[int, torch.cuda.CUDAGraph]:
+    """One CUDA graph of `step` per length bucket, `prepare(bucket)` before each step. Each is
+    warmed up on `stream` first (allocations, cuBLAS workspaces, kernel choices), then
+    captured there."""
+    graphs = {}
+    for bucket in buckets:
+        with torch.cuda.stream(stream):
+            for _ in range(WARM_UP_STEPS):
+                prepare(bucket)
+                step()
+        stream.synchronize()
+        prepare(bucket)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+        stream.synchronize()
+        graphs[bucket] = graph
+    return graphs
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A stream of its own on a GPU (None on a CPU), ordered after what the default stream
+    has queued so far (the zeroing of the tensors it will use)."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
+def on_stream(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
 class Slot:
@@ -97,7 +162,7 @@ class Slot:
 
     def __init__(self, model, capacity: int, *, capture: bool, step_layers: list):
         self.model, self.capacity = model, capacity
-        self.step_layers, self.eager_layers = step_layers, decoder_layers(model)
+        self.step_layers = step_layers
         device, dtype = model.device, model.dtype
         kv_heads, head_dim = kv_head_shape(model.config)
         self.kv = StaticKV.allocate(num_layers=model.config.num_hidden_layers, kv_heads=kv_heads,
@@ -105,101 +170,98 @@ class Slot:
         self.kv_index = torch.arange(slot_count(capacity), device=device)
         self.ids = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if self.stream is not None:
-            # The tensors above were zeroed on the default stream: the slot's stream must
-            # not write them before that is done.
-            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.stream = new_stream(device)
         self.buckets = length_buckets(capacity)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture:
-            self._capture()
+            # The warm-up writes slot 0, which any session overwrites.
+            self.graphs = capture_steps(self.buckets, self.stream, self._start_at_zero, self._step_eager)
 
-    def reach(self, length: int) -> None:
-        """The steps until the next call write positions below `length` only."""
-        self.kv.visible = next(b for b in self.buckets if b >= length)
+    def _start_at_zero(self, bucket: int) -> None:
+        self.kv.visible = bucket
+        self.position.zero_()
 
     def _step_eager(self) -> None:
-        token = forward_static(self.model, self.step_layers, self.kv, self.kv_index, self.ids,
-                               self.position).argmax(-1)
-        self.ids.copy_(token.view(1, 1))
+        self.kv.write_slots = self.position
+        logits = forward_static(self.model, self.step_layers, self.kv.layers, self.kv_index[:self.kv.visible],
+                                self.ids, self.position[None])
+        self.ids.copy_(logits.argmax(-1, keepdim=True))
         self.position.add_(1)
 
-    def _capture(self) -> None:
-        # Warm up on the slot's own stream (allocations, cuBLAS workspaces, kernel choices),
-        # then capture there. The warm-up writes slot 0, which any session overwrites.
-        for bucket in self.buckets:
-            self.kv.visible = bucket
-            with torch.cuda.stream(self.stream):
-                for _ in range(WARM_UP_STEPS):
-                    self.position.zero_()
-                    self._step_eager()
-            self.stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._step_eager()
-            self.stream.synchronize()
-            self.graphs[bucket] = graph
-
-    def step(self) -> None:
+    def _step(self) -> None:
         graph = self.graphs.get(self.kv.visible)
         if graph is not None:
             graph.replay()
         else:
             self._step_eager()
 
-    def prefill(self, tokens: list[int], start: int) -> None:
-        """Write `tokens` at start.. in one eager forward (a prompt: too long to step)."""
-        device = self.ids.device
-        ids = torch.tensor([tokens], dtype=torch.int64, device=device)
-        positions = torch.arange(start, start + len(tokens), device=device)
-        forward_static(self.model, self.eager_layers, self.kv, self.kv_index, ids, positions)
+    def decode(self, feed: list[int], start: int, n: int, forced: list[int] | None) -> list[int]:
+        """Read `feed` at start.., then propose n tokens (reading forced[i] after the i-th
+        instead of its own pick, when `forced`)."""
+        self.kv.visible = bucket_for(self.buckets, start + len(feed) + n)
+        with on_stream(self.stream):
+            if len(feed) > CATCH_UP_STEPS:
+                prefill(self.model, self.kv, self.kv_index, feed[:-1], start)
+                start += len(feed) - 1
+                feed = feed[-1:]
+            self.position.fill_(start)
+            for token in feed:
+                self.ids.fill_(token)
+                self._step()
+            # The last step read feed[-1]: ids holds the first proposal, position the next slot.
+            picks = torch.empty(n, dtype=torch.int64, device=self.ids.device)
+            picks[0:1].copy_(self.ids[0])
+            for i in range(1, n):
+                if forced is not None:
+                    self.ids.fill_(forced[i - 1])
+                self._step()
+                picks[i:i + 1].copy_(self.ids[0])
+            return picks.tolist()  # the one wait for the GPU, on this slot's stream only
 
-    def stream_context(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+def graphed_slots(model, count: int, capacity: int, *, capture: bool, compiled: bool = False) -> list[Slot]:
+    """Slots made at start-up (so capture never races serving). With `compiled`, their steps
+    run the layers compiled by torch.compile, one compile per length bucket shared by every
+    layer and slot (when capturing, at start-up)."""
+    if not count:
+        return []
+    with torch.inference_mode():  # slot tensors are inference tensors, used only in inference mode
+        first = step_layers(model, compiled=compiled, shapes=len(decoder_layers(model)) * len(length_buckets(capacity)),
+                            build=lambda layers: Slot(model, capacity, capture=capture, step_layers=layers))
+        return [first] + [Slot(model, capacity, capture=capture, step_layers=first.step_layers)
+                          for _ in range(count - 1)]
 
 
-class SlotPool:
-    """Slots made at start-up (so capture never races serving), lent to one session each.
-    With `compiled`, their steps run the layers compiled by torch.compile, one compile per
-    length bucket shared by every layer and slot (when capturing, at start-up)."""
+class Lanes:
+    """What a static session decodes through (a Slot, or a row of a batched pool), made at
+    start-up and lent to one session at a time, the first free one first (a pool's lowest
+    rows, so that few sessions step few rows)."""
 
-    @torch.inference_mode()  # slot tensors are inference tensors, used only in inference mode
-    def __init__(self, model, count: int, capacity: int, *, capture: bool, compiled: bool = False):
-        self.capacity, self.size = capacity, count
-        layers, slots = decoder_layers(model), []
-        if compiled and count:
-            shapes = len(layers) * len(length_buckets(capacity))  # the recompile limit, as a stage counts it
-            compiled_layers = [compile_layer(layer, shapes) for layer in layers]
-            try:  # a capture's warm-up compiles them
-                slots.append(Slot(model, capacity, capture=capture, step_layers=compiled_layers))
-                layers = compiled_layers
-            except Exception as error:  # torch.compile's failures have no common base class
-                # Triton needs a C compiler at run time, which a slim image may lack: slower, never wrong.
-                log.warning("compiling the draft's layers failed, graphing them uncompiled: %s", first_line(error))
-        self._free = slots + [Slot(model, capacity, capture=capture, step_layers=layers)
-                              for _ in range(count - len(slots))]
+    def __init__(self, lanes: list):
+        self._order = {id(lane): i for i, lane in enumerate(lanes)}
+        self._free = lanes[::-1]  # the next to lend last
         self._lock = threading.Lock()
 
-    def take(self) -> Slot | None:
+    def take(self):
         with self._lock:
             return self._free.pop() if self._free else None
 
-    def give_back(self, slot: Slot) -> None:
+    def give_back(self, lane) -> None:
         with self._lock:
-            self._free.append(slot)
+            self._free.append(lane)
+            self._free.sort(key=lambda free: self._order[id(free)], reverse=True)
 
 
 class StaticDraftSession:
-    """A session's proposals from one slot. Like the dynamic session it keeps the tokens
-    whose KV it holds and rolls back to the common prefix with the new sequence; here that
-    is only a smaller start position."""
+    """A session's proposals through one lane (a Slot, or a row of a DraftPool). Like the
+    dynamic session it keeps the tokens whose KV it holds and rolls back to the common
+    prefix with the new sequence; here that is only a smaller start position."""
 
-    def __init__(self, pool: SlotPool, slot: Slot):
-        self._pool, self._slot = pool, slot
-        self._read: list[int] = []  # tokens whose KV the slot holds, from position 0
+    def __init__(self, lanes: Lanes, lane):
+        self._lanes, self._lane = lanes, lane
+        self._read: list[int] = []  # tokens whose KV the lane holds, from position 0
         # The coordinator may close a session while its last proposal still runs in a
-        # worker thread (a cancelled generation): the slot goes back only once that is done.
+        # worker thread (a cancelled generation): the lane goes back only once that is done.
         self._lock = threading.Lock()
         self._busy = self._closed = False
 
@@ -216,10 +278,10 @@ class StaticDraftSession:
             with self._lock:
                 self._busy = False
                 if self._closed:
-                    self._pool.give_back(self._slot)
+                    self._lanes.give_back(self._lane)
 
     def propose_sampled(self, sequence: list[int], n: int, params: SamplingParams) -> list[Proposal]:
-        """The graph writes argmax ids only: its greedy guesses, as one-hot proposals (exact
+        """The step writes argmax ids only: its greedy guesses, as one-hot proposals (exact
         all the same; a draw from the draft's distribution would be accepted more often)."""
         return [Proposal.one_hot(token) for token in self.propose(sequence, n)]
 
@@ -229,37 +291,17 @@ class StaticDraftSession:
                 return
             self._closed = True
             if not self._busy:
-                self._pool.give_back(self._slot)
+                self._lanes.give_back(self._lane)
 
     @torch.inference_mode()
     def _propose(self, sequence: list[int], n: int, forced: list[int] | None) -> list[int]:
-        slot = self._slot
         # Positions up to len(sequence) + n - 2 are written (the last proposal is never fed).
-        n = min(n, slot.capacity + 1 - len(sequence), len(forced) if forced is not None else n)
+        n = min(n, self._lane.capacity + 1 - len(sequence), len(forced) if forced is not None else n)
         if n <= 0:
             return []
         common = min(common_prefix(self._read, sequence), len(sequence) - 1)
         del self._read[common:]
-        feed = sequence[common:]
-        slot.reach(len(sequence) + n)
-        with slot.stream_context():
-            if len(feed) > CATCH_UP_STEPS:
-                slot.prefill(feed[:-1], common)
-                common += len(feed) - 1
-                feed = feed[-1:]
-            slot.position.fill_(common)
-            for token in feed:
-                slot.ids.fill_(token)
-                slot.step()
-            # The last step read feed[-1]: ids holds the first proposal, position the next slot.
-            picks = torch.empty(n, dtype=torch.int64, device=slot.ids.device)
-            picks[0:1].copy_(slot.ids[0])
-            for i in range(1, n):
-                if forced is not None:
-                    slot.ids.fill_(forced[i - 1])
-                slot.step()
-                picks[i:i + 1].copy_(slot.ids[0])
-            proposal = picks.tolist()  # the one wait for the GPU, on this slot's stream only
+        proposal = self._lane.decode(sequence[common:], common, n, forced)
         if forced is not None:
             proposal = forced[:n]
         self._read = list(sequence) + proposal[:-1]

@@ -166,8 +166,8 @@ class StaticBlock:
     def _new_pool(self, size: int) -> KVPool:
         block = self.block
         kv_heads, head_dim = kv_head_shape(block.model.config)
-        return KVPool(size=size, num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim,
-                      capacity=self.capacity, dtype=block.dtype, device=self.device)
+        return KVPool.allocate(size=size, num_layers=block.num_layers, kv_heads=kv_heads, head_dim=head_dim,
+                               capacity=self.capacity, dtype=block.dtype, device=self.device)
 
     # ---- forward ------------------------------------------------------------------
 

@@ -74,18 +74,26 @@ class KVPool:
     (`layers`, `write_slots` [size, T]) writes and reads every row at once. Its batch is
     the whole pool, rows without a chunk standing at their scratch slot: one shape
     whichever sessions fill it, so a session's arithmetic never depends on the others
-    (static_block)."""
+    (static_block). `first_rows` is a pool of fewer rows on the same memory, for a batch
+    that needs no more (the draft's row buckets)."""
 
-    def __init__(self, *, size: int, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (size, kv_heads, slot_count(capacity), head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.capacity = capacity
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], *, capacity: int):
+        self.keys, self.values, self.capacity = keys, values, capacity
         self.write_slots: torch.Tensor | None = None  # [size, T] int64, set by the batched forward
+        self.visible: int | None = None  # as StaticKV's: the slots attention reads (None: all)
         self.layers = [PoolLayerKV(self, keys, values) for keys, values in zip(self.keys, self.values)]
         self.caches = [StaticKV([k[row:row + 1] for k in self.keys], [v[row:row + 1] for v in self.values],
-                                capacity=capacity, slot=row) for row in range(size)]
+                                capacity=capacity, slot=row) for row in range(keys[0].shape[0])]
+
+    @classmethod
+    def allocate(cls, *, size: int, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> KVPool:
+        shape = (size, kv_heads, slot_count(capacity), head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)], capacity=capacity)
+
+    def first_rows(self, rows: int) -> KVPool:
+        return KVPool([k[:rows] for k in self.keys], [v[:rows] for v in self.values], capacity=self.capacity)
 
 
 class LayerKV:
@@ -109,7 +117,8 @@ class LayerKV:
 
 class PoolLayerKV:
     """One layer's part of a KVPool in a batched forward: each row's keys and values go to
-    that row's slots (`write_slots[row]`), and attention reads every row's whole cache."""
+    that row's slots (`write_slots[row]`), and attention reads every row's cache (up to
+    `visible`)."""
 
     def __init__(self, pool: KVPool, keys: torch.Tensor, values: torch.Tensor):
         self.pool, self.keys, self.values = pool, keys, values
@@ -118,7 +127,8 @@ class PoolLayerKV:
         slots = self.pool.write_slots[:, None, :, None].expand_as(key_states)
         self.keys.scatter_(2, slots, key_states)
         self.values.scatter_(2, slots.expand_as(value_states), value_states)
-        return self.keys, self.values
+        visible = self.pool.visible
+        return self.keys[:, :, :visible], self.values[:, :, :visible]
 
 
 def chunk_mask(positions: torch.Tensor, kv_index: torch.Tensor, window: int | None,

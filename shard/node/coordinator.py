@@ -442,11 +442,11 @@ class CoordinatorNode:
                     self.tokenizer.decode(stats.output_ids, skip_special_tokens=True) if self.tokenizer else ""),
                 spec_k=prepared.spec_k, in_flight=prepared.in_flight, stats=stats, receipt=receipt,
                 seed=sampling.params.seed if sampled else None)
-            batcher = prepared.draft.batcher if prepared.draft else None
+            batching = prepared.draft.batching() if prepared.draft else None
             log.info("session %s: %d tokens in %.2f s (%.1f tok/s, %.2f tokens per traversal)%s",
                      session_id, len(stats.output_ids), stats.seconds,
                      len(stats.output_ids) / stats.seconds, stats.tokens_per_traversal,
-                     f"; draft {draft_name} so far: {batcher.stats.describe()}" if batcher else "")
+                     f"; draft {draft_name} so far: {batching}" if batching else "")
         finally:
             # A cancelled stream lands here too: wait for decoding to wind down (its chunks
             # discarded, its cancels cancelled) so no task of it outlives the session.

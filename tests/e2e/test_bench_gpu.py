@@ -1,6 +1,6 @@
 """`shard bench gpu --device cpu --quick`: the GPU harness end to end on tiny dummy-weight
 models (one process, micro benchmarks, every mode through real stage processes, memory
-per node, rounds of concurrent sessions), its JSON and its page. Two topologies of the three keep it to minutes: the
+per node, rounds of concurrent sessions plain and pipelined with a draft), its JSON and its page. Two topologies of the three keep it to minutes: the
 harness does the same for each."""
 
 import json
@@ -24,7 +24,8 @@ LABELS = [d.partition("=")[0] for d in DRAFTS]
 def test_bench_gpu_on_cpu(tmp_path):
     results, docs = tmp_path / "results", tmp_path / "docs"
     argv = ["bench", "gpu", "--gpus", "cpu,cpu", "--quick", *(f"--draft={d}" for d in DRAFTS),
-            *(f"--topology={t}" for t in TOPOLOGIES), "--sessions=1,3", "--out", str(results), "--docs", str(docs)]
+            *(f"--topology={t}" for t in TOPOLOGIES), "--sessions=1,3",
+            "--session-draft=oracle-1.0", "--draft-batch=3", "--out", str(results), "--docs", str(docs)]
     done = subprocess.run([sys.executable, "-m", "shard", "--log-level", "WARNING", *argv],
                           capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,7 +63,8 @@ def test_bench_gpu_on_cpu(tmp_path):
         assert all(n["bytes"] > n.get("weight_bytes", 0) for n in nodes)
     rounds = payload["concurrency"]
     assert [(r["topology"], r["mode"], r["sessions"]) for r in rounds] == [
-        (t, "plain", n) for t in TOPOLOGIES for n in (1, 3)]
+        (t, mode, n) for t in TOPOLOGIES for mode in ("plain", "pipelined oracle-1.0 K=4 W=4") for n in (1, 3)]
+    assert payload["draft_args"] == ["--draft-batch=3"]
     for r in rounds:  # three sessions at once, each with the tokens of its prompt alone
         assert r["lossless"] and r["tokens"] == 16 * r["sessions"] and r["aggregate_tokens_per_second"] > 0
         assert len(r["stage_busy"]) == TOPOLOGIES[r["topology"]]
@@ -70,6 +72,7 @@ def test_bench_gpu_on_cpu(tmp_path):
 
     page = (docs / "benchmarks-gpu.md").read_text()
     assert "## Many sessions at once" in page and "### wan-3, plain" in page
+    assert "### wan-3, pipelined oracle-1.0 K=4 W=4" in page and "`--draft-batch=3`" in page
     assert f"Command: `{payload['command']}`" in page
     assert all(f"\n### {t}\n" in page for t in payload["topologies"])
     assert "| plain |" in page and "| NO |" not in page

@@ -1,8 +1,9 @@
 """The draft on a GPU: its CUDA-graphed step proposes exactly what the same step run eagerly
 does (its layers compiled by torch.compile or not), through hundreds of proposals with
-rollbacks of every depth; sessions in different
-threads draft side by side without disturbing one another; and a coordinator with its draft
-on the GPU in bfloat16 serves a whole swarm. Run on the device machine:
+rollbacks of every depth, in a slot of its own or as a row of a batched pool; sessions in
+different threads draft side by side without disturbing one another (in a pool, one graph
+replay stepping them all); and a coordinator with its draft on the GPU in bfloat16 serves a
+whole swarm. Run on the device machine:
     python -m pytest -m gpu tests/gpu -v"""
 
 import asyncio
@@ -28,6 +29,9 @@ PROMPT = [1, 415, 22, 264, 127]  # within every model's vocabulary
 # greedy decoding does not collapse to one token (which would make equality trivial).
 MID = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
            intermediate_size=2816, vocab_size=8192, max_position_embeddings=1024, initializer_range=0.1)
+# One attention extent (256 positions: a single length bucket), so that a pool's step has
+# one shape whichever sessions step in it.
+MID_256 = {**MID, "max_position_embeddings": 256}
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +40,16 @@ def models(tiny_model_dirs):
         "tiny-llama-bf16": ModelDraft.load(tiny_model_dirs["llama"], device="cuda", dtype=torch.bfloat16,
                                            slots=0).model,
         "mid-bf16": random_llama(MID, "cuda", torch.bfloat16),
+        "mid-256-bf16": random_llama(MID_256, "cuda", torch.bfloat16),
     }
 
 
-def graphed_against_eager(model, *, compiled: bool = True) -> None:
-    eager = ModelDraft(model, name="eager", slots=1, capture=False, compiled=compiled)
-    graphed = ModelDraft(model, name="graphed", slots=1, capture=True, compiled=compiled)
+def graphed_against_eager(model, *, compiled: bool = True, pool: int = 0) -> None:
+    """With `pool`, both drafts step their sessions as rows of a pool of that many."""
+    lanes = dict(slots=pool, batch=pool) if pool else dict(slots=1)
+    eager = ModelDraft(model, name="eager", capture=False, compiled=compiled, **lanes)
+    graphed = ModelDraft(model, name="graphed", capture=True, compiled=compiled, **lanes)
+    assert (graphed.pool is not None) == bool(pool) and (not pool or graphed.pool.graphs)
     sessions = [eager.session(), graphed.session()]
     assert all(isinstance(s, StaticDraftSession) for s in sessions)
     made = drive(sessions, PROMPT, model.config.vocab_size, proposals=300, seed=7)
@@ -56,31 +64,41 @@ def test_graphed_steps_propose_what_eager_steps_do(models, name, compiled):
     graphed_against_eager(models[name], compiled=compiled)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "uncompiled"])
+@pytest.mark.parametrize("name", ["tiny-llama-bf16", "mid-bf16"])
+def test_a_graphed_pool_proposes_what_its_eager_steps_do(models, name, compiled):
+    graphed_against_eager(models[name], compiled=compiled, pool=4)
+
+
 def test_graphed_steps_of_the_real_model(tinystories_dir):
     graphed_against_eager(ModelDraft.load(tinystories_dir, device="cuda", dtype=torch.bfloat16, slots=0).model)
 
 
-def test_graphed_float32_equals_the_dynamic_draft(tiny_model_dirs):
+@pytest.mark.parametrize("pool", [0, 4], ids=["slot", "pool"])
+def test_graphed_float32_equals_the_dynamic_draft(tiny_model_dirs, pool):
     """In float32 the static cache changes nothing: the same tokens as the eager dynamic draft
     (uncompiled: inductor's fused kernels round differently from the dynamic draft's)."""
     dynamic = ModelDraft.load(tiny_model_dirs["llama"], device="cuda", dtype=torch.float32, slots=0)
-    graphed = ModelDraft(dynamic.model, name="graphed", slots=1, compiled=False)
+    lanes = dict(slots=pool, batch=pool) if pool else dict(slots=1)
+    graphed = ModelDraft(dynamic.model, name="graphed", compiled=False, **lanes)
     sessions = [dynamic.session(), graphed.session()]
     assert [type(s) for s in sessions] == [ModelDraftSession, StaticDraftSession]
     made = drive(sessions, PROMPT, dynamic.model.config.vocab_size, proposals=200, seed=3)
     assert made[1] == made[0]
 
 
-def test_sessions_draft_side_by_side(models):
-    """Four sessions, each in a thread of its own with its own slot and stream, propose
-    what each proposes alone."""
-    draft = ModelDraft(models["mid-bf16"], name="pool", slots=4)
-    assert draft.threads == 4
+@pytest.mark.parametrize("batch", [1, 4], ids=["slots", "pool"])
+def test_sessions_draft_side_by_side(models, batch):
+    """Four sessions, each in a thread of its own, propose what each proposes alone: with a
+    slot and a stream each, or as rows of one pool, whose every step (one shape: one length
+    bucket) then runs all of them in one graph replay."""
+    draft = ModelDraft(models["mid-256-bf16"], name="side by side", slots=4, batch=batch)
+    assert draft.threads == 4 and (draft.pool is not None) == (batch > 1)
     vocab = draft.model.config.vocab_size
     alone = []
     for seed in range(4):
         session = draft.session()
-        alone.append(drive([session], PROMPT, vocab, proposals=100, seed=seed)[0])
+        alone.append(drive([session], PROMPT, vocab, proposals=100, seed=seed, max_length=200)[0])
         session.close()
     together: dict[int, list] = {}
     sessions = [draft.session() for _ in range(4)]
@@ -89,7 +107,7 @@ def test_sessions_draft_side_by_side(models):
 
     def work(seed: int) -> None:
         start.wait()
-        together[seed] = drive([sessions[seed]], PROMPT, vocab, proposals=100, seed=seed)[0]
+        together[seed] = drive([sessions[seed]], PROMPT, vocab, proposals=100, seed=seed, max_length=200)[0]
 
     threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
     for thread in threads:
@@ -97,14 +115,19 @@ def test_sessions_draft_side_by_side(models):
     for thread in threads:
         thread.join(timeout=300)
     assert [together.get(seed) for seed in range(4)] == alone
+    if draft.pool:
+        assert draft.pool.stats.largest == 4 and draft.pool.stats.batched_forwards > 0
 
 
-def test_a_swarm_with_its_draft_on_the_gpu(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("draft_batch", [None, 4], ids=["slots", "pool"])
+def test_a_swarm_with_its_draft_on_the_gpu(tiny_model_dirs, tmp_path, draft_batch):
     """Stages in float32 on the CPU (so the output must be generate()'s exactly), the
-    coordinator's drafts on the GPU in bfloat16: a model draft (the target itself) and an oracle."""
+    coordinator's drafts on the GPU in bfloat16: a model draft (the target itself) and an
+    oracle, graphed in slots of their own or in a batched pool."""
     model_dir = tiny_model_dirs["llama"]
     drafts = [str(model_dir), "oracle:1.0"]
-    coordinator_args = [*(f"--draft={d}" for d in drafts), "--draft-device=cuda", "--draft-dtype=bfloat16"]
+    coordinator_args = [*(f"--draft={d}" for d in drafts), "--draft-device=cuda", "--draft-dtype=bfloat16",
+                        *([f"--draft-batch={draft_batch}"] if draft_batch else [])]
     expected = reference_greedy(model_dir, PROMPT, 64)
     with LocalSwarm(model_dir, 2, workdir=tmp_path, logs_to_files=True, device="cpu", dtype="float32",
                     coordinator_args=coordinator_args) as swarm:

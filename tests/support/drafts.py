@@ -34,10 +34,12 @@ def unrelated_copy(source, out, *, seed: int = 1234) -> Path:
     return save_with_tokenizer(AutoModelForCausalLM.from_config(config, dtype=torch.float32), source, out)
 
 
-def drive(sessions, prompt: list[int], vocab: int, proposals: int, seed: int) -> list[list[list[int]]]:
+def drive(sessions, prompt: list[int], vocab: int, proposals: int, seed: int,
+          max_length: int = 400) -> list[list[list[int]]]:
     """The same random verification history for every session: each proposal has a random
     prefix accepted, then a correction; now and then the sequence is cut far back (a ring
-    replay), so the draft must roll back across many positions. Returns each session's proposals."""
+    replay), so the draft must roll back across many positions; past `max_length` tokens it
+    starts again near the prompt. Returns each session's proposals."""
     rng = random.Random(seed)
     sequence = list(prompt)
     made = [[] for _ in sessions]
@@ -51,6 +53,6 @@ def drive(sessions, prompt: list[int], vocab: int, proposals: int, seed: int) ->
             sequence.append(rng.randrange(vocab))
         if rng.random() < 0.08:
             sequence = sequence[:max(len(prompt), len(sequence) - rng.randint(1, 30))]
-        if len(sequence) > 400:  # within every draft's context
+        if len(sequence) > max_length:  # within every draft's context
             sequence = sequence[:len(prompt) + 7]
     return made

@@ -1,6 +1,6 @@
 """The static-cache draft (what a GPU draft captures as a CUDA graph) run eagerly on the
 CPU: token for token the dynamic-cache draft's proposals, through rollbacks of every depth;
-its slots lent to one session at a time; its capacity a hard end."""
+its slots (or a pool's rows) lent to one session at a time; its capacity a hard end."""
 
 import pytest
 import torch
@@ -11,11 +11,13 @@ from shard.decode.static_draft import StaticDraftSession
 from support.drafts import drive
 
 
+@pytest.mark.parametrize("slots", [1, 2], ids=["slot", "pool"])
 @pytest.mark.parametrize("arch", ["tinystories", "llama", "qwen2", "qwen3"])
-def test_static_proposals_equal_the_dynamic_drafts(arch, tinystories_dir, tiny_model_dirs):
+def test_static_proposals_equal_the_dynamic_drafts(arch, slots, tinystories_dir, tiny_model_dirs):
     model_dir = tinystories_dir if arch == "tinystories" else tiny_model_dirs[arch]
     dynamic = ModelDraft.load(model_dir)
-    static = ModelDraft(dynamic.model, name="static", slots=1)
+    static = ModelDraft(dynamic.model, name="static", slots=slots)
+    assert (static.pool is not None) == (slots > 1)
     sessions = [dynamic.session(), static.session()]
     assert [type(s) for s in sessions] == [ModelDraftSession, StaticDraftSession]
     made = drive(sessions, [1, 17, 42, 99, 3], dynamic.model.config.vocab_size, proposals=60, seed=len(arch))
@@ -23,8 +25,10 @@ def test_static_proposals_equal_the_dynamic_drafts(arch, tinystories_dir, tiny_m
     assert sum(map(len, made[0])) > 150
 
 
-def test_slots_are_lent_one_session_at_a_time(tiny_model_dirs):
-    draft = ModelDraft.load(tiny_model_dirs["llama"], slots=2)
+@pytest.mark.parametrize("batch", [1, 2], ids=["slots", "pool"])
+def test_slots_are_lent_one_session_at_a_time(tiny_model_dirs, batch):
+    draft = ModelDraft.load(tiny_model_dirs["llama"], slots=2, batch=batch)
+    assert (draft.pool is not None) == (batch > 1)
     first, second, third = draft.session(), draft.session(), draft.session()
     # Beyond the slots a session still drafts, eagerly over a dynamic cache.
     assert [type(s) for s in (first, second, third)] == [StaticDraftSession, StaticDraftSession, ModelDraftSession]
@@ -40,8 +44,9 @@ def test_slots_are_lent_one_session_at_a_time(tiny_model_dirs):
     assert isinstance(draft.session(), ModelDraftSession)
 
 
-def test_a_static_cache_ends_at_its_capacity(tiny_model_dirs):
-    draft = ModelDraft.load(tiny_model_dirs["llama"], slots=1, max_positions=16)
+@pytest.mark.parametrize("slots", [1, 2], ids=["slot", "pool"])
+def test_a_static_cache_ends_at_its_capacity(tiny_model_dirs, slots):
+    draft = ModelDraft.load(tiny_model_dirs["llama"], slots=slots, max_positions=16)
     session = draft.session()
     # Up to position 15 can be written, and the last proposal is never fed: 16 + 1 - 14 = 3.
     assert len(session.propose(list(range(1, 15)), 8)) == 3
@@ -72,14 +77,15 @@ def test_the_draft_step_benchmark_runs_on_a_cpu():
     assert result["static_equals_dynamic"] is True
 
 
-def test_proposals_across_length_buckets_equal_the_dynamic_drafts(tinystories_dir):
+@pytest.mark.parametrize("slots", [1, 2], ids=["slot", "pool"])
+def test_proposals_across_length_buckets_equal_the_dynamic_drafts(tinystories_dir, slots):
     """TinyStories' 512 positions make two attention extents (256 slots, all 576: its 512,
     scratch and alignment): proposals that cross from one to the other, and a rollback back
     into the first, change nothing."""
     dynamic = ModelDraft.load(tinystories_dir)
-    static = ModelDraft(dynamic.model, name="static", slots=1)
+    static = ModelDraft(dynamic.model, name="static", slots=slots)
     sessions = [dynamic.session(), static.session()]
-    assert sessions[1]._slot.buckets == [256, 576]
+    assert (static.pool or sessions[1]._lane).buckets == [256, 576]
     prompt = [(7 * i) % 2000 + 1 for i in range(250)]
     for sequence, n in ((prompt, 12), (prompt[:100], 8), (prompt + [5] * 20, 6)):
         dynamic_tokens, static_tokens = (s.propose(sequence, n) for s in sessions)
