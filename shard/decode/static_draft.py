@@ -17,8 +17,10 @@ compiled; a prompt's one forward, whose length varies, runs the layers as they a
 
 A slot serves one session at a time; a session holds its slot from its first proposal to
 `close()`. Each slot has its own CUDA stream, so sessions drafting in different threads
-overlap on the GPU instead of queueing behind one another. On a CPU the same code runs
-eagerly (what CI checks against the dynamic-cache draft)."""
+overlap on the GPU instead of queueing behind one another. A batched draft's sessions
+decode through the rows of one pool instead (shard.decode.draft_pool), whose steps reuse
+the pieces here: the forward, prompt prefill, compiling, capture. On a CPU the same code
+runs eagerly (what CI checks against the dynamic-cache draft)."""
 
 from __future__ import annotations
 
