@@ -182,3 +182,15 @@ def test_a_pool_lends_its_lowest_free_rows_and_steps_only_the_rows_it_needs(tiny
     alone = ModelDraft(pooled.model, name="alone", batch=1, slots=0).session()
     prompt = [1, 17, 42, 99, 3, 8]
     assert held[-1].propose(prompt, 6) == alone.propose(prompt, 6) == sessions[0].propose(prompt, 6)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "pool"])
+def test_a_session_drafting_alone_steps_in_its_own_thread(tinystories_dir, kind):
+    """No hand-over to the batch worker while nobody else drafts; then the worker batches."""
+    draft = batched_draft(tinystories_dir, kind)
+    batcher, vocab = draft.pool if kind == "pool" else draft.batcher, draft.model.config.vocab_size
+    alone = ModelDraft(draft.model, name="alone", batch=1, slots=0)
+    assert drive(draft, 0, vocab, None) == drive(alone, 0, vocab, None)
+    assert batcher._worker is None and batcher.stats.steps > 0 and batcher.stats.largest == 1
+    concurrently(draft, vocab, None)
+    assert batcher._worker is not None and batcher.stats.largest > 1
