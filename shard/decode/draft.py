@@ -26,8 +26,8 @@ from shard.model.causal_lm import load_causal_lm
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GPU_SLOTS = 4  # sessions drafting at once through their own graph and static cache
-DEFAULT_CPU_BATCH = 16  # sessions whose steps a float32 CPU draft runs as one forward
+DEFAULT_GPU_SLOTS = 4  # sessions drafting at once through their own graph and static cache (batch 1)
+DEFAULT_BATCH = 16  # sessions whose steps run as one forward: a GPU's graphed pool, a float32 CPU draft's
 STATIC_MAX_POSITIONS = 4096  # a static cache's length: a session drafts no further
 
 
@@ -93,16 +93,18 @@ class NgramDraft:
 class ModelDraft:
     """A small Hugging Face causal LM sharing the target's tokenizer.
 
-    With `slots` (default: 4 on a GPU for the architectures static decoding supports, none
-    on a CPU) up to that many sessions at once decode over a static KV cache, their step a
-    CUDA graph on a GPU (shard.decode.static_draft) of layers compiled by torch.compile
-    (`compiled`, default: on a GPU); other sessions use the eager dynamic cache.
+    With `slots` (default on a GPU, for the architectures static decoding supports: `batch`,
+    at least 4; none on a CPU) up to that many sessions at once decode over a static KV
+    cache, their step a CUDA graph on a GPU (shard.decode.static_draft) of layers compiled
+    by torch.compile (`compiled`, default: on a GPU); other sessions use the eager dynamic
+    cache.
 
-    `batch` (default: 16 for a float32 draft on a CPU, where batching is exact, else 1) runs
-    up to that many sessions' steps as one forward: the static sessions' as rows of one
-    graphed pool (shard.decode.draft_pool; `slots` then defaults to `batch`), the dynamic
-    ones' as one ragged batch (shard.decode.draft_batch). `threads` says how many sessions
-    may draft at once without queueing."""
+    `batch` (default 16 on a GPU with static decoding, and for a float32 draft on a CPU,
+    where batching is exact; else 1) runs up to that many sessions' steps as one forward:
+    the static sessions' as rows of one graphed pool (shard.decode.draft_pool), else the
+    dynamic ones' as one ragged batch (shard.decode.draft_batch; on a GPU only when `batch`
+    is given); beside a pool, sessions beyond its rows draft alone. `threads` says how many sessions may draft at once without
+    queueing."""
 
     def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
                  capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS,
@@ -111,7 +113,11 @@ class ModelDraft:
         self.device = model.device
         on_gpu = self.device.type == "cuda"
         if batch is None:
-            batch = DEFAULT_CPU_BATCH if self.device.type == "cpu" and model.dtype == torch.float32 else 1
+            exact_on_cpu = self.device.type == "cpu" and model.dtype == torch.float32
+            batch = DEFAULT_BATCH if exact_on_cpu or (on_gpu and supports_static(model.config)) else 1
+            dynamic_batch = batch if exact_on_cpu else 1  # by default a GPU batches only its graphed pool
+        else:
+            dynamic_batch = batch
         if batch < 1:
             raise ValueError(f"draft {name}: a draft batch holds at least 1 step, not {batch}")
         if slots is None:
@@ -132,9 +138,9 @@ class ModelDraft:
             if slots > 1 and batch > 1 else None
         self._lanes = Lanes(self.pool.rows if self.pool else
                             graphed_slots(model, slots, capacity, capture=capture, compiled=compiled))
-        self.batcher = DraftBatcher(model, batch) if batch > 1 else None
+        self.batcher = DraftBatcher(model, dynamic_batch) if dynamic_batch > 1 and not self.pool else None
         # Graphed and batched sessions each draft (or wait for their step) in a thread of their own.
-        self.threads = max(slots if capture or self.pool else 0, batch)
+        self.threads = max(slots if capture or self.pool else 0, self.batcher.max_batch if self.batcher else 1)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, name: str | None = None, device: str | torch.device = "cpu",

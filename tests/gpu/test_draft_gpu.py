@@ -119,11 +119,11 @@ def test_sessions_draft_side_by_side(models, batch):
         assert draft.pool.stats.largest == 4 and draft.pool.stats.batched_forwards > 0
 
 
-@pytest.mark.parametrize("draft_batch", [None, 4], ids=["slots", "pool"])
+@pytest.mark.parametrize("draft_batch", [1, 4, None], ids=["slots", "pool", "default"])
 def test_a_swarm_with_its_draft_on_the_gpu(tiny_model_dirs, tmp_path, draft_batch):
     """Stages in float32 on the CPU (so the output must be generate()'s exactly), the
     coordinator's drafts on the GPU in bfloat16: a model draft (the target itself) and an
-    oracle, graphed in slots of their own or in a batched pool."""
+    oracle, graphed in slots of their own or in a batched pool (the default)."""
     model_dir = tiny_model_dirs["llama"]
     drafts = [str(model_dir), "oracle:1.0"]
     coordinator_args = [*(f"--draft={d}" for d in drafts), "--draft-device=cuda", "--draft-dtype=bfloat16",

@@ -5,7 +5,7 @@ its slots (or a pool's rows) lent to one session at a time; its capacity a hard 
 import pytest
 import torch
 
-from shard.decode.draft import DEFAULT_CPU_BATCH, ModelDraft, ModelDraftSession
+from shard.decode.draft import DEFAULT_BATCH, ModelDraft, ModelDraftSession
 from shard.decode.static_draft import StaticDraftSession
 
 from support.drafts import drive
@@ -61,7 +61,7 @@ def test_static_decoding_only_where_it_fits(tiny_model_dirs):
         ModelDraft.load(tiny_model_dirs["llama"], slots=1, capture=True)
     # By default the CPU drafts eagerly, its sessions' steps batched, each session in a thread.
     on_cpu = ModelDraft.load(tiny_model_dirs["llama"])
-    assert isinstance(on_cpu.session(), ModelDraftSession) and on_cpu.threads == DEFAULT_CPU_BATCH
+    assert isinstance(on_cpu.session(), ModelDraftSession) and on_cpu.threads == DEFAULT_BATCH
     assert on_cpu.batcher is not None
     assert on_cpu.model.dtype == torch.float32
 
