@@ -141,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
     _draft_device_args(flags.add)
     flags.add("--draft-batch", "sessions whose model-draft steps run as one forward (default 16 on CUDA and for a "
               "float32 draft on a CPU, where batching is exact; else 1: each session alone, on CUDA in a graphed "
-              "slot of its own); on CUDA the rows of one graphed pool, each step one graph replay for all of them", type=int)
+              "slot of its own); on CUDA the rows of one graphed pool, each step one graph replay for all of them",
+              type=int)
     flags.add("--draft-no-compile", "a model draft on CUDA: graph its layers as they are, not compiled by "
               "torch.compile first (starts sooner, steps slower)", action="store_true")
     flags.add("--max-prompt-chars", "longest prompt accepted, in characters, all chat messages together "

@@ -103,8 +103,8 @@ class ModelDraft:
     where batching is exact; else 1) runs up to that many sessions' steps as one forward:
     the static sessions' as rows of one graphed pool (shard.decode.draft_pool), else the
     dynamic ones' as one ragged batch (shard.decode.draft_batch; on a GPU only when `batch`
-    is given); beside a pool, sessions beyond its rows draft alone. `threads` says how many sessions may draft at once without
-    queueing."""
+    is given); beside a pool, sessions beyond its rows draft alone. `threads` says how many
+    sessions may draft at once without queueing."""
 
     def __init__(self, model: PreTrainedModel, *, name: str, slots: int | None = None,
                  capture: bool | None = None, max_positions: int = STATIC_MAX_POSITIONS,
@@ -112,20 +112,20 @@ class ModelDraft:
         self.model, self.name = model.eval(), name
         self.device = model.device
         on_gpu = self.device.type == "cuda"
+        static = supports_static(model.config)
+        # On a GPU only the graphed pool batches by default: the dynamic batch waits to be asked for.
+        batch_dynamic = batch is not None or not on_gpu
         if batch is None:
             exact_on_cpu = self.device.type == "cpu" and model.dtype == torch.float32
-            batch = DEFAULT_BATCH if exact_on_cpu or (on_gpu and supports_static(model.config)) else 1
-            dynamic_batch = batch if exact_on_cpu else 1  # by default a GPU batches only its graphed pool
-        else:
-            dynamic_batch = batch
+            batch = DEFAULT_BATCH if exact_on_cpu or (on_gpu and static) else 1
         if batch < 1:
             raise ValueError(f"draft {name}: a draft batch holds at least 1 step, not {batch}")
         if slots is None:
-            slots = max(DEFAULT_GPU_SLOTS, batch) if on_gpu and supports_static(model.config) else 0
+            slots = max(DEFAULT_GPU_SLOTS, batch) if on_gpu and static else 0
             if on_gpu and not slots:
                 log.warning("draft %s: no static decoding for %s; it drafts eagerly", name,
                             model.config.model_type)
-        elif slots and not supports_static(model.config):
+        elif slots and not static:
             raise ValueError(f"draft {name}: static decoding supports {', '.join(STATIC_FAMILIES)} "
                              f"with full attention through SDPA, not this {model.config.model_type} "
                              f"({model.config._attn_implementation} attention)")
@@ -138,7 +138,7 @@ class ModelDraft:
             if slots > 1 and batch > 1 else None
         self._lanes = Lanes(self.pool.rows if self.pool else
                             graphed_slots(model, slots, capacity, capture=capture, compiled=compiled))
-        self.batcher = DraftBatcher(model, dynamic_batch) if dynamic_batch > 1 and not self.pool else None
+        self.batcher = DraftBatcher(model, batch) if batch > 1 and batch_dynamic and not self.pool else None
         # Graphed and batched sessions each draft (or wait for their step) in a thread of their own.
         self.threads = max(slots if capture or self.pool else 0, self.batcher.max_batch if self.batcher else 1)
 
