@@ -30,10 +30,10 @@ from __future__ import annotations
 import torch
 
 from shard.decode.draft_batch import StepBatcher
-from shard.decode.static_draft import (CATCH_UP_STEPS, bucket_for, capture_steps, decoder_layers, forward_static,
-                                       length_buckets, new_stream, on_stream, prefill, step_layers)
+from shard.decode.static_draft import (CATCH_UP_STEPS, capture_steps, decoder_layers, forward_static, new_stream,
+                                       on_stream, prefill, step_layers)
 from shard.model.block import kv_head_shape
-from shard.model.static_kv import KVPool, slot_count
+from shard.model.static_kv import KVPool, bucket_for, length_buckets, slot_count
 
 ROW_BUCKET_GROWTH = 4  # each row bucket holds this many times the last: 1, 4, 16, ...
 

@@ -34,7 +34,7 @@ import torch
 from shard.decode.sampling import Proposal, SamplingParams
 from shard.model.block import kv_head_shape
 from shard.model.static_block import compile_layer, first_line
-from shard.model.static_kv import StaticKV, chunk_mask, slot_count, static_attention
+from shard.model.static_kv import StaticKV, bucket_for, chunk_mask, length_buckets, slot_count, static_attention
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,20 +48,6 @@ STATIC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # longer one (the prompt) as one eager forward, then one step.
 CATCH_UP_STEPS = 4
 WARM_UP_STEPS = 3  # eager steps before capture: lazy initialisations, cuBLAS handles, autotuning
-# A step attends over the smallest of these many slots that holds every position of the
-# proposal (a graph per bucket): attention over the whole cache would cost as much at
-# position 10 as at 4000. Powers of two from this one up to the capacity.
-SMALLEST_BUCKET = 256
-
-
-def length_buckets(capacity: int) -> list[int]:
-    """Attention extents for a cache of `capacity` positions (its positions' slots, scratch
-    and alignment: all of them last)."""
-    buckets, size = [], SMALLEST_BUCKET
-    while size < capacity:
-        buckets.append(size)
-        size *= 2
-    return buckets + [slot_count(capacity)]
 
 
 def supports_static(config) -> bool:
@@ -71,11 +57,6 @@ def supports_static(config) -> bool:
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     return (config.model_type in STATIC_FAMILIES and all(t == "full_attention" for t in layer_types)
             and not sliding and config._attn_implementation == "sdpa")
-
-
-def bucket_for(buckets: list[int], length: int) -> int:
-    """The smallest attention extent that holds positions 0..length-1."""
-    return next(b for b in buckets if b >= length)
 
 
 def forward_static(model, layers, kv_layers: list, visible_slots: torch.Tensor, ids: torch.Tensor,

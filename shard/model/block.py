@@ -176,7 +176,9 @@ class Block:
         return cls(None, 0, model.config.num_hidden_layers, model.base_model, model.get_output_embeddings(),
                    param.dtype, param.device, first=True, last=True)
 
-    def new_cache(self) -> DynamicCache | PositionCount:
+    def new_cache(self, *, positions: int = 0) -> DynamicCache | PositionCount:
+        """A session's cache, growing with it: `positions` (what a static cache sizes its
+        attention by, StaticBlock.new_cache) changes nothing here."""
         if not self.num_layers:
             return PositionCount()
         # No config: every layer keeps every position, so crop() is always exact (rollback may

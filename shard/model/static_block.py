@@ -22,6 +22,14 @@ alone or beside others: rows are independent in every op at a fixed shape (atten
 each row reads only its own cache), so its tokens never depend on which sessions share
 the stage. Longer chunks (prompts) run alone, as without it.
 
+A session's decode-size chunks attend over the smallest extent (256, 1024, ... slots, up to
+the whole cache) that holds every position the session said it would reach (`new_cache`):
+a 16-layer 8B-shaped 9-token chunk takes 2.60 ms over 256 slots against 2.96 ms over 4096
+on an H200. The extent is fixed for the session's life, so each of its positions runs in
+the same shape whether it came in a plain step or a verify chunk. Batched decode chunks
+attend over the whole cache: a batch holds sessions of every extent. Longer chunks
+(prompts) attend over the whole cache too, which keeps the shapes compiled few.
+
 With `compiled`, each layer is compiled by torch.compile for these fixed shapes before
 capture: a graph replays kernels as they were launched, so a graph of eager layers still
 runs ~50 small kernels per layer (norms, rotary, residuals), and fusing them is what brings
@@ -39,12 +47,15 @@ import torch
 
 from shard.model.batch import Row
 from shard.model.block import Block, CacheGapError, PositionCount, kv_head_shape
-from shard.model.static_kv import KVPool, StaticKV, chunk_mask, slot_count, static_attention
+from shard.model.static_kv import KVPool, StaticKV, bucket_for, chunk_mask, length_buckets, slot_count, static_attention
 
 log = logging.getLogger(__name__)
 
 # Masks as transformers builds them for each attention implementation.
 _MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+# Decode-size chunks' attention extents grow 4x (256, 1024, 4096): each is a compile and a
+# graph per pooled cache, and the 2x steps between would save under 0.1 ms a chunk.
+EXTENT_GROWTH = 4
 
 
 @dataclass
@@ -60,7 +71,8 @@ class _Shape:
     host_inputs: torch.Tensor | None = None
     host_positions: torch.Tensor | None = None
     host_output: torch.Tensor | None = None
-    graphs: dict[int | None, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by cache slot (None: batched)
+    # By (cache slot, attention extent), None for the whole cache; the batched graph by None.
+    graphs: dict[tuple[int, int | None] | None, torch.cuda.CUDAGraph] = field(default_factory=dict)
 
 
 class StaticBlock:
@@ -93,6 +105,8 @@ class StaticBlock:
             self._kv_pool = self._new_pool(pool_size) if pool_size else None
             # The batched decode shape: a chunk of the smallest size for every pooled cache.
             self._batch = self._new_shape(min(chunk_sizes), rows=pool_size) if batched else None
+        # The extents a session's decode-size chunks may attend over, short of the whole cache.
+        self.extents = [] if batched else length_buckets(capacity, EXTENT_GROWTH)[:-1]
         self._pool = self._kv_pool.caches if self._kv_pool else []
         self._free = self._pool[::-1]
         # Recorded after the copies to the device, and after the copy back to pinned memory.
@@ -103,7 +117,8 @@ class StaticBlock:
             layers = block.model.layers[: config.num_hidden_layers]
             self._windows = [_window_of(layer, config) for layer in layers]
             self._eager_layers = list(layers)
-            self._layers = [compile_layer(layer, len(layers) * (len(self._shapes) + 1)) for layer in layers] \
+            shapes = len(self._shapes) + len(self.extents) + 1
+            self._layers = [compile_layer(layer, len(layers) * shapes) for layer in layers] \
                 if compiled and self.on_cuda and self._pool else self._eager_layers
             parameters = inspect.signature(layers[0].forward).parameters
             # transformers renamed past_key_values to cache; older layers also want cache_position.
@@ -135,9 +150,11 @@ class StaticBlock:
 
     # ---- caches -------------------------------------------------------------------
 
-    def new_cache(self, *, pooled: bool = True) -> StaticKV | PositionCount:
+    def new_cache(self, *, pooled: bool = True, positions: int = 0) -> StaticKV | PositionCount:
         """A session's cache: from the pool, whose caches have graphs, or (`pooled=False`, or
-        without a pool) one of its own, run without graphs."""
+        without a pool) one of its own, run without graphs. `positions`: the most the session
+        will hold (0: not known); its decode-size chunks attend over the smallest extent
+        that holds them, and no chunk may reach past it."""
         if not self.block.num_layers:
             return PositionCount()
         if self._pool and pooled:
@@ -145,9 +162,20 @@ class StaticBlock:
                 raise RuntimeError("every pooled KV cache is in use")  # the KV store's cap prevents this
             cache = self._free.pop()
             cache.length = 0
-            return cache
-        with torch.inference_mode():
-            return self._allocate(None)
+        else:
+            with torch.inference_mode():
+                cache = self._allocate(None)
+        cache.extent = self.extent_for(positions)
+        return cache
+
+    def attention_slots(self, cache: StaticKV | PositionCount) -> int:
+        """The slots a session's decode-size chunks attend over (0 for a block without layers)."""
+        return 0 if isinstance(cache, PositionCount) else cache.extent or slot_count(self.capacity)
+
+    def extent_for(self, positions: int) -> int | None:
+        """The slots a session of at most `positions` positions attends over (None: all)."""
+        fits = [extent for extent in self.extents if extent >= positions] if positions else []
+        return bucket_for(fits, positions) if fits else None
 
     def release(self, cache) -> None:
         """A session's cache is free again (back to the pool, if it came from one)."""
@@ -199,8 +227,9 @@ class StaticBlock:
                     self._replay(shape, None, self._step_batch)
                 else:
                     shape, row = next(s for size, s in self._shapes.items() if size >= end - begin), None
+                    extent = self._extent_of(cache, shape)
                     self._stage_inputs(shape, [(None, piece, start_pos + begin)])
-                    self._replay(shape, cache.slot, lambda s: self._step(cache, s))
+                    self._replay(shape, (cache.slot, extent), lambda s: self._step(cache, s, extent))
                 cache.length = start_pos + end
                 if end > first_output:
                     rows = self._fetch(shape, [(row, max(first_output - begin, 0), end - begin)])[0]
@@ -239,13 +268,20 @@ class StaticBlock:
             raise CacheGapError(f"cache holds {cache.length} positions, chunk starts at {start_pos}")
         if start_pos + n > cache.capacity:
             raise ValueError(f"positions up to {start_pos + n} exceed this stage's {cache.capacity} per session")
+        if cache.extent is not None and start_pos + n > cache.extent:
+            raise ValueError(f"positions up to {start_pos + n} exceed the {cache.extent} this session attends over "
+                             f"(from the positions it said it would hold)")
+
+    def _extent_of(self, cache: StaticKV, shape: _Shape) -> int | None:
+        """What a chunk in `shape` attends over: the session's extent in the decode size."""
+        return cache.extent if shape.size == min(self._shapes) else None
 
     def _runs_batched(self, cache: StaticKV, n: int) -> bool:
         return self._batch is not None and cache.slot is not None and n <= self._batch.size
 
-    def _replay(self, shape: _Shape, slot: int | None, step) -> None:
-        """The shape's graph for this cache slot, else `step(shape)` eagerly."""
-        graph = shape.graphs.get(slot)
+    def _replay(self, shape: _Shape, key: tuple[int | None, int | None] | None, step) -> None:
+        """The shape's graph for this key (cache slot and extent), else `step(shape)` eagerly."""
+        graph = shape.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
@@ -290,23 +326,27 @@ class StaticBlock:
             self._copied.synchronize()  # the one wait: the bytes are about to leave the GPU
         return outs
 
-    def _step(self, cache: StaticKV, shape: _Shape) -> None:
-        """The whole block on one cache and the shape's static buffers: what a graph records."""
-        cache.write_slots = shape.positions
-        shape.output.copy_(self._through_layers(shape.inputs[None], shape.positions[None], cache.layers)[0])
+    def _step(self, cache: StaticKV, shape: _Shape, extent: int | None = None) -> None:
+        """The whole block on one cache and the shape's static buffers, attending over the
+        first `extent` slots (None: all): what a graph records."""
+        cache.write_slots, cache.visible = shape.positions, extent
+        shape.output.copy_(self._through_layers(shape.inputs[None], shape.positions[None], cache.layers,
+                                                self._kv_index[:extent])[0])
 
     def _step_batch(self, shape: _Shape) -> None:
         """The whole block on every pooled cache at once: the batched graph."""
         self._kv_pool.write_slots = shape.positions
-        shape.output.copy_(self._through_layers(shape.inputs, shape.positions, self._kv_pool.layers))
+        shape.output.copy_(self._through_layers(shape.inputs, shape.positions, self._kv_pool.layers, self._kv_index))
 
-    def _through_layers(self, x: torch.Tensor, positions: torch.Tensor, layer_caches: list) -> torch.Tensor:
+    def _through_layers(self, x: torch.Tensor, positions: torch.Tensor, layer_caches: list,
+                        kv_index: torch.Tensor) -> torch.Tensor:
         """The block on [B, T] ids or [B, T, hidden] rows at [B, T] positions, each batch row
-        over its own cache: [B, T, hidden], or [B, T] argmax ids from the last block."""
+        over its own cache's slots `kv_index` (those it attends over): [B, T, hidden], or
+        [B, T] argmax ids from the last block."""
         model, block = self.block.model, self.block
         h = model.get_input_embeddings()(x) if block.is_first else x
         position_embeddings = model.rotary_emb(h, positions)
-        masks = {window: chunk_mask(positions, self._kv_index, window, self._additive)
+        masks = {window: chunk_mask(positions, kv_index, window, self._additive)
                  for window in set(self._windows)}
         # Only older layers take it, and only to hand it to the cache, which ignores it.
         extra = {"cache_position": positions[0]} if self._pass_cache_position else {}
@@ -356,6 +396,11 @@ class StaticBlock:
         """The single-cache shapes pooled caches run in: all but the decode size when batched."""
         return [shape for size, shape in self._shapes.items() if self._batch is None or size != self._batch.size]
 
+    def _pooled_variants(self) -> list[tuple[_Shape, int | None]]:
+        """(shape, extent) of every graph a pooled cache has: the decode size once per extent."""
+        return [(shape, extent) for shape in self._pooled_shapes()
+                for extent in ([*self.extents, None] if shape.size == min(self._shapes) else [None])]
+
     def _all_shapes(self) -> list[_Shape]:
         return self._pooled_shapes() + ([self._batch] if self._batch is not None else [])
 
@@ -365,8 +410,8 @@ class StaticBlock:
         layers uncompiled: slower, never wrong."""
         try:
             for _ in range(steps):
-                for shape in self._pooled_shapes():
-                    self._step(self._pool[0], shape)
+                for shape, extent in self._pooled_variants():
+                    self._step(self._pool[0], shape, extent)
                 if self._batch is not None:
                     self._step_batch(self._batch)
         except Exception as error:  # torch.compile's failures have no common base class
@@ -380,8 +425,8 @@ class StaticBlock:
     def _capture_all(self, memory_pool) -> None:
         # capture_begin/end rather than torch.cuda.graph(), which empties the cache and
         # collects garbage before every one of these many captures.
-        steps = [(shape, cache.slot, lambda s, c=cache: self._step(c, s))
-                 for cache in self._pool for shape in self._pooled_shapes()]
+        steps = [(shape, (cache.slot, extent), lambda s, c=cache, e=extent: self._step(c, s, e))
+                 for cache in self._pool for shape, extent in self._pooled_variants()]
         if self._batch is not None:
             steps.append((self._batch, None, self._step_batch))
         for shape, slot, step in steps:

@@ -36,6 +36,27 @@ def slot_count(capacity: int) -> int:
     return -(-(capacity + 1) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 
+# A forward whose positions all lie below one of these extents attends over that many slots
+# only: attention over the whole cache would cost as much at position 10 as at 4000. Each
+# extent is a shape of its own (a graph, a compile), hence few of them.
+SMALLEST_BUCKET = 256
+
+
+def length_buckets(capacity: int, growth: int = 2) -> list[int]:
+    """Attention extents for a cache of `capacity` positions, from SMALLEST_BUCKET up by
+    `growth` times (its positions' slots, scratch and alignment: all of them last)."""
+    buckets, size = [], SMALLEST_BUCKET
+    while size < capacity:
+        buckets.append(size)
+        size *= growth
+    return buckets + [slot_count(capacity)]
+
+
+def bucket_for(buckets: list[int], length: int) -> int:
+    """The smallest attention extent that holds positions 0..length-1."""
+    return next(b for b in buckets if b >= length)
+
+
 class StaticKV:
     """A session's keys and values for every layer of a block; each layer is handed its
     own view (`layers[i]`) as its cache."""
@@ -53,6 +74,8 @@ class StaticKV:
         # Slots 0..visible-1 are what attention reads (all of them when None): a forward whose
         # positions all lie below a smaller bound attends over less (the draft's length buckets).
         self.visible: int | None = None
+        # The slots its decode-size chunks attend over, fixed when its session starts (None: all).
+        self.extent: int | None = None
         self.layers = [LayerKV(self, keys, values) for keys, values in zip(self.keys, self.values)]
 
     @classmethod

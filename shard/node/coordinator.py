@@ -150,8 +150,11 @@ class SessionRing:
     """The driver's view of the ring for one session: chunk ids, futures, cancellation, and
     where the session's KV is whole, so that a replay computes only where it was lost."""
 
-    def __init__(self, ring: Ring, session_id: str, sampling: ChunkSampling | None = None):
+    def __init__(self, ring: Ring, session_id: str, positions: int, sampling: ChunkSampling | None = None):
+        """`positions`: the most the session will hold, its prompt and max_tokens (stages
+        on static KV size its attention by it)."""
         self._ring, self._session_id, self._sampling = ring, session_id, sampling
+        self._positions = positions
         self._chunk_ids = itertools.count()
         # The ring layout of the last chunk whose result came back: its stages held the
         # session's KV then. () while unknown (none yet, or a replay not yet through).
@@ -165,14 +168,14 @@ class SessionRing:
             sampling = replace(sampling, proposals=tuple(proposals))
         return self._track(self._ring.layout, await self._ring.submit(
             session_id=self._session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos, tokens=tokens,
-            num_outputs=num_outputs, sampling=sampling))
+            num_outputs=num_outputs, sampling=sampling, session_positions=self._positions))
 
     async def rebuild(self, *, tokens: list[int], epoch: int) -> Rebuild:
         now = self._ring.layout
         stages = stages_to_rebuild(self._held_in, now)
         self._held_in = ()  # a replay that fails says nothing about who holds what: the next goes everywhere
         done = await self._ring.replay(session_id=self._session_id, chunk_id=next(self._chunk_ids), epoch=epoch,
-                                       tokens=tokens, stages=stages)
+                                       tokens=tokens, stages=stages, session_positions=self._positions)
         return Rebuild(self._track(now, done), partial=stages != (0, len(now) - 1))
 
     def _track(self, layout: tuple, result: asyncio.Future) -> asyncio.Future:
@@ -407,7 +410,8 @@ class CoordinatorNode:
             "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight,
             "shard.temperature": sampling.params.temperature if sampling else 0.0})
         decoding = asyncio.create_task(in_span(span, decode(
-            SessionRing(self.ring, session_id, sampling), prepared.prompt_ids, max_tokens=prepared.max_tokens,
+            SessionRing(self.ring, session_id, len(prepared.prompt_ids) + prepared.max_tokens, sampling),
+            prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,
             spec_k=prepared.spec_k, in_flight=prepared.in_flight, max_positions=self.context_length,
@@ -480,8 +484,9 @@ class CoordinatorNode:
                 """The result holds the tokens."""
 
             try:
-                stats = await decode(SessionRing(self.ring, session_id), prompt_ids, max_tokens=max_tokens,
-                                     eos_ids=frozenset(), emit=ignore, max_positions=self.context_length)
+                stats = await decode(SessionRing(self.ring, session_id, len(prompt_ids) + max_tokens), prompt_ids,
+                                     max_tokens=max_tokens, eos_ids=frozenset(), emit=ignore,
+                                     max_positions=self.context_length)
             except RingChanged as error:
                 raise ShardError(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             finally:

@@ -41,7 +41,7 @@ class Session:
 
 
 class KVStore:
-    def __init__(self, new_cache: Callable[[], Any], *, bytes_per_position: int, budget_bytes: int,
+    def __init__(self, new_cache: Callable[..., Any], *, bytes_per_position: int, budget_bytes: int,
                  max_sessions: int, idle_seconds: float, session_positions: int | None = None,
                  session_bytes: int | None = None, release: Callable[[Any], None] = lambda cache: None,
                  output_bytes_per_position: int = 0):
@@ -84,10 +84,12 @@ class KVStore:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
-    def reserve(self, session_id: str, incarnation: str, end_pos: int) -> Session:
-        """The session (created under `incarnation` if new), with room for its cache to
-        hold `end_pos` positions. RESOURCE_EXHAUSTED when that would take the sessions
-        past the byte budget or the session cap; nothing changes then."""
+    def reserve(self, session_id: str, incarnation: str, end_pos: int, declared_positions: int = 0) -> Session:
+        """The session (created under `incarnation` if new, its cache made by
+        `new_cache(positions=declared_positions)`: the most it said it would hold, 0 if
+        unsaid), with room for its cache to hold `end_pos` positions. RESOURCE_EXHAUSTED when
+        that would take the sessions past the byte budget or the session cap; nothing
+        changes then."""
         session = self._sessions.get(session_id)
         if self.session_positions is not None and end_pos > self.session_positions:
             raise ShardError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -103,7 +105,7 @@ class KVStore:
                              f"{end_pos} positions of KV cache would take this stage's KV to {total} bytes, "
                              f"over its budget of {self.budget_bytes} bytes")
         if session is None:
-            session = self._sessions[session_id] = Session(self._new_cache(), incarnation)
+            session = self._sessions[session_id] = Session(self._new_cache(positions=declared_positions), incarnation)
             self.total_bytes += self.bytes_of(session)  # a static cache's, from now on; else none yet
         session.last_used = time.monotonic()
         return session

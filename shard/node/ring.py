@@ -125,15 +125,18 @@ class Ring:
             raise ShardError(grpc.StatusCode.UNAVAILABLE, f"the ring did not recover: {problem}") from None
 
     async def submit(self, *, session_id: str, chunk_id: int, epoch: int, start_pos: int,
-                     tokens: list[int], num_outputs: int, sampling: ChunkSampling | None = None) -> asyncio.Future:
+                     tokens: list[int], num_outputs: int, sampling: ChunkSampling | None = None,
+                     session_positions: int = 0) -> asyncio.Future:
         """Send a chunk into the ring; the future yields the argmax ids the tail returns
         for it (with `sampling`: the Chosen tokens), or raises ShardError / RingChanged.
+        `session_positions`: the most the session will hold (0: unsaid; FrameHeader).
 
         The future is resolved straight from `deliver` (no task awaits it on the way): each
         layer of tasks between the tail's frame and the decoder is a loop wake-up per token."""
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=start_pos,
-            num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD)
+            num_tokens=len(tokens), num_outputs=num_outputs, kind=frame_pb2.FRAME_KIND_FORWARD,
+            session_positions=session_positions)
         spec = b""
         if sampling is not None:
             spec = encode_spec(sampling)
@@ -141,7 +144,7 @@ class Ring:
         return await self._send(header, encode_ids(tokens), spec)
 
     async def replay(self, *, session_id: str, chunk_id: int, epoch: int, tokens: list[int],
-                     stages: tuple[int, int]) -> asyncio.Future:
+                     stages: tuple[int, int], session_positions: int = 0) -> asyncio.Future:
         """Rebuild a session's KV for `tokens` at positions 0.. in the stages at ring indices
         stages[0]..stages[1] only (a REPLAY frame); the future yields [] once it is through
         the ring, or raises as a chunk's does. The head needs the token ids only when it
@@ -149,7 +152,8 @@ class Ring:
         first, last = stages
         header = frame_pb2.FrameHeader(
             session_id=session_id, chunk_id=chunk_id, epoch=epoch, start_pos=0, num_tokens=len(tokens),
-            kind=frame_pb2.FRAME_KIND_REPLAY, replay_first_stage=first, replay_last_stage=last)
+            kind=frame_pb2.FRAME_KIND_REPLAY, replay_first_stage=first, replay_last_stage=last,
+            session_positions=session_positions)
         return await self._send(header, encode_ids(tokens) if first == 0 else b"")
 
     async def _send(self, header: frame_pb2.FrameHeader, payload: bytes, spec: bytes = b"") -> asyncio.Future:

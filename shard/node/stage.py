@@ -332,7 +332,8 @@ class StageNode:
             info.kv_session_bytes, info.kv_bytes_per_position = kv.bytes_at(0), kv.bytes_at(1) - kv.bytes_at(0)
             info.kv_session_positions, info.kv_max_sessions = kv.session_positions or 0, kv.max_sessions
             for session_id, session in kv.items():
-                info.sessions.add(session_id=session_id, kv_length=session.positions, kv_bytes=kv.bytes_of(session))
+                info.sessions.add(session_id=session_id, kv_length=session.positions, kv_bytes=kv.bytes_of(session),
+                                  attention_slots=compute.attention_slots(session))
         return info
 
     # ---- the outbound edge --------------------------------------------------------

@@ -231,6 +231,10 @@ class StageCompute:
                        session_positions=capacity, session_bytes=session_bytes, release=runner.release,
                        output_bytes_per_position=outputs)
 
+    def attention_slots(self, session: Session) -> int:
+        """The cache slots a session's decode chunks attend over; 0 on dynamic KV."""
+        return 0 if self.runner is self.block else self.runner.attention_slots(session.cache)
+
     def submit(self, header: frame_pb2.FrameHeader, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
         """Queue a validated frame; `on_done(header)` runs on the loop once it is through."""
         self._thread.post(self._run_frame, header, body, on_done, time.time_ns())
@@ -459,7 +463,8 @@ class StageCompute:
             raise CacheGapError(f"{self.node_id} holds no session {header.session_id!r} "
                                 f"to continue at position {header.start_pos}")
         # Reserved before computing, so that a chunk over the budget costs nothing.
-        session = kv.reserve(header.session_id, self._incarnation, header.start_pos + header.num_tokens)
+        session = kv.reserve(header.session_id, self._incarnation, header.start_pos + header.num_tokens,
+                             header.session_positions)
         if self.runner is block:  # the static runner stages its inputs itself, through pinned memory
             tensor = tensor.to(block.device)
         return session, tensor

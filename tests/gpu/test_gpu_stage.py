@@ -44,19 +44,22 @@ def static_blocks(model_dir, dtype, *, graphs: bool) -> list[StaticBlock]:
     for i, (start, end) in enumerate(zip(cuts, cuts[1:])):
         block = Block.load(model_dir, start, end, first=i == 0, last=end == layers, device="cuda", dtype=dtype,
                            progress=False)
-        runner = StaticBlock(block, capacity=256, chunk_sizes=SIZES, pool_size=1 if graphs else 0)
+        # 512 positions: the decode size graphed over the 256-slot extent and the whole cache.
+        runner = StaticBlock(block, capacity=512, chunk_sizes=SIZES, pool_size=1 if graphs else 0)
         runner.capture()
         assert runner.graphed == graphs
         runners.append(runner)
     return runners
 
 
+@pytest.mark.parametrize("positions", [0, 256])  # the session's extent: the whole cache, 256 slots
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "tinystories"])
-def test_graph_replay_is_bitwise_eager_under_forced_rejections(tiny_model_dirs, tinystories_dir, arch, dtype):
+def test_graph_replay_is_bitwise_eager_under_forced_rejections(tiny_model_dirs, tinystories_dir, arch, dtype,
+                                                               positions):
     model_dir = tinystories_dir if arch == "tinystories" else tiny_model_dirs[arch]
     graphed, eager = static_blocks(model_dir, dtype, graphs=True), static_blocks(model_dir, dtype, graphs=False)
-    chains = [(runners, [r.new_cache() for r in runners]) for runners in (graphed, eager)]
+    chains = [(runners, [r.new_cache(positions=positions) for r in runners]) for runners in (graphed, eager)]
     vocab = graphed[0].block.vocab_size
     rng = random.Random(0)
 

@@ -2,7 +2,8 @@
 float32) through the real services: plain, speculative and pipelined decoding stay
 exactly transformers' generate(); a session longer than its preallocated cache fails
 alone with RESOURCE_EXHAUSTED; a sampled one is refused (UNIMPLEMENTED: the tail's graphs
-write argmax ids); every session's cache goes back at the end."""
+write argmax ids); every session's cache goes back at the end; the coordinator says how
+many positions a session will hold, and the stages size its attention by it."""
 
 import asyncio
 
@@ -10,6 +11,7 @@ import grpc
 import pytest
 
 from shard.client import generate
+from shard.model.static_kv import slot_count
 from shard.v1 import api_pb2
 
 from support.reference import reference_greedy
@@ -18,6 +20,7 @@ from support.swarm import inprocess_swarm
 PROMPT = [1, 415, 1022, 264, 727]
 NEW = 40
 SESSION_POSITIONS = 64
+CONTEXT = 512  # tinystories' max_position_embeddings: attention extents 256 and the whole cache
 
 
 async def run_all(model_dir, workdir, settings):
@@ -87,3 +90,32 @@ def test_batched_static_stages_serve_more_sessions_than_their_pool_losslessly(ti
     assert all(info.kv_max_sessions == BATCH for info in infos)
     assert all(info.frames_batched > 0 and 2 <= info.largest_batch <= BATCH for info in infos)
     assert all(not info.sessions and info.kv_bytes == 0 for info in infos)
+
+
+async def generate_and_look(model_dir, workdir, max_tokens: list[int]):
+    """Generations on a static-KV swarm of whole-context caches, and the attention slots
+    the stages' Info gives each session while it runs."""
+    stage_args = [["--kv=static", "--chunk-sizes=5,16", f"--session-positions={CONTEXT}",
+                   "--speed=1"]] * 2  # one layer each, whatever each measures
+    async with inprocess_swarm(model_dir, 2, workdir, stage_args=stage_args) as swarm:
+        outputs, seen = [], []
+        for n in max_tokens:
+            looked: list[int] = []
+
+            def look(_: str) -> None:
+                if not looked:
+                    looked.extend(s.attention_slots for stage in swarm.stages for s in stage.node.info().sessions)
+
+            request = api_pb2.GenerateRequest(prompt_ids=api_pb2.TokenIds(ids=PROMPT), max_tokens=n)
+            generation = await generate(swarm.coordinator.address, swarm.tls(), request, on_text=look)
+            outputs.append(list(generation.summary.output_ids))
+            seen.append(looked)
+    return outputs, seen
+
+
+def test_the_coordinator_declares_each_sessions_positions(tinystories_dir, tmp_path):
+    """Prompt plus max_tokens: 45 positions attend over 256 slots, 305 over the whole cache;
+    both exactly generate()'s tokens."""
+    outputs, seen = asyncio.run(generate_and_look(tinystories_dir, tmp_path, [40, 300]))
+    assert seen == [[256, 256], [slot_count(CONTEXT)] * 2]
+    assert outputs == [reference_greedy(tinystories_dir, PROMPT, n) for n in (40, 300)]

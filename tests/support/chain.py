@@ -15,14 +15,16 @@ from shard.node.tail_sampling import ChunkSampling, choose_tokens
 
 
 class LocalChain:
-    def __init__(self, model_dir, bounds: list[tuple[int, int]], *, static: dict | None = None, **load_kwargs):
-        """`static` (StaticBlock's keyword arguments): run the blocks over static KV caches."""
+    def __init__(self, model_dir, bounds: list[tuple[int, int]], *, static: dict | None = None, positions: int = 0,
+                 **load_kwargs):
+        """`static` (StaticBlock's keyword arguments): run the blocks over static KV caches,
+        of a session that said it would hold `positions` (0: unsaid)."""
         load_kwargs.setdefault("progress", False)
         last = len(bounds) - 1
         self.blocks = [Block.load(model_dir, start, end, first=i == 0, last=i == last, **load_kwargs)
                        for i, (start, end) in enumerate(bounds)]
         self.runners = [StaticBlock(block, **static) if static else block for block in self.blocks]
-        self.caches = [runner.new_cache() for runner in self.runners]
+        self.caches = [runner.new_cache(positions=positions) for runner in self.runners]
 
     def __call__(self, start_pos: int, ids: list[int], num_outputs: int = 1, *, logits: bool = False):
         """One traversal: the tail's argmax ids for the chunk `ids` written at start_pos
