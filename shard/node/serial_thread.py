@@ -4,7 +4,9 @@ A stage's chunks must run in order, and torch already spreads one op over every 
 a stage computes on one thread. It is fed straight from the event loop rather than through
 `run_in_executor` from a worker task: that route woke the worker task, then the executor
 thread, then the task again for every chunk (~0.4 ms per hop measured on 2 cores, an idle
-process being slow to wake); here the chunk goes to a thread already waiting for it."""
+process being slow to wake); here the chunk goes to a thread already waiting for it.
+`idle()` tells the poster when nothing is queued or running, so that it may run a job
+itself instead and skip even that hand-off (shard.node.stage_compute)."""
 
 from __future__ import annotations
 
@@ -19,14 +21,25 @@ _STOP = object()
 class SerialThread:
     def __init__(self, name: str):
         self._jobs: queue.Queue = queue.Queue()
+        self._unfinished = 0  # jobs posted and not yet through (run, taken, or skipped)
+        self._counting = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def post(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue fn(*args); the future holds its result or exception."""
         future: Future = Future()
+        self._count(1)
         self._jobs.put((future, fn, args))
         return future
+
+    def idle(self) -> bool:
+        """Whether every job posted is through: none queued, none running."""
+        return self._unfinished == 0
+
+    def _count(self, jobs: int) -> None:
+        with self._counting:
+            self._unfinished += jobs
 
     def queued(self) -> list[tuple[Callable[..., Any], tuple]]:
         """(fn, args) of the jobs not started yet, oldest first."""
@@ -54,8 +67,10 @@ class SerialThread:
                     taken.append(args)
                 elif choice:
                     del jobs[index]  # cancelled: dropped, as _serve would
+                    self._count(-1)
                 else:
                     index += 1
+        self._count(-len(taken))
         return taken
 
     def close(self) -> None:
@@ -71,9 +86,10 @@ class SerialThread:
             future, fn, args = self._jobs.get()
             if fn is _STOP:
                 return
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(*args))
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn(*args))
             except BaseException as error:  # handed to whoever awaits the job
                 future.set_exception(error)
+            finally:
+                self._count(-1)

@@ -94,6 +94,31 @@ def test_waiting_chunks_of_sessions_run_as_one_forward_and_answer_alone(tiny_mod
         compute.close()
 
 
+def test_a_lone_sessions_chunk_runs_at_once_and_others_go_to_the_thread(tiny_model_dirs):
+    """Nothing to batch with (the thread idle, no other session here): the chunk runs on the
+    caller, the event loop in a stage. A second session's chunk, or any behind a busy
+    thread, goes to the compute thread, where chunks batch."""
+    compute, sent = start_compute(tiny_model_dirs["llama"])
+    ran_on: list[str] = []
+    compute._send = lambda out: (ran_on.append(threading.current_thread().name), sent.append(out))
+    done = threading.Semaphore(0)
+    try:
+        for start, tokens in [(0, [3, 1, 4]), (3, [1])]:
+            compute.submit(*frame("a", start, tokens), lambda header: done.release())
+            assert len(sent) == len(ran_on) and ran_on[-1] == threading.current_thread().name
+        compute.submit(*frame("b", 0, [2, 7]), lambda header: done.release())
+        for _ in range(3):
+            assert done.acquire(timeout=30)
+        assert ran_on[-1] == "stage-0-compute"
+        compute.submit(*frame("a", 4, [5]), lambda header: done.release())  # two sessions here now
+        assert done.acquire(timeout=30) and ran_on[-1] == "stage-0-compute"
+        assert compute._thread.idle()
+        answered_as_alone(tiny_model_dirs["llama"], {"a": [(0, [3, 1, 4]), (3, [1]), (4, [5])], "b": [(0, [2, 7])]},
+                          sent)
+    finally:
+        compute.close()
+
+
 def test_max_batch_one_runs_chunks_one_at_a_time(tiny_model_dirs):
     compute, sent = start_compute(tiny_model_dirs["llama"], max_batch=1)
     try:
