@@ -194,7 +194,7 @@ def edge_key(secret: bytes, sender: str, receiver: str, stream_id: bytes) -> byt
 AD_FIELDS = (
     "session_id", "chunk_id", "epoch", "start_pos", "num_tokens", "num_outputs", "kind",
     "sender", "receiver", "traceparent", "tracestate", "counter", "replay_first_stage", "replay_last_stage",
-    "sampling", "receipt",
+    "sampling", "receipt", "session_positions",
 )
 
 _INTS = struct.Struct(">QQQQQq")  # chunk_id, epoch, start_pos, num_tokens, num_outputs, kind
@@ -225,6 +225,7 @@ def header_ad(header: frame_pb2.FrameHeader) -> bytes:
         _REPLAY.pack(h.replay_first_stage, h.replay_last_stage),
         _U32.pack(len(h.sampling)) + h.sampling,
         bytes([h.receipt]),
+        _U32.pack(h.session_positions),
     ))
 
 
