@@ -3,8 +3,8 @@ validated frames in arrival order, fencing stale epochs, and hands each output f
 the stage's outbound edge. Frames of different sessions that wait for it together run as
 one batched forward (continuous batching; each frame's result and error stay its own).
 
-A verify chunk that finds the thread idle, of the only session the stage holds, runs at
-once on the event loop that took it in: with nothing to batch it with, the hand-off to the
+A verify chunk (not a prompt) that finds the thread idle, of the only session the stage
+holds, runs at once on the event loop that took it in: with nothing to batch it with, the hand-off to the
 thread and back only cost two wake-ups (~0.14 ms a hop with an 8B-shaped model on an H200,
 more on a small CPU). With other sessions, it goes to the thread, where it can batch.
 
@@ -58,6 +58,10 @@ DEFAULT_CHUNK_SIZES = (5, 16, 64, 256)
 DEFAULT_SESSION_POSITIONS = 4096
 # Chunks in one batched forward at most: past a few the forward's cost grows with the rows.
 DEFAULT_MAX_BATCH = 16
+# The longest chunk run at once on the event loop (a verify chunk, K + 1 for K up to 15): a
+# prompt goes to the thread, as its forward could hold the loop, and with it the node's
+# heartbeats and health, for seconds on a CPU.
+AT_ONCE_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -256,7 +260,7 @@ class StageCompute:
     def _runs_at_once(self, header, body) -> bool:
         """A verify chunk with nothing to batch with, now or soon: the thread is idle, and
         no other session holds KV here."""
-        if not (self._thread.idle() and _batchable(header, body)):
+        if not (self._thread.idle() and _batchable(header, body) and header.num_tokens <= AT_ONCE_MAX_TOKENS):
             return False
         sessions = len(self.kv)
         return sessions == 0 or (sessions == 1 and self.kv.get(header.session_id) is not None)

@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from shard.model.block import Block
-from shard.node.stage_compute import BlockSpec, ForwardStep, KVLayout, StageCompute
+from shard.node.stage_compute import AT_ONCE_MAX_TOKENS, BlockSpec, ForwardStep, KVLayout, StageCompute
 from shard.v1 import frame_pb2
 from shard.wire.codec import decode_tensor, encode_tensor, parse_tensor
 
@@ -95,9 +95,9 @@ def test_waiting_chunks_of_sessions_run_as_one_forward_and_answer_alone(tiny_mod
 
 
 def test_a_lone_sessions_chunk_runs_at_once_and_others_go_to_the_thread(tiny_model_dirs):
-    """Nothing to batch with (the thread idle, no other session here): the chunk runs on the
-    caller, the event loop in a stage. A second session's chunk, or any behind a busy
-    thread, goes to the compute thread, where chunks batch."""
+    """Nothing to batch with (the thread idle, no other session here): a verify chunk runs
+    on the caller, the event loop in a stage. A prompt, a second session's chunk, or any
+    behind a busy thread, goes to the compute thread, where chunks batch."""
     compute, sent = start_compute(tiny_model_dirs["llama"])
     ran_on: list[str] = []
     compute._send = lambda out: (ran_on.append(threading.current_thread().name), sent.append(out))
@@ -106,15 +106,17 @@ def test_a_lone_sessions_chunk_runs_at_once_and_others_go_to_the_thread(tiny_mod
         for start, tokens in [(0, [3, 1, 4]), (3, [1])]:
             compute.submit(*frame("a", start, tokens), lambda header: done.release())
             assert len(sent) == len(ran_on) and ran_on[-1] == threading.current_thread().name
+        prompt = [i % 50 for i in range(AT_ONCE_MAX_TOKENS + 1)]
+        compute.submit(*frame("a", 4, prompt), lambda header: done.release())
         compute.submit(*frame("b", 0, [2, 7]), lambda header: done.release())
-        for _ in range(3):
+        for _ in range(4):
             assert done.acquire(timeout=30)
-        assert ran_on[-1] == "stage-0-compute"
-        compute.submit(*frame("a", 4, [5]), lambda header: done.release())  # two sessions here now
+        assert ran_on[-2:] == ["stage-0-compute"] * 2
+        compute.submit(*frame("a", 21, [5]), lambda header: done.release())  # two sessions here now
         assert done.acquire(timeout=30) and ran_on[-1] == "stage-0-compute"
         assert compute._thread.idle()
-        answered_as_alone(tiny_model_dirs["llama"], {"a": [(0, [3, 1, 4]), (3, [1]), (4, [5])], "b": [(0, [2, 7])]},
-                          sent)
+        answered_as_alone(tiny_model_dirs["llama"], {"a": [(0, [3, 1, 4]), (3, [1]), (4, prompt), (21, [5])],
+                                                     "b": [(0, [2, 7])]}, sent)
     finally:
         compute.close()
 
