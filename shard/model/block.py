@@ -185,6 +185,10 @@ class Block:
         # go further back than a sliding window); sliding layers are still masked to their window.
         return DynamicCache()
 
+    def attention_slots(self, cache: DynamicCache | PositionCount) -> int:
+        """0: a dynamic cache attends over its length (StaticBlock's answers with its extent)."""
+        return 0
+
     def cache_length(self, cache: DynamicCache | PositionCount) -> int:
         return cache.length if isinstance(cache, PositionCount) else cache.get_seq_length()
 

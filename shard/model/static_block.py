@@ -93,6 +93,7 @@ class StaticBlock:
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError(f"chunk sizes must be positive, got {chunk_sizes}")
         self.block, self.capacity = block, capacity
+        self._decode_size = min(chunk_sizes)  # a plain step's and a verify chunk's size
         self.device = block.device
         self.on_cuda = block.device.type == "cuda"
         self.graphed = False
@@ -104,7 +105,7 @@ class StaticBlock:
             self._kv_index = torch.arange(slot_count(capacity), device=self.device)
             self._kv_pool = self._new_pool(pool_size) if pool_size else None
             # The batched decode shape: a chunk of the smallest size for every pooled cache.
-            self._batch = self._new_shape(min(chunk_sizes), rows=pool_size) if batched else None
+            self._batch = self._new_shape(self._decode_size, rows=pool_size) if batched else None
         # The extents a session's decode-size chunks may attend over, short of the whole cache.
         self.extents = [] if batched else length_buckets(capacity, EXTENT_GROWTH)[:-1]
         self._pool = self._kv_pool.caches if self._kv_pool else []
@@ -273,7 +274,7 @@ class StaticBlock:
 
     def _extent_of(self, cache: StaticKV, shape: _Shape) -> int | None:
         """What a chunk in `shape` attends over: the session's extent in the decode size."""
-        return cache.extent if shape.size == min(self._shapes) else None
+        return cache.extent if shape.size == self._decode_size else None
 
     def _runs_batched(self, cache: StaticKV, n: int) -> bool:
         return self._batch is not None and cache.slot is not None and n <= self._batch.size
@@ -398,7 +399,7 @@ class StaticBlock:
     def _pooled_variants(self) -> list[tuple[_Shape, int | None]]:
         """(shape, extent) of every graph a pooled cache has: the decode size once per extent."""
         return [(shape, extent) for shape in self._pooled_shapes()
-                for extent in ([*self.extents, None] if shape.size == min(self._shapes) else [None])]
+                for extent in ([*self.extents, None] if shape.size == self._decode_size else [None])]
 
     def _all_shapes(self) -> list[_Shape]:
         return self._pooled_shapes() + ([self._batch] if self._batch is not None else [])

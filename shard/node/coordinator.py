@@ -95,6 +95,11 @@ class Prepared:
     receipt: bool = False
     receipt_private: bool = False
 
+    @property
+    def positions(self) -> int:
+        """The most positions the session will hold: its prompt and max_tokens."""
+        return len(self.prompt_ids) + self.max_tokens
+
 
 @dataclass
 class _Settings:
@@ -345,8 +350,7 @@ class CoordinatorNode:
             async with self.admission.slot():
                 prepared = await self.prepare(request, settings)
                 await self._follow_stage_kv()
-                positions = len(prepared.prompt_ids) + prepared.max_tokens
-                async with self.kv_ledger.hold(positions, self.admission.max_wait_seconds):
+                async with self.kv_ledger.hold(prepared.positions, self.admission.max_wait_seconds):
                     async for event in self._run(prepared, trace_context):
                         if isinstance(event, TokenDelta):
                             measured.committed(len(event.ids))
@@ -410,7 +414,7 @@ class CoordinatorNode:
             "shard.spec_k": prepared.spec_k, "shard.in_flight": prepared.in_flight,
             "shard.temperature": sampling.params.temperature if sampling else 0.0})
         decoding = asyncio.create_task(in_span(span, decode(
-            SessionRing(self.ring, session_id, len(prepared.prompt_ids) + prepared.max_tokens, sampling),
+            SessionRing(self.ring, session_id, prepared.positions, sampling),
             prepared.prompt_ids, max_tokens=prepared.max_tokens,
             eos_ids=self.eos_ids if prepared.stop_at_eos else frozenset(), emit=emit,
             draft=draft_session, propose=propose if draft_session else None,

@@ -52,7 +52,7 @@ class SerialThread:
         only jobs whose results nobody awaits may be taken. `select(args)` says per job:
         True take it, False leave it queued, None stop looking (a job that must not be
         overtaken); the scan stops at the first job of another fn too."""
-        taken = []
+        taken, removed = [], 0
         with self._jobs.mutex:
             jobs = self._jobs.queue
             index = 0
@@ -61,16 +61,15 @@ class SerialThread:
                 choice = select(args) if job_fn == fn else None
                 if choice is None:
                     break
-                if choice and future.set_running_or_notify_cancel():
-                    del jobs[index]
+                if not choice:
+                    index += 1
+                    continue
+                del jobs[index]
+                removed += 1
+                if future.set_running_or_notify_cancel():  # a cancelled job is dropped, as _serve would
                     future.set_result(None)
                     taken.append(args)
-                elif choice:
-                    del jobs[index]  # cancelled: dropped, as _serve would
-                    self._count(-1)
-                else:
-                    index += 1
-        self._count(-len(taken))
+        self._count(-removed)
         return taken
 
     def close(self) -> None:

@@ -4,9 +4,10 @@ the stage's outbound edge. Frames of different sessions that wait for it togethe
 one batched forward (continuous batching; each frame's result and error stay its own).
 
 A verify chunk (not a prompt) that finds the thread idle, of the only session the stage
-holds, runs at once on the event loop that took it in: with nothing to batch it with, the hand-off to the
-thread and back only cost two wake-ups (~0.14 ms a hop with an 8B-shaped model on an H200,
-more on a small CPU). With other sessions, it goes to the thread, where it can batch.
+holds, runs at once on the event loop that took it in: with nothing to batch it with, the
+hand-off to the thread and back only cost two wake-ups (~0.14 ms a hop with an 8B-shaped
+model on an H200, more on a small CPU). With other sessions, it goes to the thread, where
+it can batch.
 
 Lifecycle, as in vLLM: load the block -> allocate the KV store (static: preallocate the
 sessions' caches and capture the CUDA graphs) -> serve frames. Everything that touches
@@ -244,7 +245,7 @@ class StageCompute:
 
     def attention_slots(self, session: Session) -> int:
         """The cache slots a session's decode chunks attend over; 0 on dynamic KV."""
-        return 0 if self.runner is self.block else self.runner.attention_slots(session.cache)
+        return self.runner.attention_slots(session.cache)
 
     def submit(self, header: frame_pb2.FrameHeader, body, on_done: Callable[[frame_pb2.FrameHeader], None]) -> None:
         """Run (see the module's docstring) or queue a validated frame; `on_done(header)`
